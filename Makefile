@@ -1,0 +1,28 @@
+# The README's commands. Each installs what it needs first (scripts/setup.sh is idempotent).
+PY := .venv/bin/python
+DEMO_INPUT ?= ../shared/data/dolma-sample
+WORKDIR ?= .backforth
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/backforth run --config conf/local.yaml --input $(DEMO_INPUT) --workdir $(WORKDIR) \
+		--summary-json $(WORKDIR)/summary.json
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not e2e"
+
+lint:
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+format:
+	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
+
+clean:
+	rm -rf $(WORKDIR) spark-warehouse metastore_db

@@ -1,0 +1,79 @@
+"""The `backforth` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from backforth_spark.config import ConfigError, load_config
+from backforth_spark.pipeline import STAGES, parse_stages, run_pipeline
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="backforth", description="Instruction back-and-forth translation on Spark")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (all stages or --stages)")
+    run.add_argument("--config", default=None, help="YAML config (default: the schema's defaults)")
+    run.add_argument("--input", action="append", default=[], help="Dolma file, folder or glob; repeatable")
+    run.add_argument("--workdir", default=None, help="root of the Delta tables, MLflow store and export")
+    run.add_argument("--stages", default=None, help=f"comma-separated subset of: {','.join(STAGES)}")
+    run.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                     help="dotted config override, e.g. chunk.max_tokens=512; repeatable")
+    run.add_argument("--summary-json", default=None, help="also write the run summary to this path")
+
+    model = sub.add_parser("model", help="manage the embedded default model")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    pull = model_sub.add_parser("pull", help="download and convert the default model (idempotent)")
+    pull.add_argument("--config", default=None)
+    pull.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    pull.add_argument("--force", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides)
+    if getattr(args, "workdir", None):
+        overrides.append(f"workdir={args.workdir}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "model":
+        from backforth_spark.model import pull
+
+        print(pull(cfg.llm, force=args.force))
+        return 0
+
+    try:
+        stages = parse_stages(args.stages)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_pipeline(cfg, args.input, stages)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if summary["export"]:
+        print(f"export: {summary['export']['path']} ({summary['export']['pairs']} pairs)")
+    if summary.get("tracking_error"):
+        print(f"warning: {summary['tracking_error']}", file=sys.stderr)
+    print(f"mlflow run: {summary['mlflow_run_id']}  run id: {summary['run_id']}")
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    if summary["error"]:
+        print(f"error: stage {summary['failed_stage']} failed: {summary['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

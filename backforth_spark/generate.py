@@ -1,0 +1,241 @@
+"""Stages `backtranslate`, `score` and `rewrite`: the three LLM passes.
+
+Each stage reads the rows it still owes (no `ok` row for the current fingerprint, fewer than
+`max_attempts` tries), hands them to the engine in large batches inside `mapInPandas`, and MERGEs
+one row per (passage_id, fingerprint) into its table. The fingerprint hashes the model, the template,
+the sampling parameters and the upstream stage's fingerprint, so changing a prompt or the model
+regenerates that stage and the ones after it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from backforth_spark import prompts
+from backforth_spark.config import Config, StageConfig
+from backforth_spark.context import StageContext
+from backforth_spark.engine import Completion, Engine, GenerationParams
+from backforth_spark.text import stable_hash
+
+BACKTRANSLATE, SCORE, REWRITE = "backtranslate", "score", "rewrite"
+LLM_STAGES = (BACKTRANSLATE, SCORE, REWRITE)
+
+ENGINE_ERROR = "engine_error"
+TOO_LONG = "too_long"
+
+# The template placeholders each stage fills, and the input columns that feed them.
+STAGE_INPUTS = {
+    BACKTRANSLATE: ["passage_id", "passage", "attempts"],
+    SCORE: ["passage_id", "passage", "instruction", "attempts"],
+    REWRITE: ["passage_id", "passage", "instruction", "score", "attempts"],
+}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything a Python worker needs to run one LLM stage on a batch (picklable)."""
+
+    stage: str
+    template: prompts.Template
+    params: GenerationParams
+    model: str
+    fingerprint: str
+
+    @property
+    def output_columns(self) -> list[str]:
+        from backforth_spark import tables as t
+
+        schema = {BACKTRANSLATE: t.INSTRUCTIONS_SCHEMA, SCORE: t.SCORES_SCHEMA, REWRITE: t.RESPONSES_SCHEMA}
+        return [c for c in schema[self.stage].fieldNames() if c not in ("run_id", "written_at")]
+
+
+def stage_spec(cfg: Config, stage: str, model: str, upstream_fingerprint: str = "") -> StageSpec:
+    stage_cfg: StageConfig = getattr(cfg.llm, stage)
+    template = prompts.load_template(stage_cfg.template)
+    params = GenerationParams(
+        temperature=stage_cfg.sampling.temperature,
+        top_p=stage_cfg.sampling.top_p,
+        max_tokens=stage_cfg.sampling.max_tokens,
+        regex=template.structured_regex if stage_cfg.structured else None,
+    )
+    fingerprint = stable_hash(
+        stage, model, template.hash, json.dumps(params.__dict__, sort_keys=True), upstream_fingerprint
+    )[:16]
+    return StageSpec(stage, template, params, model, fingerprint)
+
+
+def fingerprints(cfg: Config, model: str) -> dict[str, StageSpec]:
+    """The three stage specs, each fingerprint chained to the one before."""
+    bt = stage_spec(cfg, BACKTRANSLATE, model)
+    sc = stage_spec(cfg, SCORE, model, bt.fingerprint)
+    rw = stage_spec(cfg, REWRITE, model, sc.fingerprint)
+    return {BACKTRANSLATE: bt, SCORE: sc, REWRITE: rw}
+
+
+def _parse(spec: StageSpec, c: Completion) -> dict:
+    if spec.stage == BACKTRANSLATE:
+        p = prompts.parse_instruction(c.text, c.finish_reason)
+        return {"status": p.status, "error": p.error, "instruction": p.value}
+    if spec.stage == SCORE:
+        p = prompts.parse_score(c.text)
+        return {"status": p.status, "error": p.error, "reason": p.value, "score": p.score}
+    p = prompts.parse_rewrite(c.text)
+    return {"status": p.status, "error": p.error, "response": p.value}
+
+
+def _chat_isolating_failures(engine: Engine, convs: list, params: GenerationParams) -> list[Completion]:
+    """One engine call for the batch; if it fails, retry one by one so a bad prompt fails alone."""
+    try:
+        return engine.chat(convs, params)
+    except Exception:
+        out = []
+        for conv in convs:
+            try:
+                out.extend(engine.chat([conv], params))
+            except Exception as exc:
+                out.append(Completion(None, None, None, None, error=f"{type(exc).__name__}: {exc}"[:2000]))
+        return out
+
+
+def run_batch(batch: pd.DataFrame, engine: Engine, spec: StageSpec) -> pd.DataFrame:
+    """Generate and parse one batch of stage inputs; one output row per input row, never raises
+    on model output or engine errors (they become statuses)."""
+    n = len(batch)
+    convs = [
+        spec.template.render(**{f: str(row[f]) for f in spec.template.fields})
+        for row in batch.to_dict("records")
+    ]
+    prompt_tokens = engine.count_prompt_tokens(convs)
+    # A prompt that cannot fit with its output is never sent: vLLM would reject the whole batch.
+    fits = [p + spec.params.max_tokens <= engine.max_model_len for p in prompt_tokens]
+    to_send = [i for i in range(n) if fits[i]]
+    started = time.perf_counter()
+    completions = _chat_isolating_failures(engine, [convs[i] for i in to_send], spec.params) if to_send else []
+    latency = time.perf_counter() - started
+    by_index = dict(zip(to_send, completions, strict=True))
+
+    rows = []
+    for i, row in enumerate(batch.to_dict("records")):
+        base = {
+            "passage_id": row["passage_id"],
+            "fingerprint": spec.fingerprint,
+            "attempts": int(row.get("attempts") or 0) + 1,
+            "model": spec.model,
+            "template": spec.template.name,
+            "template_hash": spec.template.hash,
+            "prompt_tokens": prompt_tokens[i],
+            "instruction": row.get("instruction"),
+            "score": row.get("score"),
+        }
+        c = by_index.get(i)
+        if c is None:
+            limit = engine.max_model_len - spec.params.max_tokens
+            base.update(status=TOO_LONG, error=f"prompt has {prompt_tokens[i]} tokens; at most {limit} fit")
+        elif c.error is not None:
+            base.update(status=ENGINE_ERROR, error=c.error)
+        else:
+            base.update(
+                raw_output=c.text,
+                finish_reason=c.finish_reason,
+                completion_tokens=c.completion_tokens,
+                prompt_tokens=c.prompt_tokens or prompt_tokens[i],
+                latency_s=latency,
+                **_parse(spec, c),
+            )
+        rows.append(base)
+    out = pd.DataFrame(rows).reindex(columns=spec.output_columns)
+    ints = {c: "Int32" for c in ("prompt_tokens", "completion_tokens", "score") if c in out}
+    return out.astype({**ints, "attempts": "int32", "latency_s": "float64"})
+
+
+# ---- Spark glue ---------------------------------------------------------------------------------
+
+
+def _pending(ctx: StageContext, table: str, candidates, spec: StageSpec):
+    """Candidates without an ok row for this fingerprint and with attempts left, plus their tries so far."""
+    from pyspark.sql import functions as F
+
+    existing = ctx.tables.read(table).where(F.col("fingerprint") == spec.fingerprint)
+    done = existing.where("status = 'ok'").select("passage_id")
+    tries = existing.select("passage_id", "attempts")
+    return (
+        candidates.join(done, "passage_id", "left_anti")
+        .join(tries, "passage_id", "left")
+        .withColumn("attempts", F.coalesce("attempts", F.lit(0)))
+        .where(F.col("attempts") < ctx.cfg.llm.max_attempts)
+    )
+
+
+def _inputs(ctx: StageContext, stage: str, specs: dict[str, StageSpec]):
+    from pyspark.sql import functions as F
+
+    from backforth_spark import tables as t
+
+    passages = ctx.tables.read(t.PASSAGES).where("status = 'ok'").select("passage_id", F.col("text").alias("passage"))
+    if stage == BACKTRANSLATE:
+        return passages
+    bt = specs[BACKTRANSLATE].fingerprint
+    instructions = (
+        ctx.tables.read(t.INSTRUCTIONS)
+        .where((F.col("fingerprint") == bt) & (F.col("status") == "ok"))
+        .select("passage_id", "instruction")
+    )
+    if stage == SCORE:
+        return passages.join(instructions, "passage_id")
+    sc = specs[SCORE].fingerprint
+    kept = (
+        ctx.tables.read(t.SCORES)
+        .where((F.col("fingerprint") == sc) & (F.col("status") == "ok"))
+        .where(F.col("score") >= ctx.cfg.curate.min_score)
+        .select("passage_id", "score")
+    )
+    return passages.join(instructions, "passage_id").join(kept, "passage_id")
+
+
+STAGE_TABLE = {BACKTRANSLATE: "instructions", SCORE: "scores", REWRITE: "responses"}
+
+
+def run(ctx: StageContext, stage: str, engine_factory: Callable[[], Engine] | None = None) -> dict[str, int]:
+    """Run one LLM stage over what it still owes; returns its counts."""
+    from pyspark.sql import functions as F
+
+    from backforth_spark import tables as t
+    from backforth_spark.model import resolve_model
+    from udfs.generation import generate
+
+    model = resolve_model(ctx.cfg.llm)
+    specs = fingerprints(ctx.cfg, model)
+    spec = specs[stage]
+    table = STAGE_TABLE[stage]
+    candidates = _inputs(ctx, stage, specs)
+    n_candidates = candidates.count()
+    todo = _pending(ctx, table, candidates, spec).select(*STAGE_INPUTS[stage])
+    t.require_columns(todo, STAGE_INPUTS[stage], f"{stage} input")
+    n_todo = todo.count()
+    counts: dict[str, int] = {"rows_in": n_candidates, "generated": n_todo}
+    if n_todo:
+        parts = ctx.cfg.llm.num_partitions or ctx.spark.sparkContext.defaultParallelism
+        schema = t.SCHEMAS[table]
+        worker_schema = t.T.StructType([f for f in schema.fields if f.name not in ("run_id", "written_at")])
+        results = todo.repartition(min(parts, n_todo)).mapInPandas(
+            generate(spec, ctx.cfg.llm, engine_factory), worker_schema
+        )
+        results = results.select(
+            *worker_schema.fieldNames(),
+            F.lit(ctx.run_id).alias("run_id"),
+            F.current_timestamp().alias("written_at"),
+        )
+        ctx.tables.merge_upsert_unless_ok(table, results, ["passage_id", "fingerprint"])
+    current = ctx.tables.read(table).where(F.col("fingerprint") == spec.fingerprint)
+    by_status = {r["status"]: r["count"] for r in current.groupBy("status").count().collect()}
+    counts["rows_out"] = by_status.get("ok", 0)
+    counts.update({f"status_{k}": v for k, v in sorted(by_status.items())})
+    if stage == SCORE:
+        hist = current.where("status = 'ok'").groupBy("score").count().collect()
+        counts.update({f"score_{r['score']}": r["count"] for r in sorted(hist, key=lambda r: r["score"])})
+    return counts

@@ -1,0 +1,97 @@
+"""Run stages in order, track the run in MLflow, and build the run summary."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from backforth_spark import chunk, dedup, export, generate, ingest
+from backforth_spark import tables as t
+from backforth_spark.config import Config
+from backforth_spark.context import StageContext
+from backforth_spark.session import get_spark
+from backforth_spark.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "dedup", "chunk", "backtranslate", "score", "rewrite", "export")
+
+
+def _stage_runner(stage: str, inputs: list[str]) -> Callable[[StageContext], dict[str, Any]]:
+    if stage == "ingest":
+        return lambda ctx: ingest.run(ctx, inputs)
+    if stage in generate.LLM_STAGES:
+        return lambda ctx: generate.run(ctx, stage)
+    return {"dedup": dedup.run, "chunk": chunk.run, "export": export.run}[stage]
+
+
+def parse_stages(spec: str | None) -> list[str]:
+    """`a,b` -> validated stage names in pipeline order; None -> all stages."""
+    if not spec:
+        return list(STAGES)
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    return [s for s in STAGES if s in wanted]
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def run_pipeline(
+    cfg: Config,
+    inputs: list[str],
+    stages: list[str],
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run `stages`; returns the run summary. A failed stage stops the run and is named in
+    `summary["error"]` (stages before it have committed their tables)."""
+    if "ingest" in stages and not inputs:
+        raise ValueError("the ingest stage needs --input (Dolma files, folders or globs)")
+    run_id = new_run_id()
+    spark = get_spark(cfg.spark)
+    tables = t.Tables(spark, cfg.workdir_path / "tables")
+    ctx = StageContext(spark, cfg, tables, run_id)
+    tracker = Tracker(cfg)
+    tracker.start(run_id, {**cfg.flat(), "stages": ",".join(stages), "inputs": ",".join(inputs)})
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "mlflow_run_id": tracker.run_id,
+        "stages": {},
+        "export": None,
+        "tables": {name: tables.location(name) for name in t.SCHEMAS},
+    }
+    ok = False
+    summary["error"] = None
+    try:
+        for stage in stages:
+            summary["failed_stage"] = stage
+            started = time.perf_counter()
+            counts = _stage_runner(stage, inputs)(ctx)
+            counts["wall_s"] = round(time.perf_counter() - started, 2)
+            summary["stages"][stage] = counts
+            tracker.stage(stage, counts)
+            echo(_format_counts(stage, counts))
+            if stage == "export":
+                summary["export"] = {"path": counts["path"], "pairs": counts["rows_out"]}
+                tracker.artifact(counts["path"], "export")
+        ok = True
+        summary["failed_stage"] = None
+    except Exception as exc:
+        log.exception("stage %s failed", summary["failed_stage"])
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        tracker.end(ok)
+        summary["tracking_error"] = tracker.error
+    return summary
+
+
+def _format_counts(stage: str, counts: dict[str, Any]) -> str:
+    rest = " ".join(f"{k}={v}" for k, v in counts.items() if k not in ("rows_in", "rows_out"))
+    return f"{stage:<14} in={counts.get('rows_in')} out={counts.get('rows_out')} {rest}"

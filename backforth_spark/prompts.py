@@ -1,0 +1,136 @@
+"""Prompt templates (YAML files in backforth_spark/prompts/) and the parsers of model output.
+
+Pure Python: rendering and parsing are tested without Spark or a model. Parsers never raise on
+model output; they return a `Parsed` with a status and, when it is not `ok`, a reason.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from backforth_spark.text import stable_hash
+
+TEMPLATE_DIR = Path(__file__).parent / "prompts"
+
+OK = "ok"
+PARSE_ERROR = "parse_error"
+EMPTY = "empty"
+REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    user: str
+    system: str | None = None
+    structured_regex: str | None = None
+    fields: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def hash(self) -> str:
+        return stable_hash(self.system or "", self.user, self.structured_regex or "")[:16]
+
+    def render(self, **values: str) -> list[dict[str, str]]:
+        """Chat messages for one example. Values are inserted verbatim (braces in them are safe)."""
+        missing = self.fields - values.keys()
+        if missing:
+            raise KeyError(f"template {self.name} needs {sorted(missing)}")
+        messages = []
+        if self.system:
+            messages.append({"role": "system", "content": self.system.format_map(values)})
+        messages.append({"role": "user", "content": self.user.format_map(values)})
+        return messages
+
+
+def load_template(name_or_path: str) -> Template:
+    """A template by name (a file in backforth_spark/prompts/) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = TEMPLATE_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no prompt template {name_or_path!r}; known: {known}")
+    data = yaml.safe_load(path.read_text())
+    fields = set()
+    for text in (data.get("system"), data["user"]):
+        if text:
+            fields |= {f for _, f, _, _ in string.Formatter().parse(text) if f}
+    return Template(
+        name=path.stem,
+        user=data["user"],
+        system=data.get("system"),
+        structured_regex=data.get("structured_regex"),
+        fields=frozenset(fields),
+    )
+
+
+@dataclass(frozen=True)
+class Parsed:
+    status: str
+    value: str | None = None
+    score: int | None = None
+    error: str | None = None
+
+
+_LABEL = re.compile(r"^\s*(?:\*\*)?(?:user(?:'s)? )?(?:instruction|question|request|query|prompt)\s*:\s*(?:\*\*)?\s*",
+                    re.IGNORECASE)
+_REFUSAL = re.compile(
+    r"^\s*(?:i'?m sorry|i am sorry|i apologi[sz]e|i can(?:'|no)t (?:help|assist|provide|do)|"
+    r"i am unable|i'm unable|as an ai(?: language model)?, i (?:can(?:'|no)t|am unable))",
+    re.IGNORECASE,
+)
+
+
+def parse_instruction(raw: str | None, finish_reason: str | None) -> Parsed:
+    """The first paragraph of the output, without labels or quotes."""
+    if raw is None or not raw.strip():
+        return Parsed(EMPTY, error="the model returned no text")
+    text = raw.strip()
+    first, _, rest = text.partition("\n\n")
+    if finish_reason == "length" and not rest:
+        return Parsed(PARSE_ERROR, error="output hit max_tokens before the instruction ended")
+    value = _LABEL.sub("", first).strip().strip('"').strip("\u201c\u201d").strip()
+    if not value:
+        return Parsed(EMPTY, error="only a label, no instruction")
+    if _REFUSAL.match(value):
+        return Parsed(REFUSED, value=value, error="the model refused")
+    return Parsed(OK, value=value)
+
+
+_SCORE = re.compile(r"score\s*[:=]\s*\**\s*([1-5])\b", re.IGNORECASE)
+_REASON = re.compile(r"reason\s*:\s*(.+)", re.IGNORECASE)
+
+
+def parse_score(raw: str | None) -> Parsed:
+    """The last `Score: N` (N in 1..5) in the output; `value` holds the stated reason if any."""
+    if raw is None or not raw.strip():
+        return Parsed(EMPTY, error="the judge returned no text")
+    matches = _SCORE.findall(raw)
+    if not matches:
+        return Parsed(PARSE_ERROR, error="no 'Score: N' line with N in 1..5")
+    reason = _REASON.search(raw)
+    return Parsed(OK, value=reason.group(1).strip() if reason else None, score=int(matches[-1]))
+
+
+_RES = re.compile(r"\[RES\](.*?)\[/RES\]", re.DOTALL | re.IGNORECASE)
+
+
+def parse_rewrite(raw: str | None, min_chars: int = 1) -> Parsed:
+    """The text between [RES] and [/RES]."""
+    if raw is None or not raw.strip():
+        return Parsed(EMPTY, error="the model returned no text")
+    match = _RES.search(raw)
+    if not match:
+        why = "[RES] opened but never closed" if "[RES]" in raw.upper() else "no [RES]...[/RES] block"
+        return Parsed(PARSE_ERROR, error=why)
+    value = match.group(1).strip()
+    if len(value) < min_chars:
+        return Parsed(EMPTY, error="the [RES] block is empty")
+    if _REFUSAL.match(value):
+        return Parsed(REFUSED, value=value, error="the model refused")
+    return Parsed(OK, value=value)
