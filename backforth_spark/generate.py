@@ -115,13 +115,18 @@ def run_batch(batch: pd.DataFrame, engine: Engine, spec: StageSpec) -> pd.DataFr
     fits = [p + spec.params.max_tokens <= engine.max_model_len for p in prompt_tokens]
     to_send = [i for i in range(n) if fits[i]]
     started = time.perf_counter()
-    completions = _chat_isolating_failures(engine, [convs[i] for i in to_send], spec.params) if to_send else []
+    completions = (
+        _chat_isolating_failures(engine, [convs[i] for i in to_send], spec.params) if to_send else []
+    )
     latency = time.perf_counter() - started
     by_index = dict(zip(to_send, completions, strict=True))
 
     rows = []
     for i, row in enumerate(batch.to_dict("records")):
-        base = {
+        # every column present in every row: a column pandas had to invent would be float NaN,
+        # which Arrow cannot turn into a string column
+        base = dict.fromkeys(spec.output_columns)
+        base |= {
             "passage_id": row["passage_id"],
             "fingerprint": spec.fingerprint,
             "attempts": int(row.get("attempts") or 0) + 1,
@@ -132,6 +137,7 @@ def run_batch(batch: pd.DataFrame, engine: Engine, spec: StageSpec) -> pd.DataFr
             "instruction": row.get("instruction"),
             "score": row.get("score"),
         }
+        base = {k: v for k, v in base.items() if k in spec.output_columns}
         c = by_index.get(i)
         if c is None:
             limit = engine.max_model_len - spec.params.max_tokens
@@ -176,7 +182,11 @@ def _inputs(ctx: StageContext, stage: str, specs: dict[str, StageSpec]):
 
     from backforth_spark import tables as t
 
-    passages = ctx.tables.read(t.PASSAGES).where("status = 'ok'").select("passage_id", F.col("text").alias("passage"))
+    passages = (
+        ctx.tables.read(t.PASSAGES)
+        .where("status = 'ok'")
+        .select("passage_id", F.col("text").alias("passage"))
+    )
     if stage == BACKTRANSLATE:
         return passages
     bt = specs[BACKTRANSLATE].fingerprint

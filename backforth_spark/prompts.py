@@ -77,8 +77,10 @@ class Parsed:
     error: str | None = None
 
 
-_LABEL = re.compile(r"^\s*(?:\*\*)?(?:user(?:'s)? )?(?:instruction|question|request|query|prompt)\s*:\s*(?:\*\*)?\s*",
-                    re.IGNORECASE)
+_LABEL = re.compile(
+    r"^\s*(?:\*\*)?(?:user(?:'s)? )?(?:instruction|question|request|query|prompt)\s*:\s*(?:\*\*)?\s*",
+    re.IGNORECASE,
+)
 _REFUSAL = re.compile(
     r"^\s*(?:i'?m sorry|i am sorry|i apologi[sz]e|i can(?:'|no)t (?:help|assist|provide|do)|"
     r"i am unable|i'm unable|as an ai(?: language model)?, i (?:can(?:'|no)t|am unable))",

@@ -29,6 +29,9 @@ def start_session() -> None:
 
 
 def main() -> int:
+    if "--no-fallback" in sys.argv:
+        start_session()
+        return 0
     try:
         start_session()
         return 0
@@ -37,9 +40,8 @@ def main() -> int:
     spark_minor = ".".join(pyspark.__version__.split(".")[:2])
     artifact = f"io.delta:delta-spark_{spark_minor}_2.13:{version('delta-spark')}"
     subprocess.run(["mvn", "-q", "-B", "dependency:get", f"-Dartifact={artifact}"], check=True)
-    # A new JVM is needed after a failed start; run ourselves again in a fresh process.
-    return subprocess.run([sys.executable, "-c", "import fetch_delta_jars as f; f.start_session()"],
-                          cwd=__file__.rsplit("/", 1)[0], check=False).returncode
+    # The failed JVM cannot be reused: try again in a fresh process.
+    return subprocess.run([sys.executable, __file__, "--no-fallback"], check=False).returncode
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ def _counter(model: str) -> HFTokenCounter:
     return _COUNTERS[model]
 
 
-def chunk_documents(model: str, cfg: ChunkConfig) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+def chunk_documents(
+    model: str, cfg: ChunkConfig
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         counter = _counter(model)
         for batch in batches:

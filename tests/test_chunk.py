@@ -1,0 +1,100 @@
+from backforth_spark import chunk
+from backforth_spark import tables as t
+from backforth_spark.config import ChunkConfig
+from tests.conftest import add_documents
+
+
+class WordCounter:
+    """One token per whitespace-separated word: enough to test the splitting logic."""
+
+    def count(self, texts):
+        return [len(x.split()) for x in texts]
+
+    def windows(self, text, size):
+        words = text.split()
+        return [" ".join(words[i : i + size]) for i in range(0, len(words), size)]
+
+
+W = WordCounter()
+
+
+def _para(n, word="w"):
+    return " ".join(f"{word}{i}" for i in range(n)) + "."
+
+
+def test_short_document_is_one_passage():
+    [p] = chunk.chunk_document(
+        "A short text of seven words here.", W, ChunkConfig(max_tokens=10, min_tokens=2)
+    )
+    assert (p.status, p.n_tokens, p.truncated) == ("ok", 7, False)
+
+
+def test_document_below_min_tokens_is_marked_too_short():
+    [p] = chunk.chunk_document("Two words", W, ChunkConfig(max_tokens=10, min_tokens=5))
+    assert p.status == chunk.TOO_SHORT
+
+
+def test_split_packs_whole_paragraphs_within_the_limit():
+    text = "\n\n".join([_para(4, "a"), _para(4, "b"), _para(4, "c")])
+    ps = chunk.chunk_document(text, W, ChunkConfig(max_tokens=9, min_tokens=1))
+    assert [p.text for p in ps] == [_para(4, "a") + "\n\n" + _para(4, "b"), _para(4, "c")]
+    assert all(p.n_tokens <= 9 for p in ps)
+
+
+def test_single_lines_are_boundaries_when_there_are_no_blank_lines():
+    text = "\n".join([_para(5, "a"), _para(5, "b")])
+    ps = chunk.chunk_document(text, W, ChunkConfig(max_tokens=6, min_tokens=1))
+    assert [p.text for p in ps] == [_para(5, "a"), _para(5, "b")]
+
+
+def test_an_overlong_sentence_is_cut_by_tokens():
+    ps = chunk.chunk_document(_para(25), W, ChunkConfig(max_tokens=10, min_tokens=1))
+    assert [p.n_tokens for p in ps] == [10, 10, 5]
+    assert " ".join(p.text for p in ps) == _para(25)
+
+
+def test_drop_policy_keeps_one_row_saying_why():
+    [p] = chunk.chunk_document(_para(30), W, ChunkConfig(max_tokens=10, min_tokens=1, too_long="drop"))
+    assert (p.status, p.text, p.n_tokens) == (chunk.TOO_LONG, None, 30)
+
+
+def test_truncate_policy_keeps_the_first_passage():
+    text = "\n\n".join([_para(8, "a"), _para(8, "b")])
+    [p] = chunk.chunk_document(text, W, ChunkConfig(max_tokens=10, min_tokens=1, too_long="truncate"))
+    assert (p.text, p.truncated) == (_para(8, "a"), True)
+
+
+def test_passages_over_the_per_document_limit_are_marked_not_lost():
+    text = "\n\n".join(_para(8, x) for x in "abcd")
+    ps = chunk.chunk_document(text, W, ChunkConfig(max_tokens=10, min_tokens=1, max_passages_per_doc=2))
+    assert [p.status for p in ps] == ["ok", "ok", chunk.OVER_LIMIT, chunk.OVER_LIMIT]
+
+
+def test_passage_ids_are_stable_and_distinct():
+    assert chunk.passage_id("cc/1", 0) == chunk.passage_id("cc/1", 0)
+    assert chunk.passage_id("cc/1", 0) != chunk.passage_id("cc/1", 1)
+
+
+def test_chunk_stage_uses_the_model_tokenizer_and_only_new_representatives(make_ctx):
+    from backforth_spark.model import resolve_model
+    from udfs.chunking import HFTokenCounter
+
+    ctx = make_ctx("chunk.max_tokens=64", "chunk.min_tokens=4", "chunk.max_passages_per_doc=null")
+    long_text = "\n".join(
+        f"Line {i} says something about topic {i} in a complete sentence." for i in range(40)
+    )
+    docs = [
+        ("cc/a", long_text),
+        ("cc/b", "A short document about one thing, long enough to keep."),
+        ("cc/c", "A duplicate that is not a representative."),
+    ]
+    add_documents(ctx, docs, representatives={"cc/a", "cc/b"})
+    counts = chunk.run(ctx)
+    assert counts["rows_in"] == 2
+    rows = ctx.tables.read(t.PASSAGES).collect()
+    assert {r["doc_key"] for r in rows} == {"cc/a", "cc/b"}
+    counter = HFTokenCounter(resolve_model(ctx.cfg.llm))
+    for r in rows:
+        assert r["status"] == "ok" and r["n_tokens"] == counter.count([r["text"]])[0] <= 64
+    assert len([r for r in rows if r["doc_key"] == "cc/a"]) > 1
+    assert chunk.run(ctx)["rows_in"] == 0  # nothing new: nothing chunked twice

@@ -1,0 +1,45 @@
+import pytest
+
+from backforth_spark.config import ConfigError, load_config
+from tests.conftest import LOCAL_CONF
+
+
+def test_local_config_loads_with_dotted_override():
+    cfg = load_config(LOCAL_CONF, ["chunk.max_tokens=400", "llm.score.sampling.temperature=0.5"])
+    assert cfg.chunk.max_tokens == 400
+    assert cfg.llm.score.sampling.temperature == 0.5
+    assert cfg.llm.model == "embedded"
+
+
+def test_schema_default_keeps_only_score_5_as_in_the_paper():
+    assert load_config(None).curate.min_score == 5
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("chunk.max_tokenz=3", "chunk.max_tokenz"),
+        ("chunk.max_tokens=abc", "chunk.max_tokens"),
+        ("chunk.too_long=explode", "chunk.too_long"),
+        ("nosuchsection.x=1", "nosuchsection"),
+    ],
+)
+def test_bad_key_or_type_is_an_error_naming_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(LOCAL_CONF, [override])
+
+
+def test_override_without_equals_sign_is_rejected():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(LOCAL_CONF, ["chunk.max_tokens"])
+
+
+def test_passages_must_leave_room_for_the_output():
+    with pytest.raises(ConfigError, match="max_model_len"):
+        load_config(LOCAL_CONF, ["chunk.max_tokens=1900"])
+
+
+def test_flat_params_use_dotted_keys():
+    flat = load_config(LOCAL_CONF).flat()
+    assert flat["chunk.max_tokens"] == 512
+    assert flat["llm.rewrite.template"] == "rewrite_v1"

@@ -1,0 +1,135 @@
+"""LLM stages with engine doubles: failure injection only. The real engine runs in test_e2e.py."""
+
+import sys
+
+import pandas as pd
+import pytest
+from pyspark import cloudpickle
+from pyspark.sql import functions as F
+
+from backforth_spark import generate
+from backforth_spark import tables as t
+from backforth_spark.config import load_config
+from backforth_spark.engine import Completion
+from tests.conftest import LOCAL_CONF
+
+# The doubles below are shipped to Spark's Python workers by value (the workers cannot import tests/).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class ScriptedEngine:
+    """Answers every conversation with `reply`; raises for prompts containing `fail_on`."""
+
+    model = "double"
+
+    def __init__(self, reply="How do I cook pasta?", fail_on=None, max_model_len=2048):
+        self.reply, self.fail_on, self.max_model_len = reply, fail_on, max_model_len
+        self.calls = []
+
+    def count_prompt_tokens(self, conversations):
+        return [len(c[-1]["content"].split()) for c in conversations]
+
+    def chat(self, conversations, params):
+        self.calls.append(len(conversations))
+        if self.fail_on and any(self.fail_on in c[-1]["content"] for c in conversations):
+            raise RuntimeError("engine fell over")
+        return [Completion(self.reply, "stop", 10, 5) for _ in conversations]
+
+
+def _spec(stage):
+    return generate.fingerprints(load_config(LOCAL_CONF), "double")[stage]
+
+
+def _batch(*passages):
+    return pd.DataFrame({"passage_id": [f"p{i}" for i in range(len(passages))], "passage": list(passages)})
+
+
+def test_one_bad_prompt_fails_alone_and_the_rest_are_parsed():
+    engine = ScriptedEngine(fail_on="BOOM")
+    out = generate.run_batch(_batch("fine text", "BOOM text", "more text"), engine, _spec("backtranslate"))
+    assert list(out["status"]) == ["ok", "engine_error", "ok"]
+    assert "engine fell over" in out.loc[1, "error"]
+    assert list(out["instruction"])[0] == "How do I cook pasta?"
+    assert engine.calls == [3, 1, 1, 1]  # one batch call, then one by one to isolate the failure
+
+
+def test_garbage_output_is_a_parse_error_with_the_raw_text_kept():
+    batch = _batch("text").assign(instruction="Q?")
+    out = generate.run_batch(batch, ScriptedEngine(reply="zzz no grade"), _spec("score"))
+    row = out.iloc[0]
+    assert (row["status"], row["raw_output"], row["instruction"]) == ("parse_error", "zzz no grade", "Q?")
+    assert pd.isna(row["score"])
+
+
+def test_a_prompt_too_long_for_the_context_is_never_sent():
+    engine = ScriptedEngine(max_model_len=200)
+    spec = _spec("backtranslate")  # reserves 96 output tokens; the template is ~75 words
+    long_passage = "word " * 200
+    out = generate.run_batch(_batch("short", long_passage), engine, spec)
+    assert list(out["status"]) == ["ok", "too_long"]
+    assert engine.calls == [1]
+    assert "at most" in out.loc[1, "error"]
+
+
+def test_fingerprint_changes_with_template_model_and_upstream():
+    cfg = load_config(LOCAL_CONF)
+    base = generate.fingerprints(cfg, "m")
+    other_model = generate.fingerprints(cfg, "m2")
+    assert base["backtranslate"].fingerprint != other_model["backtranslate"].fingerprint
+    cfg2 = load_config(LOCAL_CONF, ["llm.score.sampling.max_tokens=100"])
+    changed = generate.fingerprints(cfg2, "m")
+    assert changed["backtranslate"].fingerprint == base["backtranslate"].fingerprint
+    assert changed["score"].fingerprint != base["score"].fingerprint
+    # the change flows downstream: rewrite depends on the score stage
+    assert changed["rewrite"].fingerprint != base["rewrite"].fingerprint
+
+
+def _add_passages(ctx, texts):
+    rows = [(f"p{i}", f"cc/{i}", 0, text, 5, "ok", False) for i, text in enumerate(texts)]
+    df = ctx.spark.createDataFrame(
+        rows,
+        "passage_id string, doc_key string, passage_index int, text string, n_tokens int, "
+        "status string, truncated boolean",
+    ).select("*", F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at"))
+    ctx.tables.merge_insert_new(t.PASSAGES, df, ["passage_id"])
+
+
+def test_rerun_retries_only_failed_rows_and_never_duplicates(make_ctx):
+    ctx = make_ctx("llm.max_attempts=2", "llm.num_partitions=2")
+    _add_passages(ctx, ["good one", "BOOM one", "good two", "BOOM two"])
+
+    first = generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine(fail_on="BOOM"))
+    assert (first["generated"], first["status_ok"], first["status_engine_error"]) == (4, 2, 2)
+
+    second = generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine(fail_on="two"))
+    assert second["generated"] == 2  # only the failed rows went back to the engine
+    rows = {r["passage_id"]: r for r in ctx.tables.read(t.INSTRUCTIONS).collect()}
+    assert len(rows) == 4
+    assert (rows["p1"]["status"], rows["p1"]["attempts"]) == ("ok", 2)
+    assert (rows["p3"]["status"], rows["p3"]["attempts"]) == ("engine_error", 2)
+    assert rows["p0"]["attempts"] == 1
+
+    # p3 has used its max_attempts: a third run has nothing left to do
+    third = generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine())
+    assert third["generated"] == 0
+    assert ctx.tables.read(t.INSTRUCTIONS).count() == 4
+
+
+def test_score_stage_reads_only_ok_instructions_of_the_current_fingerprint(make_ctx):
+    ctx = make_ctx()
+    _add_passages(ctx, ["alpha text", "beta text"])
+    generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine(fail_on="beta"))
+    counts = generate.run(ctx, "score", engine_factory=lambda: ScriptedEngine(reply="Reason: ok\nScore: 4"))
+    assert (counts["rows_in"], counts["generated"], counts["score_4"]) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("min_score", [4, 5])
+def test_rewrite_takes_only_pairs_at_or_above_the_threshold(make_ctx, min_score):
+    ctx = make_ctx(f"curate.min_score={min_score}")
+    _add_passages(ctx, ["alpha text"])
+    generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine())
+    generate.run(ctx, "score", engine_factory=lambda: ScriptedEngine(reply="Reason: ok\nScore: 4"))
+    counts = generate.run(
+        ctx, "rewrite", engine_factory=lambda: ScriptedEngine(reply="[RES] An answer. [/RES]")
+    )
+    assert counts["rows_out"] == (1 if min_score == 4 else 0)

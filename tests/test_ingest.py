@@ -1,0 +1,131 @@
+import gzip
+import json
+
+import pytest
+import zstandard
+
+from backforth_spark import ingest
+from backforth_spark import tables as t
+from backforth_spark.config import IngestConfig
+
+CFG = IngestConfig()
+
+
+def _doc(i, text="Some text.", source="cc"):
+    return json.dumps({"id": str(i), "text": text, "source": source, "metadata": {"url": f"http://x/{i}"}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", ingest.MALFORMED_JSON),
+        (b"[1, 2]", ingest.NOT_AN_OBJECT),
+        (b'{"text": "no id"}', ingest.MISSING_ID),
+        (b'{"id": "1"}', ingest.MISSING_TEXT),
+        (b'{"id": "1", "text": 42}', ingest.NON_STRING_TEXT),
+        (b'{"id": "1", "text": "caf\xe9"}', ingest.INVALID_UTF8),
+        (b'{"id": "1", "text": "  \\n "}', ingest.EMPTY_TEXT),
+        (b"   ", ingest.BLANK_LINE),
+    ],
+)
+def test_bad_lines_are_quarantined_with_a_reason(raw, reason):
+    parsed = ingest.parse_line("f.jsonl", 7, raw, CFG)
+    assert (parsed.kind, parsed.reason, parsed.line_number) == ("quarantine", reason, 7)
+    assert parsed.detail
+
+
+def test_good_line_becomes_a_document_with_url_and_metadata():
+    parsed = ingest.parse_line("f.jsonl", 1, _doc(3).encode(), CFG)
+    assert parsed.kind == "doc"
+    assert (parsed.source, parsed.id, parsed.url) == ("cc", "3", "http://x/3")
+    assert json.loads(parsed.metadata) == {"url": "http://x/3"}
+
+
+def test_missing_source_gets_the_configured_default():
+    parsed = ingest.parse_line("f", 1, b'{"id": 5, "text": "hi"}', CFG)
+    assert (parsed.source, parsed.id) == ("unknown", "5")
+
+
+def test_gzip_and_zstd_files_are_read_line_by_line():
+    body = (_doc(1) + "\n" + _doc(2) + "\n").encode()
+    for path, data in [
+        ("a.jsonl.gz", gzip.compress(body)),
+        ("a.json.zst", zstandard.ZstdCompressor().compress(body)),
+        ("a.jsonl", body),
+    ]:
+        parsed = list(ingest.parse_file(path, data, CFG))
+        assert [p.id for p in parsed] == ["1", "2"], path
+        assert [p.line_number for p in parsed] == [1, 2]
+
+
+def test_a_truncated_gzip_is_one_quarantine_row_after_the_lines_read():
+    data = gzip.compress(("\n".join(_doc(i) for i in range(200)) + "\n").encode())[:-40]
+    parsed = list(ingest.parse_file("a.jsonl.gz", data, CFG))
+    assert parsed[-1].reason == ingest.UNREADABLE_FILE
+    assert all(p.kind == "doc" for p in parsed[:-1])
+
+
+def _write_corpus(folder):
+    folder.mkdir()
+    good = [_doc(i, f"Document number {i}. " * 5) for i in range(5)]
+    bad = [
+        b"{oops",
+        b'{"text": "no id here"}',
+        b'{"id": "x1", "text": ["a", "list"]}',
+        b'{"id": "x2", "text": "bad \xff byte"}',
+        b'{"id": "x3", "text": "   "}',
+    ]
+    repeated = _doc(0, "A different text under an id already seen.")
+    lines = [g.encode() for g in good[:3]] + bad + [repeated.encode()]
+    (folder / "part-0.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (folder / "part-1.jsonl.gz").write_bytes(gzip.compress(("\n".join(good[3:]) + "\n").encode()))
+    (folder / "notes.txt").write_text("not a Dolma file, must be ignored\n")
+    return 3 + len(bad) + 1 + 2
+
+
+def test_ingest_accounts_for_every_line_and_is_idempotent(make_ctx, tmp_path):
+    n_lines = _write_corpus(tmp_path / "in")
+    ctx = make_ctx()
+    counts = ingest.run(ctx, [str(tmp_path / "in")])
+    assert counts["lines"] == n_lines == 11
+    assert (counts["documents"], counts["quarantined"], counts["repeated_ids"]) == (5, 5, 1)
+    assert counts["lines"] == counts["documents"] + counts["quarantined"] + counts["repeated_ids"]
+
+    docs = ctx.tables.read(t.DOCUMENTS)
+    assert [(f.name, f.dataType) for f in docs.schema] == [(f.name, f.dataType) for f in t.DOCUMENTS_SCHEMA]
+    first = docs.where("doc_key = 'cc/0'").collect()[0]
+    # the first occurrence of a repeated id wins, deterministically
+    assert (first["line_number"], first["text"].startswith("Document number 0")) == (1, True)
+    reasons = sorted(r["reason"] for r in ctx.tables.read(t.QUARANTINE).collect())
+    assert reasons == sorted(
+        [
+            ingest.MALFORMED_JSON,
+            ingest.MISSING_ID,
+            ingest.NON_STRING_TEXT,
+            ingest.INVALID_UTF8,
+            ingest.EMPTY_TEXT,
+        ]
+    )
+
+    again = ingest.run(ctx, [str(tmp_path / "in")])
+    assert (again["documents"], again["quarantined"], again["repeated_ids"]) == (0, 5, 6)
+    assert ctx.tables.read(t.DOCUMENTS).count() == 5
+    assert ctx.tables.read(t.QUARANTINE).count() == 5
+
+
+def test_a_10_mb_document_goes_through(make_ctx, tmp_path):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    text = ("A long paragraph of web text that goes on and on. " * 20 + "\n") * 10_000
+    assert len(text) > 10_000_000
+    (folder / "big.jsonl").write_text(_doc("big", text) + "\n" + _doc("small") + "\n")
+    ctx = make_ctx()
+    counts = ingest.run(ctx, [str(folder / "*.jsonl")])
+    assert counts["documents"] == 2
+    row = ctx.tables.read(t.DOCUMENTS).where("id = 'big'").selectExpr("length(text) AS n").collect()[0]
+    assert row["n"] == len(text)
+
+
+def test_ingest_without_inputs_is_a_clear_error(make_ctx):
+    with pytest.raises(ValueError, match="input"):
+        ingest.run(make_ctx(), [])
