@@ -3,7 +3,9 @@ PY := .venv/bin/python
 DEMO_INPUT ?= ../shared/data/dolma-sample
 WORKDIR ?= .backforth
 
-.PHONY: setup demo test test-fast lint format bench clean
+N ?= 25000
+
+.PHONY: setup demo test test-fast lint format bench-chunk bench-dedup clean
 
 setup:
 	bash scripts/setup.sh
@@ -23,6 +25,14 @@ lint:
 
 format:
 	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
+
+bench-chunk: setup
+	$(PY) benchmarks/chunk.py
+
+# datatrove (the peer) and psutil live in the `bench` dependency group, outside the library
+bench-dedup: setup
+	.tools/venv/bin/uv sync --frozen --extra cpu --extra convert --group bench --quiet
+	$(PY) benchmarks/dedup.py --docs $(N)
 
 clean:
 	rm -rf $(WORKDIR) spark-warehouse metastore_db

@@ -37,11 +37,34 @@ class IngestConfig(_Strict):
     raw_prefix_chars: int = Field(500, ge=0, description="how much of a quarantined line is kept")
 
 
+class DedupConfig(_Strict):
+    url: bool = Field(False, description="also drop documents whose metadata.url was already seen")
+    near: bool = Field(True, description="MinHash LSH near-duplicate removal after exact dedup")
+    ngram: int = Field(5, ge=1, description="word n-gram shingle size")
+    # 14 bands x 8 rows (112 permutations) as in FineWeb: candidates from Jaccard about 0.75-0.8 up
+    bands: int = Field(14, ge=1)
+    rows: int = Field(8, ge=1)
+    seed: int = 1
+    threshold: float = Field(0.8, gt=0, le=1, description="minimum Jaccard for a near duplicate")
+    verify: Literal["estimate", "exact"] = Field(
+        "exact", description="check candidates on the signatures' estimate, or on the exact shingle sets"
+    )
+    max_bucket_size: int = Field(1000, ge=2, description="LSH buckets larger than this are counted")
+    max_iterations: int = Field(30, ge=1, description="connected-components rounds before giving up")
+
+
 class ChunkConfig(_Strict):
     max_tokens: int = Field(768, gt=0)
     min_tokens: int = Field(32, ge=0)
     too_long: Literal["split", "truncate", "drop"] = "split"
     max_passages_per_doc: int | None = Field(None, gt=0)
+    overlap_tokens: int = Field(0, ge=0, description="a split passage repeats up to this much of the last")
+    # Optional quality filters (None: off). A passage failing one is kept with status low_quality.
+    min_words: int | None = Field(None, ge=1)
+    max_symbol_ratio: float | None = Field(None, gt=0, le=1)
+    max_digit_ratio: float | None = Field(None, gt=0, le=1)
+    max_repeated_line_ratio: float | None = Field(None, ge=0, le=1)
+    max_navigation_line_ratio: float | None = Field(None, ge=0, le=1)
 
 
 class SamplingConfig(_Strict):
@@ -109,6 +132,7 @@ class Config(_Strict):
     workdir: str = "./.backforth"
     spark: SparkConfig = Field(default_factory=SparkConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     chunk: ChunkConfig = Field(default_factory=ChunkConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
@@ -117,6 +141,8 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _passages_fit_context(self) -> Config:
+        if self.chunk.overlap_tokens >= self.chunk.max_tokens:
+            raise ValueError("chunk.overlap_tokens must be smaller than chunk.max_tokens")
         # A passage alone must leave room for the longest stage output in the model's context.
         longest = max(self.llm.backtranslate.sampling.max_tokens, self.llm.rewrite.sampling.max_tokens)
         if self.chunk.max_tokens + longest >= self.llm.max_model_len:

@@ -1,58 +1,239 @@
-"""Stage `dedup`: exact duplicates by normalised text -> the `dedup_decisions` table.
+"""Stage `dedup`: exact, URL and near duplicates -> the `dedup_decisions` table.
 
-Incremental: only documents without a decision are hashed. A document that is already a cluster's
-representative stays one; a new copy of it is marked a duplicate. Among new documents the
-representative is the smallest doc_key, so the result does not depend on partitioning.
+Order: exact duplicates of the normalised text, then (optionally) repeated `metadata.url`, then near
+duplicates by MinHash LSH over what is left. All of it runs in Spark; the driver only collects counts.
+
+Incremental: only documents without a decision are processed, and only they get MinHash signatures
+(kept in `minhash_signatures`). A document that is already a representative stays one: a new copy of
+it is marked a duplicate of it. Among new documents the representative is the smallest doc_key, so the
+result does not depend on partitioning.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from backforth_spark.context import StageContext
 
-REPRESENTATIVE = "representative"
-EXACT = "exact"
+REPRESENTATIVE, EXACT, URL, NEAR = "representative", "exact", "url", "near"
 
 
-def run(ctx: StageContext) -> dict[str, int]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     from backforth_spark import tables as t
     from udfs.text import norm_hash_udf
 
+    cfg = ctx.cfg.dedup
     docs = ctx.tables.read(t.DOCUMENTS)
-    t.require_columns(docs, ["doc_key", "text"], t.DOCUMENTS)
+    t.require_columns(docs, ["doc_key", "text", "url"], t.DOCUMENTS)
     decided = ctx.tables.read(t.DEDUP)
-    new = docs.join(decided.select("doc_key"), "doc_key", "left_anti").select(
-        "doc_key", norm_hash_udf("text").alias("norm_hash")
+    old_reps = decided.where("is_representative").select("doc_key", "norm_hash")
+    new = (
+        docs.join(decided.select("doc_key"), "doc_key", "left_anti")
+        .select("doc_key", "url", norm_hash_udf("text").alias("norm_hash"))
+        .persist(StorageLevel.MEMORY_AND_DISK)
     )
-    known_reps = decided.where("is_representative").select("norm_hash", F.col("cluster_id").alias("known"))
-    by_hash = Window.partitionBy("norm_hash")
-    decisions = (
-        new.join(known_reps, "norm_hash", "left")
-        .withColumn("cluster_id", F.coalesce("known", F.min("doc_key").over(by_hash)))
-        .withColumn("is_representative", F.col("cluster_id") == F.col("doc_key"))
-        .select(
-            "doc_key",
-            "norm_hash",
+    counts: dict[str, Any] = {"rows_in": new.count()}
+
+    # 1. exact: an old representative with the same hash wins, else the smallest new key
+    known = old_reps.groupBy("norm_hash").agg(F.min("doc_key").alias("known"))
+    exact = new.join(known, "norm_hash", "left").withColumn(
+        "cluster_id", F.coalesce("known", F.min("doc_key").over(Window.partitionBy("norm_hash")))
+    )
+    dups = [_decisions(exact.where("cluster_id <> doc_key"), EXACT, 1.0)]
+    survivors = exact.where("cluster_id = doc_key").select("doc_key", "url", "norm_hash")
+
+    # 2. url: the same rule on metadata.url, among documents that have one
+    if cfg.url:
+        old_urls = old_reps.join(docs.select("doc_key", "url"), "doc_key").where("url IS NOT NULL")
+        known_url = old_urls.groupBy("url").agg(F.min("doc_key").alias("known"))
+        by_url = survivors.join(known_url, "url", "left").withColumn(
             "cluster_id",
-            "is_representative",
-            F.when(F.col("is_representative"), F.lit(REPRESENTATIVE)).otherwise(F.lit(EXACT)).alias("reason"),
-            F.lit(ctx.run_id).alias("run_id"),
-            F.current_timestamp().alias("written_at"),
+            F.when(F.col("url").isNull(), F.col("doc_key")).otherwise(
+                F.coalesce("known", F.min("doc_key").over(Window.partitionBy("url")))
+            ),
         )
+        dups.append(_decisions(by_url.where("cluster_id <> doc_key"), URL, None))
+        survivors = by_url.where("cluster_id = doc_key").select("doc_key", "url", "norm_hash")
+
+    # 3. near: MinHash LSH among the survivors and the old representatives
+    if cfg.near:
+        near, near_counts = _near_duplicates(ctx, survivors, decided)
+        counts.update(near_counts)
+        dups.append(_decisions(near, NEAR, None))
+        survivors = survivors.join(near.select("doc_key"), "doc_key", "left_anti")
+
+    duplicates = dups[0]
+    for d in dups[1:]:
+        duplicates = duplicates.unionByName(d)
+    # a duplicate of a document that turned out a duplicate itself points at the final representative
+    final = duplicates.select(F.col("doc_key").alias("cluster_id"), F.col("cluster_id").alias("final"))
+    duplicates = (
+        duplicates.join(final, "cluster_id", "left")
+        .withColumn("cluster_id", F.coalesce("final", "cluster_id"))
+        .drop("final")
     )
-    before = decided.groupBy().agg(
-        F.count("*").alias("n"), F.sum(F.col("is_representative").cast("int")).alias("reps")
+    reps = survivors.select(
+        "doc_key",
+        "norm_hash",
+        F.col("doc_key").alias("cluster_id"),
+        F.lit(True).alias("is_representative"),
+        F.lit(REPRESENTATIVE).alias("reason"),
+        F.lit(None).cast("double").alias("similarity"),
     )
-    b = before.collect()[0]
-    ctx.tables.merge_insert_new(t.DEDUP, decisions, ["doc_key"])
-    a = (
-        ctx.tables.read(t.DEDUP)
-        .groupBy()
-        .agg(F.count("*").alias("n"), F.sum(F.col("is_representative").cast("int")).alias("reps"))
-        .collect()[0]
+    decisions = reps.unionByName(duplicates).select(
+        *t.without_lineage(t.DEDUP_SCHEMA).fieldNames(),
+        F.lit(ctx.run_id).alias("run_id"),
+        F.current_timestamp().alias("written_at"),
     )
-    rows_in = a["n"] - b["n"]
-    reps = (a["reps"] or 0) - (b["reps"] or 0)
-    return {"rows_in": rows_in, "rows_out": reps, "exact_duplicates": rows_in - reps}
+    staged = ctx.tables.stage(t.DEDUP, decisions)
+    ctx.tables.merge_insert_new(t.DEDUP, staged, ["doc_key"])
+    by_reason = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
+    new.unpersist()
+    counts["rows_out"] = by_reason.get(REPRESENTATIVE, 0)
+    for reason in (EXACT, URL, NEAR):
+        counts[f"{reason}_duplicates"] = by_reason.get(reason, 0)
+    return counts
+
+
+def _decisions(df, reason: str, similarity: float | None):
+    from pyspark.sql import functions as F
+
+    sim = F.col("similarity") if "similarity" in df.columns else F.lit(similarity).cast("double")
+    return df.select(
+        "doc_key",
+        "norm_hash",
+        "cluster_id",
+        F.lit(False).alias("is_representative"),
+        F.lit(reason).alias("reason"),
+        sim.alias("similarity"),
+    )
+
+
+def _near_duplicates(ctx: StageContext, survivors, decided):
+    """New documents that are near duplicates: (doc_key, norm_hash, cluster_id, similarity), and counts.
+    `survivors` are the new documents left after exact and URL dedup (doc_key, norm_hash)."""
+    from pyspark.sql import functions as F
+
+    from backforth_spark import tables as t
+    from udfs.text import SIGNATURE_SCHEMA, estimated_jaccard_udf, exact_jaccard, signatures
+
+    cfg = ctx.cfg.dedup
+    docs = ctx.tables.read(t.DOCUMENTS)
+    # signatures only for documents that have none yet
+    todo = survivors.select("doc_key").join(
+        ctx.tables.read(t.MINHASH).select("doc_key"), "doc_key", "left_anti"
+    )
+    sigs = todo.join(docs.select("doc_key", "text"), "doc_key").mapInPandas(signatures(cfg), SIGNATURE_SCHEMA)
+    staged = ctx.tables.stage(
+        t.MINHASH,
+        sigs.select("*", F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")),
+    )
+    ctx.tables.merge_insert_new(t.MINHASH, staged, ["doc_key"])
+    counts: dict[str, Any] = {"signatures_computed": staged.count()}
+
+    # the pool: old representatives (priority 0) and the new survivors (priority 1)
+    pool = (
+        decided.where("is_representative")
+        .select("doc_key", F.lit(0).alias("prio"))
+        .unionByName(survivors.select("doc_key", F.lit(1).alias("prio")))
+        .join(ctx.tables.read(t.MINHASH).select("doc_key", "signature", "bands"), "doc_key")
+    )
+    bands = pool.select("doc_key", "prio", F.posexplode("bands").alias("band", "h"))
+    buckets = (
+        bands.groupBy("band", "h")
+        .agg(
+            F.count("*").alias("size"),
+            F.max("prio").alias("has_new"),
+            F.min(F.struct("prio", "doc_key")).alias("center"),
+        )
+        .where("size > 1 AND has_new = 1")
+    )
+    counts["oversized_buckets"] = buckets.where(F.col("size") > cfg.max_bucket_size).count()
+    # Star edges (bucket centre -> each new member) connect the same documents as all pairs would,
+    # in linear rather than quadratic space, however large a bucket is.
+    edges = (
+        bands.where("prio = 1")
+        .join(buckets, ["band", "h"])
+        .where(F.col("doc_key") != F.col("center.doc_key"))
+        .select(F.col("center.doc_key").alias("src"), F.col("doc_key").alias("dst"))
+        .distinct()
+    )
+    sig = pool.select("doc_key", "signature")
+    scored = (
+        edges.join(sig.withColumnRenamed("doc_key", "src").withColumnRenamed("signature", "sig_src"), "src")
+        .join(sig.withColumnRenamed("doc_key", "dst").withColumnRenamed("signature", "sig_dst"), "dst")
+        .withColumn("similarity", estimated_jaccard_udf("sig_src", "sig_dst"))
+        .drop("sig_src", "sig_dst")
+    )
+    if cfg.verify == "exact":
+        text = docs.select("doc_key", "text")
+        scored = (
+            scored.join(text.withColumnRenamed("doc_key", "src").withColumnRenamed("text", "t_src"), "src")
+            .join(text.withColumnRenamed("doc_key", "dst").withColumnRenamed("text", "t_dst"), "dst")
+            .withColumn("jaccard", exact_jaccard(cfg.ngram)("t_src", "t_dst"))
+            .where(F.col("jaccard") >= cfg.threshold)
+            .drop("t_src", "t_dst", "jaccard")
+        )
+    else:
+        scored = scored.where(F.col("similarity") >= cfg.threshold)
+    verified = ctx.tables.stage("dedup_edges", scored.select("src", "dst", "similarity"))
+    counts["candidate_pairs"] = edges.count()
+    counts["verified_pairs"] = verified.count()
+
+    labels, rounds = _components(verified, pool.select("doc_key", "prio"), cfg.max_iterations)
+    counts["cc_rounds"] = rounds
+    near = labels.where((F.col("prio") == 1) & (F.col("label.doc_key") != F.col("doc_key"))).select(
+        "doc_key", F.col("label.doc_key").alias("cluster_id")
+    )
+    # similarity to the representative, estimated from the signatures
+    near = (
+        near.join(sig.withColumnRenamed("signature", "sig_doc"), "doc_key")
+        .join(
+            sig.withColumnRenamed("doc_key", "cluster_id").withColumnRenamed("signature", "sig_rep"),
+            "cluster_id",
+        )
+        .withColumn("similarity", estimated_jaccard_udf("sig_doc", "sig_rep"))
+        .join(survivors.select("doc_key", "norm_hash"), "doc_key")
+        .select("doc_key", "norm_hash", "cluster_id", "similarity")
+    )
+    return near, counts
+
+
+def _components(edges, nodes, max_rounds: int):
+    """Connected components by min-label propagation. Labels are (prio, doc_key) structs: old
+    representatives (prio 0) keep their own label and win any component they are in."""
+    from pyspark.sql import functions as F
+
+    both = edges.select("src", "dst").unionByName(
+        edges.select(F.col("dst").alias("src"), F.col("src").alias("dst"))
+    )
+    touched = both.select(F.col("src").alias("doc_key")).distinct()
+    labels = nodes.join(touched, "doc_key").select(
+        "doc_key", "prio", F.struct("prio", "doc_key").alias("label")
+    )
+    for rounds in range(1, max_rounds + 1):
+        incoming = both.join(labels.select(F.col("doc_key").alias("src"), "label"), "src").select(
+            F.col("dst").alias("doc_key"), "label"
+        )
+        updated = (
+            labels.join(incoming.groupBy("doc_key").agg(F.min("label").alias("nearest")), "doc_key", "left")
+            .withColumn(
+                "new_label",
+                F.when(
+                    (F.col("prio") == 1) & (F.col("nearest") < F.col("label")), F.col("nearest")
+                ).otherwise(F.col("label")),
+            )
+            .select("doc_key", "prio", "label", "new_label")
+            .localCheckpoint()  # cut the lineage each round: it grows with every join
+        )
+        changed = updated.where(F.col("new_label") != F.col("label")).count()
+        labels = updated.select("doc_key", "prio", F.col("new_label").alias("label"))
+        if changed == 0:
+            return labels, rounds
+    raise RuntimeError(
+        f"near-dedup components did not converge in {max_rounds} rounds (dedup.max_iterations)"
+    )

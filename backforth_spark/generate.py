@@ -51,7 +51,7 @@ class StageSpec:
         from backforth_spark import tables as t
 
         schema = {BACKTRANSLATE: t.INSTRUCTIONS_SCHEMA, SCORE: t.SCORES_SCHEMA, REWRITE: t.RESPONSES_SCHEMA}
-        return [c for c in schema[self.stage].fieldNames() if c not in ("run_id", "written_at")]
+        return t.without_lineage(schema[self.stage]).fieldNames()
 
 
 def stage_spec(cfg: Config, stage: str, model: str, upstream_fingerprint: str = "") -> StageSpec:
@@ -230,8 +230,7 @@ def run(ctx: StageContext, stage: str, engine_factory: Callable[[], Engine] | No
     counts: dict[str, int] = {"rows_in": n_candidates, "generated": n_todo}
     if n_todo:
         parts = ctx.cfg.llm.num_partitions or ctx.spark.sparkContext.defaultParallelism
-        schema = t.SCHEMAS[table]
-        worker_schema = t.T.StructType([f for f in schema.fields if f.name not in ("run_id", "written_at")])
+        worker_schema = t.without_lineage(t.SCHEMAS[table])
         results = todo.repartition(min(parts, n_todo)).mapInPandas(
             generate(spec, ctx.cfg.llm, engine_factory), worker_schema
         )
@@ -240,7 +239,10 @@ def run(ctx: StageContext, stage: str, engine_factory: Callable[[], Engine] | No
             F.lit(ctx.run_id).alias("run_id"),
             F.current_timestamp().alias("written_at"),
         )
-        ctx.tables.merge_upsert_unless_ok(table, results, ["passage_id", "fingerprint"])
+        # Stage the generations in Delta before the MERGE: a MERGE may scan its source more than
+        # once, and a recomputed source would pay for every generation again.
+        staged = ctx.tables.stage(table, results)
+        ctx.tables.merge_upsert_unless_ok(table, staged, ["passage_id", "fingerprint"])
     current = ctx.tables.read(table).where(F.col("fingerprint") == spec.fingerprint)
     by_status = {r["status"]: r["count"] for r in current.groupBy("status").count().collect()}
     counts["rows_out"] = by_status.get("ok", 0)

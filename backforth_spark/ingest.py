@@ -183,15 +183,7 @@ def run(ctx, inputs: list[str]) -> dict[str, int]:
             .where("_rank = 1")
             .select(
                 F.concat_ws("/", "source", "id").alias("doc_key"),
-                "source",
-                "id",
-                "text",
-                "added",
-                "created",
-                "metadata",
-                "url",
-                "input_file",
-                "line_number",
+                *[c for c in t.without_lineage(t.DOCUMENTS_SCHEMA).fieldNames() if c != "doc_key"],
                 *lineage,
             )
         )

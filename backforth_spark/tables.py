@@ -14,6 +14,7 @@ from pyspark.sql import types as T
 DOCUMENTS = "documents"
 QUARANTINE = "quarantine"
 DEDUP = "dedup_decisions"
+MINHASH = "minhash_signatures"
 PASSAGES = "passages"
 INSTRUCTIONS = "instructions"
 SCORES = "scores"
@@ -58,7 +59,17 @@ DEDUP_SCHEMA = T.StructType(
         T.StructField("norm_hash", T.StringType(), False),
         T.StructField("cluster_id", T.StringType(), False),  # the representative's doc_key
         T.StructField("is_representative", T.BooleanType(), False),
-        T.StructField("reason", T.StringType(), False),  # unique | exact
+        T.StructField("reason", T.StringType(), False),  # representative | exact | url | near
+        T.StructField("similarity", T.DoubleType(), True),  # near: estimated Jaccard to the representative
+        *LINEAGE,
+    ]
+)
+
+MINHASH_SCHEMA = T.StructType(
+    [
+        T.StructField("doc_key", T.StringType(), False),
+        T.StructField("signature", T.BinaryType(), False),  # num_perm little-endian uint32 values
+        T.StructField("bands", T.ArrayType(T.LongType(), False), False),
         *LINEAGE,
     ]
 )
@@ -70,8 +81,11 @@ PASSAGES_SCHEMA = T.StructType(
         T.StructField("passage_index", T.IntegerType(), False),
         T.StructField("text", T.StringType(), True),
         T.StructField("n_tokens", T.IntegerType(), True),
-        T.StructField("status", T.StringType(), False),  # ok | too_short | too_long | empty
+        T.StructField(
+            "status", T.StringType(), False
+        ),  # ok | too_short | too_long | over_limit | low_quality
         T.StructField("truncated", T.BooleanType(), False),
+        T.StructField("quality_filter", T.StringType(), True),  # the filter a low_quality passage failed
         *LINEAGE,
     ]
 )
@@ -119,11 +133,18 @@ SCHEMAS: dict[str, T.StructType] = {
     DOCUMENTS: DOCUMENTS_SCHEMA,
     QUARANTINE: QUARANTINE_SCHEMA,
     DEDUP: DEDUP_SCHEMA,
+    MINHASH: MINHASH_SCHEMA,
     PASSAGES: PASSAGES_SCHEMA,
     INSTRUCTIONS: INSTRUCTIONS_SCHEMA,
     SCORES: SCORES_SCHEMA,
     RESPONSES: RESPONSES_SCHEMA,
 }
+
+
+def without_lineage(schema: T.StructType) -> T.StructType:
+    """The columns a Python worker produces: the table's schema less the lineage the driver adds."""
+    lineage = {f.name for f in LINEAGE}
+    return T.StructType([f for f in schema.fields if f.name not in lineage])
 
 
 class ContractError(ValueError):
@@ -169,6 +190,12 @@ class Tables:
         from delta.tables import DeltaTable
 
         return DeltaTable.forPath(self.spark, self.location(name)).history(1).collect()[0]["version"]
+
+    def stage(self, name: str, df: DataFrame) -> DataFrame:
+        """Materialise `df` in a staging Delta table (overwritten each time) and read it back."""
+        path = str(self.root / "_staging" / name)
+        df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(path)
+        return self.spark.read.format("delta").load(path)
 
     def merge_insert_new(self, name: str, df: DataFrame, keys: list[str]) -> None:
         """Insert rows whose key is not in the table yet (idempotent append)."""

@@ -62,9 +62,10 @@ def add_documents(ctx: StageContext, docs: list[tuple[str, str]], representative
     if representatives is not None:
         decisions = ctx.spark.createDataFrame(
             [
-                (k, k, k, k in representatives, "representative" if k in representatives else "exact")
+                (k, k, k, k in representatives, "representative" if k in representatives else "exact", None)
                 for k, _ in docs
             ],
-            "doc_key string, norm_hash string, cluster_id string, is_representative boolean, reason string",
+            "doc_key string, norm_hash string, cluster_id string, is_representative boolean, reason string, "
+            "similarity double",
         )
         ctx.tables.merge_insert_new(t.DEDUP, decisions.select("*", *lineage), ["doc_key"])

@@ -1,3 +1,5 @@
+import pytest
+
 from backforth_spark import chunk
 from backforth_spark import tables as t
 from backforth_spark.config import ChunkConfig
@@ -79,7 +81,9 @@ def test_chunk_stage_uses_the_model_tokenizer_and_only_new_representatives(make_
     from backforth_spark.model import resolve_model
     from udfs.chunking import HFTokenCounter
 
-    ctx = make_ctx("chunk.max_tokens=64", "chunk.min_tokens=4", "chunk.max_passages_per_doc=null")
+    ctx = make_ctx(
+        "chunk.max_tokens=64", "chunk.min_tokens=4", "chunk.max_passages_per_doc=null", "chunk.min_words=null"
+    )
     long_text = "\n".join(
         f"Line {i} says something about topic {i} in a complete sentence." for i in range(40)
     )
@@ -98,3 +102,45 @@ def test_chunk_stage_uses_the_model_tokenizer_and_only_new_representatives(make_
         assert r["status"] == "ok" and r["n_tokens"] == counter.count([r["text"]])[0] <= 64
     assert len([r for r in rows if r["doc_key"] == "cc/a"]) > 1
     assert chunk.run(ctx)["rows_in"] == 0  # nothing new: nothing chunked twice
+
+
+def test_overlap_repeats_the_tail_of_the_previous_passage():
+    text = "\n\n".join(_para(4, x) for x in "abcd")  # four units of 4 tokens
+    ps = chunk.chunk_document(text, W, ChunkConfig(max_tokens=9, min_tokens=1, overlap_tokens=5))
+    assert [p.text for p in ps] == [
+        _para(4, "a") + "\n\n" + _para(4, "b"),
+        _para(4, "b") + "\n\n" + _para(4, "c"),
+        _para(4, "c") + "\n\n" + _para(4, "d"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "setting", "issue"),
+    [
+        ("only three words", {"min_words": 5}, "too_few_words"),
+        ("$$$ ### @@@ !!! words", {"max_symbol_ratio": 0.3}, "symbol_ratio"),
+        ("call 555 1234 5678 9012 now", {"max_digit_ratio": 0.3}, "digit_ratio"),
+        ("buy now\nbuy now\nbuy now\nreal line", {"max_repeated_line_ratio": 0.3}, "repeated_lines"),
+        (
+            "Home\nLogin\nNews | Sport | Weather\nA real sentence here.",
+            {"max_navigation_line_ratio": 0.5},
+            "navigation_lines",
+        ),
+        (
+            "A plain, well-formed sentence about cooking pasta.",
+            {"min_words": 5, "max_symbol_ratio": 0.3},
+            None,
+        ),
+    ],
+)
+def test_quality_filters_name_the_first_failure(text, setting, issue):
+    assert chunk.quality_issue(text, ChunkConfig(**setting)) == issue
+
+
+def test_filtered_passages_are_kept_with_their_reason():
+    [p] = chunk.chunk_document(
+        "Home\nLogin\nContact us\nA line.",
+        W,
+        ChunkConfig(max_tokens=50, min_tokens=1, max_navigation_line_ratio=0.5),
+    )
+    assert (p.status, p.quality_filter) == (chunk.LOW_QUALITY, "navigation_lines")

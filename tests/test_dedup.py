@@ -1,19 +1,30 @@
+from itertools import combinations
+
 from pyspark.testing import assertDataFrameEqual
 
 from backforth_spark import dedup
 from backforth_spark import tables as t
-from tests.conftest import add_documents
+from tests import near_dup_corpus
+from tests.conftest import DOLMA_SAMPLE, add_documents
 
 
 def _decisions(ctx):
     return ctx.tables.read(t.DEDUP).select("doc_key", "cluster_id", "is_representative", "reason")
 
 
+def _pick(counts, *keys):
+    return {k: counts[k] for k in keys}
+
+
 def test_exact_duplicates_keep_the_smallest_key(make_ctx, spark):
-    ctx = make_ctx()
+    ctx = make_ctx("dedup.near=false")
     add_documents(ctx, [("cc/2", "Hello, World!"), ("cc/1", "hello world"), ("cc/3", "Something else.")])
     counts = dedup.run(ctx)
-    assert counts == {"rows_in": 3, "rows_out": 2, "exact_duplicates": 1}
+    assert _pick(counts, "rows_in", "rows_out", "exact_duplicates") == {
+        "rows_in": 3,
+        "rows_out": 2,
+        "exact_duplicates": 1,
+    }
     expected = spark.createDataFrame(
         [
             ("cc/1", "cc/1", True, "representative"),
@@ -25,15 +36,116 @@ def test_exact_duplicates_keep_the_smallest_key(make_ctx, spark):
     assertDataFrameEqual(_decisions(ctx), expected)
 
 
-def test_incremental_run_keeps_old_representative_and_decides_only_new_docs(make_ctx, spark):
-    ctx = make_ctx()
+def test_incremental_run_keeps_old_representative_and_decides_only_new_docs(make_ctx):
+    ctx = make_ctx("dedup.near=false")
     add_documents(ctx, [("cc/5", "The same page.")])
     dedup.run(ctx)
     # a new copy with a smaller key must not displace the representative already chosen
     add_documents(ctx, [("cc/0", "the same page"), ("cc/7", "A new page.")])
     counts = dedup.run(ctx)
-    assert counts == {"rows_in": 2, "rows_out": 1, "exact_duplicates": 1}
+    assert _pick(counts, "rows_in", "rows_out", "exact_duplicates") == {
+        "rows_in": 2,
+        "rows_out": 1,
+        "exact_duplicates": 1,
+    }
     rows = {r["doc_key"]: r for r in _decisions(ctx).collect()}
     assert rows["cc/5"]["is_representative"] and not rows["cc/0"]["is_representative"]
     assert rows["cc/0"]["cluster_id"] == "cc/5"
-    assert dedup.run(ctx) == {"rows_in": 0, "rows_out": 0, "exact_duplicates": 0}
+    assert dedup.run(ctx)["rows_in"] == 0
+
+
+def _words(n, start=0):
+    return " ".join(f"word{i}" for i in range(start, start + n))
+
+
+def test_near_duplicates_chain_into_one_cluster(make_ctx):
+    ctx = make_ctx("dedup.threshold=0.7")
+    base = _words(300)
+    b = base.replace("word100 ", "changed ", 1)
+    c = b.replace("word200 ", "changed ", 1)
+    add_documents(ctx, [("cc/a", base), ("cc/b", b), ("cc/c", c), ("cc/z", _words(300, 5000))])
+    counts = dedup.run(ctx)
+    assert (counts["near_duplicates"], counts["rows_out"]) == (2, 2)
+    rows = {r["doc_key"]: r for r in ctx.tables.read(t.DEDUP).collect()}
+    assert {k: rows[k]["cluster_id"] for k in rows} == {
+        "cc/a": "cc/a",
+        "cc/b": "cc/a",
+        "cc/c": "cc/a",
+        "cc/z": "cc/z",
+    }
+    assert rows["cc/b"]["reason"] == "near" and 0.7 < rows["cc/b"]["similarity"] <= 1.0
+
+
+def test_new_near_copy_of_an_old_representative_is_dropped_and_signed_once(make_ctx):
+    ctx = make_ctx()
+    add_documents(ctx, [("cc/m", _words(300)), ("cc/n", _words(300, 1000))])
+    first = dedup.run(ctx)
+    assert first["signatures_computed"] == 2
+    # a smaller key, nearly the same text: the old representative must stay
+    add_documents(ctx, [("cc/a", _words(300).replace("word7 ", "seven ")), ("cc/q", _words(300, 9000))])
+    second = dedup.run(ctx)
+    assert second["signatures_computed"] == 2  # only the new documents were signed
+    assert ctx.tables.read(t.MINHASH).count() == 4
+    rows = {r["doc_key"]: r for r in ctx.tables.read(t.DEDUP).collect()}
+    assert rows["cc/m"]["is_representative"]
+    assert (rows["cc/a"]["reason"], rows["cc/a"]["cluster_id"]) == ("near", "cc/m")
+    assert rows["cc/q"]["is_representative"]
+
+
+def test_near_dedup_quality_on_planted_duplicates(make_ctx):
+    """Recall >= 0.95 on pairs with true Jaccard >= 0.85 (both in one cluster), precision >= 0.95 among
+    the reported (duplicate, representative) pairs, and agreement with datasketch's MinHashLSH."""
+    ctx = make_ctx()
+    docs = near_dup_corpus.build(DOLMA_SAMPLE, seed=7)
+    add_documents(ctx, docs)
+    dedup.run(ctx)
+    cluster_of = {r["doc_key"]: r["cluster_id"] for r in ctx.tables.read(t.DEDUP).collect()}
+    assert len(cluster_of) == len(docs)
+    clustered = near_dup_corpus.same_cluster_pairs(cluster_of)
+    reported = {tuple(sorted((k, c))) for k, c in cluster_of.items() if k != c}
+    truth = near_dup_corpus.true_jaccard(docs, ctx.cfg.dedup.ngram)
+
+    should = {p for p, j in truth.items() if j >= 0.85}
+    assert len(should) >= 20  # the corpus does plant such pairs
+    recall = len(should & clustered) / len(should)
+    precision = sum(truth[p] >= ctx.cfg.dedup.threshold for p in reported) / len(reported)
+    assert recall >= 0.95, recall
+    assert precision >= 0.95, precision
+
+    reference = _datasketch_pairs(docs, ctx.cfg.dedup, truth)
+    agreement = len(reference & clustered) / len(reference | clustered)
+    print(f"recall={recall:.3f} precision={precision:.3f} agreement={agreement:.3f} pairs={len(clustered)}")
+    assert agreement >= 0.9, agreement
+
+
+def _datasketch_pairs(docs, cfg, truth):
+    """Pairs datasketch's LSH proposes and the exact Jaccard confirms, closed transitively."""
+    from datasketch import MinHash, MinHashLSH
+
+    from backforth_spark.minhash import shingle_set
+    from backforth_spark.text import normalise
+
+    lsh = MinHashLSH(num_perm=cfg.bands * cfg.rows, params=(cfg.bands, cfg.rows))
+    hashes = {}
+    for key, text in docs:
+        m = MinHash(num_perm=cfg.bands * cfg.rows, seed=cfg.seed)
+        m.update_batch([str(s).encode() for s in shingle_set(normalise(text), cfg.ngram)])
+        lsh.insert(key, m)
+        hashes[key] = m
+    parent = {k: k for k, _ in docs}
+
+    def find(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    for key, m in hashes.items():
+        for other in lsh.query(m):
+            pair = tuple(sorted((key, other)))
+            if other != key and truth[pair] >= cfg.threshold:
+                ra, rb = sorted((find(key), find(other)))
+                parent[rb] = ra
+    groups = {}
+    for k in parent:
+        groups.setdefault(find(k), []).append(k)
+    return {tuple(sorted(p)) for g in groups.values() for p in combinations(g, 2)}

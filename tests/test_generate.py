@@ -85,12 +85,9 @@ def test_fingerprint_changes_with_template_model_and_upstream():
 
 
 def _add_passages(ctx, texts):
-    rows = [(f"p{i}", f"cc/{i}", 0, text, 5, "ok", False) for i, text in enumerate(texts)]
-    df = ctx.spark.createDataFrame(
-        rows,
-        "passage_id string, doc_key string, passage_index int, text string, n_tokens int, "
-        "status string, truncated boolean",
-    ).select("*", F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at"))
+    rows = [(f"p{i}", f"cc/{i}", 0, text, 5, "ok", False, None) for i, text in enumerate(texts)]
+    df = ctx.spark.createDataFrame(rows, t.without_lineage(t.PASSAGES_SCHEMA))
+    df = df.select("*", F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at"))
     ctx.tables.merge_insert_new(t.PASSAGES, df, ["passage_id"])
 
 

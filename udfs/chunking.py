@@ -5,22 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import pandas as pd
-from pyspark.sql import types as T
 
 from backforth_spark.chunk import chunk_document, passage_id
 from backforth_spark.config import ChunkConfig
+from backforth_spark.tables import PASSAGES_SCHEMA, without_lineage
 
-CHUNK_SCHEMA = T.StructType(
-    [
-        T.StructField("passage_id", T.StringType(), False),
-        T.StructField("doc_key", T.StringType(), False),
-        T.StructField("passage_index", T.IntegerType(), False),
-        T.StructField("text", T.StringType(), True),
-        T.StructField("n_tokens", T.IntegerType(), True),
-        T.StructField("status", T.StringType(), False),
-        T.StructField("truncated", T.BooleanType(), False),
-    ]
-)
+CHUNK_SCHEMA = without_lineage(PASSAGES_SCHEMA)
 
 
 class HFTokenCounter:
@@ -70,6 +60,7 @@ def chunk_documents(
                             "n_tokens": p.n_tokens,
                             "status": p.status,
                             "truncated": p.truncated,
+                            "quality_filter": p.quality_filter,
                         }
                     )
             out = pd.DataFrame(rows, columns=CHUNK_SCHEMA.fieldNames())

@@ -1,13 +1,69 @@
-"""Python-worker side of `dedup`: the normalised-text hash as a vectorised UDF."""
+"""Python-worker side of `dedup`: normalised-text hashes, MinHash signatures, pair similarities."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
+import numpy as np
 import pandas as pd
 from pyspark.sql.functions import pandas_udf
 
-from backforth_spark.text import norm_hash
+from backforth_spark import minhash
+from backforth_spark.config import DedupConfig
+from backforth_spark.tables import MINHASH_SCHEMA, without_lineage
+from backforth_spark.text import norm_hash, normalise
+
+SIGNATURE_SCHEMA = without_lineage(MINHASH_SCHEMA)
 
 
 @pandas_udf("string")
 def norm_hash_udf(text: pd.Series) -> pd.Series:
     return text.map(norm_hash)
+
+
+def signatures(cfg: DedupConfig) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas: (doc_key, text) -> (doc_key, signature, bands)."""
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        a, b = minhash.permutations(cfg.bands * cfg.rows, cfg.seed)
+        for batch in batches:
+            sigs = [
+                minhash.signature(minhash.shingle_hashes(normalise(t), cfg.ngram), a, b)
+                for t in batch["text"]
+            ]
+            yield pd.DataFrame(
+                {
+                    "doc_key": batch["doc_key"],
+                    "signature": [s.astype("<u4").tobytes() for s in sigs],
+                    "bands": [minhash.band_hashes(s, cfg.bands, cfg.rows) for s in sigs],
+                }
+            )
+
+    return run
+
+
+@pandas_udf("double")
+def estimated_jaccard_udf(sig_a: pd.Series, sig_b: pd.Series) -> pd.Series:
+    return pd.Series(
+        [
+            float(np.mean(np.frombuffer(x, dtype="<u4") == np.frombuffer(y, dtype="<u4")))
+            for x, y in zip(sig_a, sig_b, strict=True)
+        ]
+    )
+
+
+def exact_jaccard(ngram: int):
+    """A pandas UDF: exact Jaccard of two texts' shingle sets."""
+
+    @pandas_udf("double")
+    def run(text_a: pd.Series, text_b: pd.Series) -> pd.Series:
+        return pd.Series(
+            [
+                minhash.jaccard(
+                    minhash.shingle_set(normalise(x), ngram), minhash.shingle_set(normalise(y), ngram)
+                )
+                for x, y in zip(text_a, text_b, strict=True)
+            ]
+        )
+
+    return run
