@@ -45,7 +45,8 @@ def build_corpus(n_docs: int, out: Path, seed: int = 13) -> int:
         if len(s.split()) >= 4
     ]
     out.mkdir(parents=True)
-    handles = [gzip.open(out / f"part-{i:03d}.jsonl.gz", "wt", encoding="utf-8") for i in range(FILES)]
+    # one open gzip stream per output file, closed below
+    handles = [gzip.open(out / f"part-{i:03d}.jsonl.gz", "wt", encoding="utf-8") for i in range(FILES)]  # noqa: SIM115
     texts: list[str] = []
     planted = 0
     for i in range(n_docs):
@@ -124,9 +125,14 @@ def run_datatrove(input_dir: Path, workdir: Path) -> tuple[float, int]:
         [reader(), MinhashDedupSignature(sigs, config=cfg)], tasks=FILES, workers=2, logging_dir=f"{logs}/1"
     ).run()
     LocalPipelineExecutor(
-        [MinhashDedupBuckets(sigs, buckets, config=cfg)], tasks=cfg.num_buckets, workers=2, logging_dir=f"{logs}/2"
+        [MinhashDedupBuckets(sigs, buckets, config=cfg)],
+        tasks=cfg.num_buckets,
+        workers=2,
+        logging_dir=f"{logs}/2",
     ).run()
-    LocalPipelineExecutor([MinhashDedupCluster(buckets, clusters, config=cfg)], tasks=1, logging_dir=f"{logs}/3").run()
+    LocalPipelineExecutor(
+        [MinhashDedupCluster(buckets, clusters, config=cfg)], tasks=1, logging_dir=f"{logs}/3"
+    ).run()
     LocalPipelineExecutor(
         [reader(), MinhashDedupFilter(clusters), JsonlWriter(str(workdir / "out"))],
         tasks=FILES,
@@ -134,7 +140,10 @@ def run_datatrove(input_dir: Path, workdir: Path) -> tuple[float, int]:
         logging_dir=f"{logs}/4",
     ).run()
     seconds = time.perf_counter() - started
-    kept = sum(sum(1 for _ in gzip.open(f, "rt")) for f in (workdir / "out").glob("*.jsonl.gz"))
+    kept = 0
+    for f in (workdir / "out").glob("*.jsonl.gz"):
+        with gzip.open(f, "rt") as lines:
+            kept += sum(1 for _ in lines)
     return seconds, kept
 
 
@@ -152,9 +161,11 @@ def main() -> None:
 
     ours_s, peak, summary = run_ours(root / "input", root / "ours")
     d = summary["stages"]["dedup"]
-    print(f"ours:      {ours_s:8.1f} s  {args.docs / ours_s:7.1f} docs/s  peak driver {peak:.0f} MiB  "
-          f"exact={d['exact_duplicates']} near={d['near_duplicates']} kept={d['rows_out']} "
-          f"passages={summary['stages']['chunk']['rows_out']}")
+    print(
+        f"ours:      {ours_s:8.1f} s  {args.docs / ours_s:7.1f} docs/s  peak driver {peak:.0f} MiB  "
+        f"exact={d['exact_duplicates']} near={d['near_duplicates']} kept={d['rows_out']} "
+        f"passages={summary['stages']['chunk']['rows_out']}"
+    )
     dt_s = float("nan")
     if not args.skip_datatrove:
         dt_s, kept = run_datatrove(root / "input", root / "datatrove")
