@@ -36,7 +36,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         .select("doc_key", "url", norm_hash_udf("text").alias("norm_hash"))
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
-    counts: dict[str, Any] = {"rows_in": new.count()}
+    counts: dict[str, Any] = {}
 
     # 1. exact: an old representative with the same hash wins, else the smallest new key
     known = old_reps.groupBy("norm_hash").agg(F.min("doc_key").alias("known"))
@@ -93,6 +93,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.tables.merge_insert_new(t.DEDUP, staged, ["doc_key"])
     by_reason = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
     new.unpersist()
+    # every new document gets exactly one decision, so the decisions count the input too
+    counts["rows_in"] = sum(by_reason.values())
     counts["rows_out"] = by_reason.get(REPRESENTATIVE, 0)
     for reason in (EXACT, URL, NEAR):
         counts[f"{reason}_duplicates"] = by_reason.get(reason, 0)

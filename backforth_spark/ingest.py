@@ -145,10 +145,6 @@ def parse_file(path: str, data: bytes, cfg: IngestConfig) -> Iterator[ParsedLine
         )
 
 
-def doc_key(source: str, doc_id: str) -> str:
-    return f"{source}/{doc_id}"
-
-
 # ---- Spark glue ---------------------------------------------------------------------------------
 
 

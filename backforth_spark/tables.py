@@ -184,38 +184,27 @@ class Tables:
             empty = self.spark.createDataFrame([], SCHEMAS[name])
             empty.write.format("delta").mode("ignore").save(self.location(name))
 
-    def version(self, name: str) -> int | None:
-        if not self.exists(name):
-            return None
-        from delta.tables import DeltaTable
-
-        return DeltaTable.forPath(self.spark, self.location(name)).history(1).collect()[0]["version"]
-
     def stage(self, name: str, df: DataFrame) -> DataFrame:
         """Materialise `df` in a staging Delta table (overwritten each time) and read it back."""
         path = str(self.root / "_staging" / name)
         df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(path)
         return self.spark.read.format("delta").load(path)
 
-    def merge_insert_new(self, name: str, df: DataFrame, keys: list[str]) -> None:
-        """Insert rows whose key is not in the table yet (idempotent append)."""
+    def _merge(self, name: str, df: DataFrame, keys: list[str]):
         from delta.tables import DeltaTable
 
         self.ensure(name)
         cond = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        target = DeltaTable.forPath(self.spark, self.location(name))
-        target.alias("t").merge(df.alias("s"), cond).whenNotMatchedInsertAll().execute()
+        return DeltaTable.forPath(self.spark, self.location(name)).alias("t").merge(df.alias("s"), cond)
+
+    def merge_insert_new(self, name: str, df: DataFrame, keys: list[str]) -> None:
+        """Insert rows whose key is not in the table yet (idempotent append)."""
+        self._merge(name, df, keys).whenNotMatchedInsertAll().execute()
 
     def merge_upsert_unless_ok(self, name: str, df: DataFrame, keys: list[str]) -> None:
         """Insert new keys; replace an existing row only if it is not `ok` (a retry)."""
-        from delta.tables import DeltaTable
-
-        self.ensure(name)
-        cond = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        target = DeltaTable.forPath(self.spark, self.location(name))
         (
-            target.alias("t")
-            .merge(df.alias("s"), cond)
+            self._merge(name, df, keys)
             .whenMatchedUpdateAll(condition="t.status <> 'ok'")
             .whenNotMatchedInsertAll()
             .execute()
