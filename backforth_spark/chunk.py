@@ -1,13 +1,16 @@
 """Stage `chunk`: representative documents -> `passages` that fit the model's context.
 
-Lengths are measured in the generation model's tokens. Text is split at paragraph boundaries
-(blank lines, then single lines, then sentences); only a single sentence longer than the limit is
-cut inside. Every document yields at least one row, with a status saying whether it is usable.
+Lengths are measured in the generation model's tokens. Each document is tokenised once; the character
+offsets of its tokens then give the token count of any slice of it, so splitting costs no further
+tokenisation. Text is split at paragraph boundaries (blank lines, then single lines, then sentences);
+only a single sentence longer than the limit is cut inside, between tokens. A passage is a verbatim
+slice of its document. Every document yields at least one row, with a status saying whether it is usable.
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,16 +25,41 @@ TOO_LONG = "too_long"  # dropped by the `drop` policy
 OVER_LIMIT = "over_limit"  # beyond max_passages_per_doc
 LOW_QUALITY = "low_quality"  # failed a quality filter, named in `quality_filter`
 
-_BLANK_LINES = re.compile(r"\n\s*\n")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# Boundaries tried in order, coarsest first: blank lines, line breaks, sentence ends.
+_LEVELS = (re.compile(r"\n\s*\n"), re.compile(r"\n"), re.compile(r"(?<=[.!?])\s+"))
 
 
-class TokenCounter(Protocol):
-    def count(self, texts: Sequence[str]) -> list[int]: ...
+class Tokenizer(Protocol):
+    # How many more tokens a slice can have when tokenised alone than the document's tokens that fall in
+    # it, at each edge (BPE merges a leading space differently); split passages keep this much headroom.
+    edge_tokens: int
 
-    def windows(self, text: str, size: int) -> list[str]:
-        """`text` cut into consecutive pieces of at most `size` tokens."""
+    def token_spans(self, text: str) -> Sequence[tuple[int, int]]:
+        """(start, end) character offsets of each token of `text`, in order."""
         ...
+
+
+class _Tokens:
+    """Token counts of slices of one document, from its token offsets."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
+        self.starts = [s for s, _ in spans]
+        self.ends = [e for _, e in spans]
+
+    def count(self, a: int, b: int) -> int:
+        """Tokens overlapping the characters [a, b)."""
+        return max(0, bisect_left(self.starts, b) - bisect_right(self.ends, a))
+
+    def windows(self, a: int, b: int, size: int) -> list[tuple[int, int]]:
+        """[a, b) cut between tokens into consecutive slices of at most `size` tokens."""
+        first, last = bisect_right(self.ends, a), bisect_left(self.starts, b)
+        out = []
+        for i in range(first, last, size):
+            lo = max(a, self.starts[i])
+            hi = min(b, self.ends[min(i + size, last) - 1])
+            if hi > lo:
+                out.append((lo, hi))
+        return out
 
 
 @dataclass(frozen=True)
@@ -44,63 +72,59 @@ class Passage:
     quality_filter: str | None = None
 
 
-def _units(text: str, counter: TokenCounter, max_tokens: int) -> list[tuple[str, int, str]]:
-    """Split into (piece, tokens, joiner) units each within max_tokens, coarsest boundary first."""
-    levels = [(_BLANK_LINES, "\n\n"), (re.compile(r"\n"), "\n"), (_SENTENCE_END, " ")]
+def _strip(text: str, a: int, b: int) -> tuple[int, int]:
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
 
-    def split(piece: str, level: int) -> list[tuple[str, str]]:
-        if level == len(levels):
-            return [(w, " ") for w in counter.windows(piece, max_tokens)]
-        pattern, joiner = levels[level]
-        parts = [p.strip() for p in pattern.split(piece) if p.strip()]
+
+def _units(text: str, tokens: _Tokens, limit: int) -> list[tuple[int, int, int]]:
+    """Split the text into (start, end, tokens) units each within `limit`, coarsest boundary first."""
+
+    def split(a: int, b: int, level: int) -> list[tuple[int, int, int]]:
+        if level == len(_LEVELS):
+            return [(lo, hi, tokens.count(lo, hi)) for lo, hi in tokens.windows(a, b, limit)]
+        cuts = [(m.start(), m.end()) for m in _LEVELS[level].finditer(text, a, b)]
+        bounds = [a, *(x for cut in cuts for x in cut), b]
+        parts = [_strip(text, lo, hi) for lo, hi in zip(bounds[::2], bounds[1::2], strict=True)]
+        parts = [(lo, hi) for lo, hi in parts if hi > lo]
         if len(parts) <= 1:
-            return split(piece, level + 1)
-        out: list[tuple[str, str]] = []
-        for part, n in zip(parts, counter.count(parts), strict=True):
-            out.extend([(part, joiner)] if n <= max_tokens else split(part, level + 1))
+            return split(a, b, level + 1)
+        out: list[tuple[int, int, int]] = []
+        for lo, hi in parts:
+            n = tokens.count(lo, hi)
+            out.extend([(lo, hi, n)] if n <= limit else split(lo, hi, level + 1))
         return out
 
-    pieces = split(text.strip(), 0)
-    counts = counter.count([p for p, _ in pieces])
-    return [(p, n, j) for (p, j), n in zip(pieces, counts, strict=True)]
+    return split(*_strip(text, 0, len(text)), 0)
 
 
-def _pack(units: list[tuple[str, int, str]], max_tokens: int, overlap: int = 0) -> list[str]:
-    """Greedily join consecutive units while the estimated length stays within max_tokens. With
+Unit = tuple[int, int, int]  # start, end, tokens
+
+
+def _pack(units: list[Unit], tokens: _Tokens, limit: int, overlap: int = 0) -> list[tuple[int, int]]:
+    """Greedily extend a passage over consecutive units while it stays within `limit` tokens. With
     `overlap`, a passage starts with the last units of the previous one, up to that many tokens."""
-    passages: list[str] = []
-    current: list[tuple[str, int, str]] = []
-    size = 0
+    passages: list[tuple[int, int]] = []
+    current: list[Unit] = []
     for unit in units:
-        n = unit[1]
-        # a joiner costs at most one token
-        if current and size + 1 + n <= max_tokens:
+        if current and tokens.count(current[0][0], unit[1]) <= limit:
             current.append(unit)
-            size += 1 + n
             continue
         if current:
-            passages.append(_join(current))
-        carried: list[tuple[str, int, str]] = []
-        carried_size = 0
+            passages.append((current[0][0], current[-1][1]))
+        carried: list[Unit] = []
         for prev in reversed(current if overlap else []):
-            if carried_size + prev[1] + 1 > overlap:
+            if tokens.count(prev[0], current[-1][1]) > overlap:
                 break
             carried.insert(0, prev)
-            carried_size += prev[1] + 1
-        if carried and carried_size + n <= max_tokens:
-            current, size = [*carried, unit], carried_size + n
-        else:
-            current, size = [unit], n
+        fits = carried and tokens.count(carried[0][0], unit[1]) <= limit
+        current = [*carried, unit] if fits else [unit]
     if current:
-        passages.append(_join(current))
+        passages.append((current[0][0], current[-1][1]))
     return passages
-
-
-def _join(units: list[tuple[str, int, str]]) -> str:
-    text = units[0][0]
-    for piece, _, joiner in units[1:]:
-        text += joiner + piece
-    return text
 
 
 _SYMBOL = re.compile(r"[^\w\s]")
@@ -140,21 +164,24 @@ def quality_issue(text: str, cfg: ChunkConfig) -> str | None:
     return None
 
 
-def chunk_document(text: str, counter: TokenCounter, cfg: ChunkConfig) -> list[Passage]:
-    """Split one document into passages according to `cfg`; never returns an empty list."""
-    total = counter.count([text])[0]
+def chunk_document(text: str, tokenizer: Tokenizer, cfg: ChunkConfig) -> list[Passage]:
+    """Split one document into passages according to `cfg`; never returns an empty list.
+    `n_tokens` counts the document's own tokens that fall in the passage."""
+    tokens = _Tokens(tokenizer.token_spans(text))
+    total = len(tokens.starts)
     if total <= cfg.max_tokens:
-        pieces, truncated = [text.strip()], False
+        spans, truncated = [_strip(text, 0, len(text))], False
     elif cfg.too_long == "drop":
         return [Passage(0, None, total, TOO_LONG)]
     else:
-        pieces = _pack(_units(text, counter, cfg.max_tokens), cfg.max_tokens, cfg.overlap_tokens)
+        limit = max(1, cfg.max_tokens - 2 * tokenizer.edge_tokens)
+        spans = _pack(_units(text, tokens, limit), tokens, limit, cfg.overlap_tokens)
         truncated = cfg.too_long == "truncate"
         if truncated:
-            pieces = pieces[:1]
-    counts = counter.count(pieces)
+            spans = spans[:1]
     out: list[Passage] = []
-    for i, (piece, n) in enumerate(zip(pieces, counts, strict=True)):
+    for i, (a, b) in enumerate(spans):
+        piece, n = text[a:b], tokens.count(a, b)
         if cfg.max_passages_per_doc is not None and i >= cfg.max_passages_per_doc:
             out.append(Passage(i, None, n, OVER_LIMIT))
         elif n < cfg.min_tokens:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -28,6 +28,14 @@ class SparkConfig(_Strict):
     # Local/standalone runs fetch the Delta jars through Spark's resolver; on Databricks set false.
     configure_delta: bool = True
     conf: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _conf_values_as_text(cls, conf: Any) -> Any:
+        # Spark takes every value as a string; YAML reads 64 or true as a number or a bool
+        if isinstance(conf, dict):
+            return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in conf.items()}
+        return conf
 
 
 class IngestConfig(_Strict):
@@ -180,6 +188,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {item!r} has an empty key segment")
+    if parts[:2] == ["spark", "conf"] and len(parts) > 3:
+        # Spark's own keys contain dots: spark.conf.spark.executor.memory sets "spark.executor.memory"
+        parts = [*parts[:2], ".".join(parts[2:])]
     return parts, yaml.safe_load(raw) if raw.strip() else ""
 
 

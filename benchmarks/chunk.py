@@ -16,7 +16,7 @@ from pathlib import Path
 from backforth_spark.chunk import chunk_document
 from backforth_spark.config import load_config
 from backforth_spark.model import resolve_model
-from udfs.chunking import HFTokenCounter
+from udfs.chunking import HFTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,10 +34,10 @@ def main() -> None:
         for line in f.read_text().splitlines()
     ]
     docs = [texts[i % len(texts)] for i in range(args.docs)]
-    counter = HFTokenCounter(resolve_model(cfg.llm))
+    tokenizer = HFTokenizer(resolve_model(cfg.llm))
 
     started = time.perf_counter()
-    passages = [p for d in docs for p in chunk_document(d, counter, cfg.chunk)]
+    passages = [p for d in docs for p in chunk_document(d, tokenizer, cfg.chunk)]
     seconds = time.perf_counter() - started
     tokens = sum(p.n_tokens or 0 for p in passages)
     print(f"{len(docs)} documents, {len(passages)} passages, {tokens} tokens in {seconds:.2f} s")

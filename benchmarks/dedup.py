@@ -8,8 +8,11 @@ near-duplicates: copies with 2% of their words edited), then times
              exact-Jaccard verification, chunking with the model tokenizer), tracking off;
   datatrove: MinhashDedupSignature -> Buckets -> Cluster -> Filter, 14 buckets x 8 hashes, 5-grams,
              2 local workers.
-Prints both wall times, the ratio ours/datatrove, documents per second and the peak resident memory of
-our driver (the CLI's Python process plus Spark's JVM; Python workers excluded). Last line:
+Ours runs on a Spark standalone cluster started on this machine (one worker, 2 cores), so the driver is
+a process of its own, as on a real cluster; `--local` runs it in local[2] instead, where one JVM is both
+driver and executor. Prints both wall times, the ratio ours/datatrove, documents per second, the peak
+resident memory of our driver (the CLI's Python process plus its JVM) and, for reference, of the
+executor side (the worker, its executor JVM and Python workers). Last line:
 RESULT n_docs=... ours_s=... datatrove_s=... ratio=... peak_driver_mib=...
 """
 
@@ -23,17 +26,21 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "dolma-sample"
+sys.path.insert(0, str(REPO))
+
+from backforth_spark.standalone import standalone_cluster  # noqa: E402
+
 DUP_SHARE = 0.1
 FILES = 16
 
 
 def build_corpus(n_docs: int, out: Path, seed: int = 13) -> int:
     """Write n_docs Dolma documents into FILES gzip files; returns how many are planted near-copies."""
-    sys.path.insert(0, str(REPO))
     from tests.near_dup_corpus import edit_words
 
     rng = random.Random(seed)
@@ -68,23 +75,33 @@ def build_corpus(n_docs: int, out: Path, seed: int = 13) -> int:
     return planted
 
 
-def _peak_rss_mib(proc: subprocess.Popen, poll_s: float = 0.25) -> tuple[int, float]:
-    """Wait for proc; return its exit code and the peak RSS of it plus its JVM child, in MiB."""
+def _rss(pid: int, java_children_only: bool) -> int:
     import psutil
 
-    parent = psutil.Process(proc.pid)
-    peak = 0
+    try:
+        root = psutil.Process(pid)
+        kids = root.children(recursive=True)
+        procs = [root, *(c for c in kids if "java" in c.name() or not java_children_only)]
+        return sum(p.memory_info().rss for p in procs)
+    except psutil.Error:
+        return 0
+
+
+def _watch(
+    proc: subprocess.Popen, executor_pid: int | None, poll_s: float = 0.25
+) -> tuple[int, float, float]:
+    """Wait for proc; return its exit code, the peak RSS of the driver (proc plus its JVM child; in
+    local mode that JVM is the executor too) and of the executor side (executor_pid's tree), in MiB."""
+    driver = executors = 0
     while proc.poll() is None:
-        try:
-            procs = [parent, *[c for c in parent.children(recursive=True) if "java" in c.name()]]
-            peak = max(peak, sum(p.memory_info().rss for p in procs))
-        except psutil.Error:
-            pass
+        driver = max(driver, _rss(proc.pid, java_children_only=True))
+        if executor_pid is not None:
+            executors = max(executors, _rss(executor_pid, java_children_only=False))
         time.sleep(poll_s)
-    return proc.returncode, peak / 2**20
+    return proc.returncode, driver / 2**20, executors / 2**20
 
 
-def run_ours(input_dir: Path, workdir: Path) -> tuple[float, float, dict]:
+def run_ours(input_dir: Path, workdir: Path, local: bool) -> tuple[float, float, float, dict]:
     summary = workdir / "summary.json"
     cmd = [
         sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
@@ -92,13 +109,23 @@ def run_ours(input_dir: Path, workdir: Path) -> tuple[float, float, dict]:
         "--set", "tracking.enabled=false", "--set", "chunk.max_passages_per_doc=null",
         "--summary-json", str(summary),
     ]  # fmt: skip
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    code, peak = _peak_rss_mib(proc)
-    seconds = time.perf_counter() - started
+    with ExitStack() as stack:
+        executor_pid = None
+        if not local:
+            cluster = stack.enter_context(standalone_cluster(workdir / "cluster", cores=2, memory="6g"))
+            executor_pid = cluster.worker_pid
+            cmd += [
+                "--set", f"spark.master={cluster.master_url}",
+                "--set", "spark.conf.spark.driver.memory=1g",
+                "--set", "spark.conf.spark.executor.memory=5g",
+            ]  # fmt: skip
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        code, driver, executors = _watch(proc, executor_pid)
+        seconds = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"our pipeline failed with exit code {code}")
-    return seconds, peak, json.loads(summary.read_text())
+    return seconds, driver, executors, json.loads(summary.read_text())
 
 
 def run_datatrove(input_dir: Path, workdir: Path) -> tuple[float, int]:
@@ -152,6 +179,9 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=25_000)
     parser.add_argument("--workdir", default="/tmp/backforth-bench-dedup")
     parser.add_argument("--skip-datatrove", action="store_true")
+    parser.add_argument(
+        "--local", action="store_true", help="run ours in local[2], not on a standalone cluster"
+    )
     args = parser.parse_args()
 
     root = Path(args.workdir)
@@ -159,12 +189,17 @@ def main() -> None:
     planted = build_corpus(args.docs, root / "input")
     print(f"corpus: {args.docs} documents, {planted} planted near-copies, in {root / 'input'}")
 
-    ours_s, peak, summary = run_ours(root / "input", root / "ours")
-    d = summary["stages"]["dedup"]
+    ours_s, peak, executors, summary = run_ours(root / "input", root / "ours", args.local)
+    stages = summary["stages"]
+    d = stages["dedup"]
     print(
         f"ours:      {ours_s:8.1f} s  {args.docs / ours_s:7.1f} docs/s  peak driver {peak:.0f} MiB  "
-        f"exact={d['exact_duplicates']} near={d['near_duplicates']} kept={d['rows_out']} "
-        f"passages={summary['stages']['chunk']['rows_out']}"
+        f"peak executor side {executors:.0f} MiB  ({'local[2]' if args.local else 'standalone, 2 cores'})"
+    )
+    print(
+        f"           ingest {stages['ingest']['wall_s']} s, dedup {d['wall_s']} s, chunk "
+        f"{stages['chunk']['wall_s']} s; exact={d['exact_duplicates']} near={d['near_duplicates']} "
+        f"kept={d['rows_out']} passages={stages['chunk']['rows_out']}"
     )
     dt_s = float("nan")
     if not args.skip_datatrove:

@@ -43,3 +43,12 @@ def test_flat_params_use_dotted_keys():
     flat = load_config(LOCAL_CONF).flat()
     assert flat["chunk.max_tokens"] == 512
     assert flat["llm.rewrite.template"] == "rewrite_v1"
+
+
+def test_spark_conf_override_keeps_the_dotted_spark_key():
+    cfg = load_config(
+        LOCAL_CONF, ["spark.conf.spark.executor.memory=8g", "spark.conf.spark.sql.shuffle.partitions=64"]
+    )
+    assert cfg.spark.conf["spark.executor.memory"] == "8g"
+    assert cfg.spark.conf["spark.sql.shuffle.partitions"] == "64"
+    assert cfg.spark.conf["spark.ui.enabled"] == "false"  # the file's other keys stay

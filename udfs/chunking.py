@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import pandas as pd
 
@@ -13,44 +13,47 @@ from backforth_spark.tables import PASSAGES_SCHEMA, without_lineage
 CHUNK_SCHEMA = without_lineage(PASSAGES_SCHEMA)
 
 
-class HFTokenCounter:
-    """Counts tokens with a Hugging Face tokenizer (the generation model's own)."""
+class HFTokenizer:
+    """Token offsets from a Hugging Face fast tokenizer (the generation model's own)."""
+
+    edge_tokens = 1
 
     def __init__(self, model: str) -> None:
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(model)
+        tok = AutoTokenizer.from_pretrained(model)
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"chunking needs a fast (Rust) tokenizer with offsets; {model} has none")
+        # the Rust tokenizer directly: transformers' per-call wrapping costs more than the encoding
+        self.backend = tok.backend_tokenizer
 
-    def count(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        ids = self.tok(list(texts), add_special_tokens=False)["input_ids"]
-        return [len(x) for x in ids]
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        return self.backend.encode(text, add_special_tokens=False).offsets
 
-    def windows(self, text: str, size: int) -> list[str]:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return [self.tok.decode(ids[i : i + size]) for i in range(0, len(ids), size)]
+    def count(self, text: str) -> int:
+        """Tokens of `text` encoded on its own."""
+        return len(self.backend.encode(text, add_special_tokens=False).ids)
 
 
 # One tokenizer per Python worker, reused across tasks (Spark reuses workers).
-_COUNTERS: dict[str, HFTokenCounter] = {}
+_TOKENIZERS: dict[str, HFTokenizer] = {}
 
 
-def _counter(model: str) -> HFTokenCounter:
-    if model not in _COUNTERS:
-        _COUNTERS[model] = HFTokenCounter(model)
-    return _COUNTERS[model]
+def _tokenizer(model: str) -> HFTokenizer:
+    if model not in _TOKENIZERS:
+        _TOKENIZERS[model] = HFTokenizer(model)
+    return _TOKENIZERS[model]
 
 
 def chunk_documents(
     model: str, cfg: ChunkConfig
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        counter = _counter(model)
+        tokenizer = _tokenizer(model)
         for batch in batches:
             rows = []
             for key, text in zip(batch["doc_key"], batch["text"], strict=True):
-                for p in chunk_document(text, counter, cfg):
+                for p in chunk_document(text, tokenizer, cfg):
                     rows.append(
                         {
                             "passage_id": passage_id(key, p.index),
