@@ -5,7 +5,7 @@ WORKDIR ?= .backforth
 
 N ?= 25000
 
-.PHONY: setup demo test test-fast lint format bench-chunk bench-dedup clean
+.PHONY: setup demo test test-fast lint format bench-chunk bench-dedup bench-llm clean
 
 setup:
 	bash scripts/setup.sh
@@ -30,6 +30,9 @@ bench-chunk: setup
 	$(PY) benchmarks/chunk.py
 
 # datatrove (the peer) and psutil live in the `bench` dependency group, outside the library
+bench-llm: setup
+	$(PY) benchmarks/llm_stage.py --prompts $(or $(N),256)
+
 bench-dedup: setup
 	.tools/venv/bin/uv sync --frozen --extra cpu --extra convert --group bench --quiet
 	$(PY) benchmarks/dedup.py --docs $(N)

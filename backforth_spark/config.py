@@ -39,6 +39,8 @@ class SparkConfig(_Strict):
 
 
 class IngestConfig(_Strict):
+    # Where `backforth refresh` (a scheduled job) looks for Dolma files when no --input is given.
+    inputs: list[str] = Field(default_factory=list)
     # Dolma files: .json/.jsonl, optionally .gz or .zst
     file_glob: str = "*.{json,jsonl,json.gz,jsonl.gz,json.zst,jsonl.zst}"
     default_source: str = "unknown"
@@ -84,8 +86,29 @@ class SamplingConfig(_Strict):
 class StageConfig(_Strict):
     template: str
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    # constrain the output with vLLM structured outputs (regex); engines without it parse free text
-    structured: bool = True
+    # Structured outputs: "regex" (the template's structured_regex), "json" (score only: a JSON object
+    # with a reason and an integer 1..5) or "choice" (score only: one of "1".."5"); "none" parses free
+    # text. An engine that cannot constrain decoding sends the prompt as is and the parser decides.
+    structured: Literal["none", "regex", "json", "choice"] = "regex"
+
+
+class OpenAIConfig(_Strict):
+    """An OpenAI-compatible chat-completions server (`vllm serve`, Databricks Model Serving, ...)."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="up to and including /v1")
+    # The key is read from this environment variable, or from a Databricks secret (scope/key) when
+    # set; it is never logged, tracked or stored.
+    api_key_env: str | None = "OPENAI_API_KEY"
+    databricks_secret_scope: str | None = None
+    databricks_secret_key: str | None = None
+    served_model: str | None = Field(None, description="the server's model name; None: llm.model")
+    concurrency: int = Field(8, ge=1, description="requests in flight per Spark task")
+    timeout_s: float = Field(300.0, gt=0)
+    max_retries: int = Field(4, ge=0, description="per request, on 429, 5xx and connection errors")
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
+    # vLLM's server also takes regex/choice constraints (`structured_outputs`); other servers get
+    # only the standard JSON-schema response_format
+    vllm_extensions: bool = True
 
 
 class LLMConfig(_Strict):
@@ -97,32 +120,69 @@ class LLMConfig(_Strict):
     dtype: str = "auto"
     max_model_len: int = Field(2048, gt=0)
     enforce_eager: bool = False
+    engine: Literal["vllm", "openai"] = Field("vllm", description="in-process vLLM or an HTTP server")
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
+    max_num_seqs: int | None = Field(None, gt=0, description="vLLM's concurrent sequences; None: its default")
+    enable_prefix_caching: bool | None = Field(None, description="None: vLLM's default")
+    # n-gram speculative decoding (prompt lookup): helps the rewrite stage, whose output copies its prompt
+    speculative_ngram_tokens: int | None = Field(None, gt=0, description="draft tokens per step; None: off")
+    speculative_ngram_lookup_max: int = Field(4, gt=0)
+    # Stage-level scheduling on a cluster master: each LLM task asks for these; local mode ignores them.
+    gpus_per_task: float = Field(1.0, ge=0, description="0: no GPU request (CPU-only cluster)")
+    cpus_per_task: int = Field(1, ge=1)
+    partitions_per_slot: int = Field(2, ge=1, description="LLM input partitions per concurrent task slot")
     cpu_kvcache_gib: int = Field(1, ge=1, description="vLLM CPU build only: KV cache size")
     num_partitions: int | None = Field(
-        None, gt=0, description="LLM input partitions; None: default parallelism"
+        None, gt=0, description="LLM input partitions; None: task slots x partitions_per_slot"
+    )
+    commit_rows: int | None = Field(
+        None, gt=0, description="MERGE results every this many prompts (bounds work lost to a crash)"
     )
     batch_size: int = Field(512, gt=0, description="prompts handed to the engine per call")
     max_attempts: int = Field(3, ge=1)
     backtranslate: StageConfig = Field(
         default_factory=lambda: StageConfig(
             template="backtranslate_v1",
-            structured=False,
+            structured="none",
             sampling=SamplingConfig(temperature=1.0, top_p=0.9, max_tokens=128),
         )
     )
     score: StageConfig = Field(
-        default_factory=lambda: StageConfig(template="score_v1", sampling=SamplingConfig(max_tokens=160))
+        default_factory=lambda: StageConfig(
+            template="score_v1", structured="json", sampling=SamplingConfig(max_tokens=160)
+        )
     )
     rewrite: StageConfig = Field(
         default_factory=lambda: StageConfig(template="rewrite_v1", sampling=SamplingConfig(max_tokens=512))
+    )
+    ground: StageConfig = Field(
+        default_factory=lambda: StageConfig(
+            template="ground_v1", structured="json", sampling=SamplingConfig(max_tokens=160)
+        )
+    )
+    distill: StageConfig = Field(
+        default_factory=lambda: StageConfig(
+            template="distill_v1", structured="none", sampling=SamplingConfig(max_tokens=512)
+        )
     )
 
 
 class CurateConfig(_Strict):
     # The paper keeps only score-5 pairs.
     min_score: int = Field(5, ge=1, le=5)
+    # Checks on the rewritten response before export; each counts what it removed.
+    min_response_words: int = Field(5, ge=0, description="shorter responses are dropped")
+    max_instruction_overlap: float = Field(
+        0.8, gt=0, le=1, description="drop a response whose words are mostly the instruction's"
+    )
+    # Optional second judge pass (stage `ground`): keep only rewrites faithful to their passage.
+    grounding: bool = False
+    min_grounding: int = Field(4, ge=1, le=5)
+    # Optional baseline (stage `distill`): answer each kept instruction without its passage and export
+    # those pairs too, to compare rewriting with plain distillation as the paper did.
+    distillation_baseline: bool = False
 
 
 class ExportConfig(_Strict):
@@ -149,6 +209,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _passages_fit_context(self) -> Config:
+        for stage in ("backtranslate", "rewrite", "distill"):
+            if getattr(self.llm, stage).structured in ("json", "choice"):
+                raise ValueError(f"llm.{stage}.structured: json and choice are for the score stage only")
         if self.chunk.overlap_tokens >= self.chunk.max_tokens:
             raise ValueError("chunk.overlap_tokens must be smaller than chunk.max_tokens")
         # A passage alone must leave room for the longest stage output in the model's context.
@@ -167,6 +230,14 @@ class Config(_Strict):
     def flat(self) -> dict[str, Any]:
         """The resolved config as dotted keys, for MLflow params."""
         return _flatten(self.model_dump())
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -210,13 +281,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the schema defaults when path is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
+    """Load a YAML config over the schema defaults and apply dotted overrides. A section given in part
+    (e.g. only `llm.score.sampling`) keeps the defaults of the keys it leaves out."""
+    data: dict[str, Any] = Config().model_dump()
     if path is not None:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+        _deep_update(data, loaded)
     data = apply_overrides(data, overrides or [])
     try:
         return Config.model_validate(data)

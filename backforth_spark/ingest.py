@@ -188,9 +188,8 @@ def run(ctx, inputs: list[str]) -> dict[str, int]:
         )
         counts = {r["kind"]: r["n"] for r in parsed.groupBy("kind").agg(F.count("*").alias("n")).collect()}
         n_docs_parsed, n_quarantined = counts.get("doc", 0), counts.get("quarantine", 0)
-        before = ctx.tables.read(t.DOCUMENTS).count() if ctx.tables.exists(t.DOCUMENTS) else 0
-        ctx.tables.merge_insert_new(t.DOCUMENTS, docs, ["doc_key"])
-        new_docs = ctx.tables.read(t.DOCUMENTS).count() - before
+        # the MERGE's own count: right even when a concurrent run inserts into the table too
+        new_docs = ctx.tables.merge_insert_new(t.DOCUMENTS, docs, ["doc_key"])
         ctx.tables.merge_insert_new(t.QUARANTINE, quarantine, ["input_file", "line_number"])
     finally:
         parsed.unpersist()

@@ -18,7 +18,7 @@ from backforth_spark.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-STAGES = ("ingest", "dedup", "chunk", "backtranslate", "score", "rewrite", "export")
+STAGES = ("ingest", "dedup", "chunk", "backtranslate", "score", "rewrite", "ground", "distill", "export")
 
 
 def _stage_runner(stage: str, inputs: list[str]) -> Callable[[StageContext], dict[str, Any]]:
@@ -29,10 +29,15 @@ def _stage_runner(stage: str, inputs: list[str]) -> Callable[[StageContext], dic
     return {"dedup": dedup.run, "chunk": chunk.run, "export": export.run}[stage]
 
 
-def parse_stages(spec: str | None) -> list[str]:
-    """`a,b` -> validated stage names in pipeline order; None -> all stages."""
+def parse_stages(spec: str | None, cfg: Config | None = None) -> list[str]:
+    """`a,b` -> validated stage names in pipeline order; None -> every stage the config enables
+    (`ground` with curate.grounding, `distill` with curate.distillation_baseline)."""
     if not spec:
-        return list(STAGES)
+        optional = {
+            "ground": cfg and cfg.curate.grounding,
+            "distill": cfg and cfg.curate.distillation_baseline,
+        }
+        return [s for s in STAGES if optional.get(s, True)]
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
@@ -56,7 +61,7 @@ def run_pipeline(
         raise ValueError("the ingest stage needs --input (Dolma files, folders or globs)")
     run_id = new_run_id()
     spark = get_spark(cfg.spark)
-    tables = t.Tables(spark, cfg.workdir_path / "tables")
+    tables = t.Tables(spark, cfg.workdir_path / "tables", run_id)
     ctx = StageContext(spark, cfg, tables, run_id)
     tracker = Tracker(cfg)
     tracker.start(run_id, {**cfg.flat(), "stages": ",".join(stages), "inputs": ",".join(inputs)})
@@ -81,12 +86,17 @@ def run_pipeline(
             if stage == "export":
                 summary["export"] = {"path": counts["path"], "pairs": counts["rows_out"]}
                 tracker.artifact(counts["path"], "export")
+                if "baseline_path" in counts:
+                    baseline = {"path": counts["baseline_path"], "pairs": counts["baseline_pairs"]}
+                    summary["export"]["baseline"] = baseline
+                    tracker.artifact(counts["baseline_path"], "export")
         ok = True
         summary["failed_stage"] = None
     except Exception as exc:
         log.exception("stage %s failed", summary["failed_stage"])
         summary["error"] = f"{type(exc).__name__}: {exc}"
     finally:
+        tables.drop_staging()
         tracker.end(ok)
         summary["tracking_error"] = tracker.error
     return summary
@@ -95,3 +105,33 @@ def run_pipeline(
 def _format_counts(stage: str, counts: dict[str, Any]) -> str:
     rest = " ".join(f"{k}={v}" for k, v in counts.items() if k not in ("rows_in", "rows_out"))
     return f"{stage:<14} in={counts.get('rows_in')} out={counts.get('rows_out')} {rest}"
+
+
+def plan(cfg: Config, inputs: list[str], stages: list[str]) -> dict[str, Any]:
+    """What `run` would do, without doing it: the stages, the input files (ingest), and per LLM stage
+    how many rows it owes now (upstream stages in this run may add more)."""
+    from pyspark.sql import functions as F
+
+    from backforth_spark.status import status
+
+    spark = get_spark(cfg.spark)
+    tables = t.Tables(spark, cfg.workdir_path / "tables")
+    out: dict[str, Any] = {"stages": stages, "workdir": str(cfg.workdir_path), "input_files": None}
+    if "ingest" in stages:
+        if not inputs:
+            raise ValueError("the ingest stage needs --input (Dolma files, folders or globs)")
+        files = (
+            spark.read.format("binaryFile")
+            .option("recursiveFileLookup", "true")
+            .option("pathGlobFilter", cfg.ingest.file_glob)
+            .load(inputs)
+            .select("path", "length")
+        )
+        row = files.agg(F.count("*").alias("n"), F.sum("length").alias("bytes")).first()
+        out["input_files"] = {"files": row["n"], "bytes": row["bytes"] or 0}
+    report = status(StageContext(spark, cfg, tables, "dry-run"))
+    out["tables"] = {name: info["rows"] for name, info in report["tables"].items()}
+    out["would_generate"] = {
+        s: report["llm_stages"][s]["pending"] for s in stages if s in generate.LLM_STAGES
+    }
+    return out

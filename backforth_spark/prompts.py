@@ -6,6 +6,7 @@ model output; they return a `Parsed` with a status and, when it is not `ok`, a r
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from dataclasses import dataclass, field
@@ -119,6 +120,47 @@ def parse_score(raw: str | None) -> Parsed:
     return Parsed(OK, value=reason.group(1).strip() if reason else None, score=int(matches[-1]))
 
 
+# The judge's output under structured outputs in "json" mode: a short reason, then the grade.
+SCORE_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "reason": {"type": "string", "maxLength": 200},
+        "score": {"type": "integer", "minimum": 1, "maximum": 5},
+    },
+    "required": ["reason", "score"],
+    "additionalProperties": False,
+}
+SCORE_CHOICES = ("1", "2", "3", "4", "5")
+
+
+def parse_score_json(raw: str | None) -> Parsed:
+    """A JSON object {"reason": ..., "score": 1..5}, as the "json" structured mode produces. An engine
+    that could not constrain decoding may answer as the prompt asks instead: `Score: N` is accepted too."""
+    if raw is None or not raw.strip():
+        return Parsed(EMPTY, error="the judge returned no text")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        text = parse_score(raw)
+        if text.status == OK:
+            return text
+        return Parsed(PARSE_ERROR, error=f"neither JSON ({exc.msg} at char {exc.pos}) nor a 'Score: N' line")
+    score = data.get("score") if isinstance(data, dict) else None
+    if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5:
+        return Parsed(PARSE_ERROR, error="no integer 'score' in 1..5")
+    reason = data.get("reason")
+    return Parsed(OK, value=reason.strip() if isinstance(reason, str) else None, score=score)
+
+
+def parse_score_choice(raw: str | None) -> Parsed:
+    """A bare grade "1".."5", as the "choice" structured mode produces; falls back to `Score: N`."""
+    if raw is None or not raw.strip():
+        return Parsed(EMPTY, error="the judge returned no text")
+    if raw.strip() in SCORE_CHOICES:
+        return Parsed(OK, score=int(raw.strip()))
+    return parse_score(raw)
+
+
 _RES = re.compile(r"\[RES\](.*?)\[/RES\]", re.DOTALL | re.IGNORECASE)
 
 
@@ -133,6 +175,16 @@ def parse_rewrite(raw: str | None, min_chars: int = 1) -> Parsed:
     value = match.group(1).strip()
     if len(value) < min_chars:
         return Parsed(EMPTY, error="the [RES] block is empty")
+    if _REFUSAL.match(value):
+        return Parsed(REFUSED, value=value, error="the model refused")
+    return Parsed(OK, value=value)
+
+
+def parse_answer(raw: str | None) -> Parsed:
+    """A free-text answer (the distillation baseline): the whole output, unless empty or a refusal."""
+    if raw is None or not raw.strip():
+        return Parsed(EMPTY, error="the model returned no text")
+    value = raw.strip()
     if _REFUSAL.match(value):
         return Parsed(REFUSED, value=value, error="the model refused")
     return Parsed(OK, value=value)

@@ -25,6 +25,7 @@ class Cluster:
     master_url: str  # spark://127.0.0.1:<port>
     master_ui: str  # http://127.0.0.1:<port>, its /json/ lists workers and applications
     worker_pid: int  # the worker JVM; executors are its children
+    gpu_discovery_script: str | None = None  # executors need it too: spark.executor.resource.gpu.*
 
     def state(self) -> dict:
         with urllib.request.urlopen(f"{self.master_ui}/json/", timeout=5) as resp:
@@ -39,9 +40,15 @@ def _free_port() -> int:
 
 @contextmanager
 def standalone_cluster(
-    workdir: Path, cores: int = 2, memory: str = "6g", start_timeout_s: float = 90.0
+    workdir: Path,
+    cores: int = 2,
+    memory: str = "6g",
+    gpus: int = 0,
+    start_timeout_s: float = 90.0,
 ) -> Iterator[Cluster]:
-    """Start a master and one worker with `cores` and `memory`; stop both on exit."""
+    """Start a master and one worker with `cores` and `memory`; stop both on exit. With `gpus`, the
+    worker offers that many `gpu` addresses ("0", "1", ...) through a discovery script: Spark's
+    scheduling of GPUs can then be exercised on a machine without any."""
     from pyspark.find_spark_home import _find_spark_home
 
     spark_class = str(Path(_find_spark_home()) / "bin" / "spark-class")
@@ -52,6 +59,14 @@ def standalone_cluster(
         # executors start Python workers with this interpreter unless the application says otherwise
         "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
     }
+    if gpus:
+        script = workdir / "discover_gpus.sh"
+        addresses = json.dumps({"name": "gpu", "addresses": [str(i) for i in range(gpus)]})
+        script.write_text(f"#!/bin/sh\necho '{addresses}'\n")
+        script.chmod(0o755)
+        env["SPARK_WORKER_OPTS"] = (
+            f"-Dspark.worker.resource.gpu.amount={gpus} -Dspark.worker.resource.gpu.discoveryScript={script}"
+        )
     port, ui_port = _free_port(), _free_port()
     master_url, master_ui = f"spark://127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}"
     with ExitStack() as stack:
@@ -70,7 +85,8 @@ def standalone_cluster(
             stdout=worker_log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         stack.callback(_stop, worker)
-        cluster = Cluster(master_url, master_ui, worker.pid)
+        script = str(workdir / "discover_gpus.sh") if gpus else None
+        cluster = Cluster(master_url, master_ui, worker.pid, script)
         _wait_for_worker(cluster, [master, worker], workdir, start_timeout_s)
         yield cluster
 

@@ -5,11 +5,17 @@ Tables are path-based Delta tables under `<workdir>/tables/<name>`.
 
 from __future__ import annotations
 
+import logging
+import random
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
+
+log = logging.getLogger(__name__)
 
 DOCUMENTS = "documents"
 QUARANTINE = "quarantine"
@@ -19,6 +25,8 @@ PASSAGES = "passages"
 INSTRUCTIONS = "instructions"
 SCORES = "scores"
 RESPONSES = "responses"
+GROUNDING = "grounding"
+DISTILLATIONS = "distillations"
 
 # Lineage columns carried by every row a stage writes.
 LINEAGE = [
@@ -105,6 +113,8 @@ GENERATION_COLUMNS = [
     T.StructField("model", T.StringType(), False),
     T.StructField("template", T.StringType(), False),
     T.StructField("template_hash", T.StringType(), False),
+    T.StructField("sampling", T.StringType(), False),  # the generation parameters as JSON
+    T.StructField("device", T.StringType(), True),  # the GPU address(es) the engine ran on, if any
 ]
 
 INSTRUCTIONS_SCHEMA = T.StructType(
@@ -129,6 +139,24 @@ RESPONSES_SCHEMA = T.StructType(
     ]
 )
 
+GROUNDING_SCHEMA = T.StructType(
+    [
+        *GENERATION_COLUMNS,
+        T.StructField("response", T.StringType(), True),  # the rewrite that was judged
+        T.StructField("reason", T.StringType(), True),
+        T.StructField("score", T.IntegerType(), True),  # 1..5: how faithful the rewrite is to its passage
+        *LINEAGE,
+    ]
+)
+DISTILLATIONS_SCHEMA = T.StructType(
+    [
+        *GENERATION_COLUMNS,
+        T.StructField("instruction", T.StringType(), True),
+        T.StructField("response", T.StringType(), True),  # answered from the instruction alone
+        *LINEAGE,
+    ]
+)
+
 SCHEMAS: dict[str, T.StructType] = {
     DOCUMENTS: DOCUMENTS_SCHEMA,
     QUARANTINE: QUARANTINE_SCHEMA,
@@ -138,6 +166,8 @@ SCHEMAS: dict[str, T.StructType] = {
     INSTRUCTIONS: INSTRUCTIONS_SCHEMA,
     SCORES: SCORES_SCHEMA,
     RESPONSES: RESPONSES_SCHEMA,
+    GROUNDING: GROUNDING_SCHEMA,
+    DISTILLATIONS: DISTILLATIONS_SCHEMA,
 }
 
 
@@ -158,12 +188,30 @@ def require_columns(df: DataFrame, columns: list[str], what: str) -> None:
         raise ContractError(f"{what} lacks columns {missing}; it has {df.columns}")
 
 
+def _conflict_types() -> tuple[type[BaseException], ...]:
+    from delta import exceptions as e
+
+    return (
+        e.DeltaConcurrentModificationException,
+        e.ConcurrentWriteException,
+        e.ConcurrentAppendException,
+        e.ConcurrentDeleteReadException,
+        e.ConcurrentDeleteDeleteException,
+        e.ConcurrentTransactionException,
+        e.MetadataChangedException,
+        e.ProtocolChangedException,
+    )
+
+
 @dataclass(frozen=True)
 class Tables:
-    """Where the pipeline's Delta tables live, and how to read and write them."""
+    """Where the pipeline's Delta tables live, and how to read and write them. Staging tables live under
+    `_staging/<run_id>/`, so concurrent runs never overwrite each other's."""
 
     spark: SparkSession
     root: Path
+    run_id: str = "shared"
+    merge_retries: int = 5
 
     def location(self, name: str) -> str:
         return str(self.root / name)
@@ -186,7 +234,7 @@ class Tables:
 
     def stage(self, name: str, df: DataFrame) -> DataFrame:
         """Materialise `df` in a staging Delta table (overwritten each time) and read it back."""
-        path = str(self.root / "_staging" / name)
+        path = str(self.root / "_staging" / self.run_id / name)
         df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(path)
         return self.spark.read.format("delta").load(path)
 
@@ -197,15 +245,40 @@ class Tables:
         cond = " AND ".join(f"t.{k} = s.{k}" for k in keys)
         return DeltaTable.forPath(self.spark, self.location(name)).alias("t").merge(df.alias("s"), cond)
 
-    def merge_insert_new(self, name: str, df: DataFrame, keys: list[str]) -> None:
-        """Insert rows whose key is not in the table yet (idempotent append)."""
-        self._merge(name, df, keys).whenNotMatchedInsertAll().execute()
+    def drop_staging(self) -> None:
+        """Remove this run's staging tables (local filesystem)."""
+        shutil.rmtree(self.root / "_staging" / self.run_id, ignore_errors=True)
 
-    def merge_upsert_unless_ok(self, name: str, df: DataFrame, keys: list[str]) -> None:
+    def _commit(self, name: str, build) -> dict[str, int]:
+        """Build and execute a MERGE; returns its metrics (num_inserted_rows, num_updated_rows, ...).
+        When a concurrent writer commits first (Delta's optimistic concurrency), rebuild it on the new
+        snapshot and try again. The MERGEs are keyed, so a retry never duplicates a row."""
+        for attempt in range(self.merge_retries + 1):
+            try:
+                metrics = build().execute().first()
+                return metrics.asDict() if metrics is not None else {}
+            except _conflict_types() as exc:
+                if attempt == self.merge_retries:
+                    raise RuntimeError(
+                        f"table {name}: a concurrent writer kept committing first ({attempt + 1} tries); "
+                        "nothing of this MERGE was committed; rerun to resume"
+                    ) from exc
+                log.warning("table %s: concurrent commit, retrying the MERGE (%s)", name, type(exc).__name__)
+                time.sleep(0.5 * 2**attempt + random.random())
+        raise AssertionError("unreachable")
+
+    def merge_insert_new(self, name: str, df: DataFrame, keys: list[str]) -> int:
+        """Insert rows whose key is not in the table yet (idempotent append); returns how many."""
+        metrics = self._commit(name, lambda: self._merge(name, df, keys).whenNotMatchedInsertAll())
+        return int(metrics.get("num_inserted_rows", 0))
+
+    def merge_upsert_unless_ok(self, name: str, df: DataFrame, keys: list[str]) -> dict[str, int]:
         """Insert new keys; replace an existing row only if it is not `ok` (a retry)."""
-        (
-            self._merge(name, df, keys)
-            .whenMatchedUpdateAll(condition="t.status <> 'ok'")
-            .whenNotMatchedInsertAll()
-            .execute()
+        self._commit(
+            name,
+            lambda: (
+                self._merge(name, df, keys)
+                .whenMatchedUpdateAll(condition="t.status <> 'ok'")
+                .whenNotMatchedInsertAll()
+            ),
         )

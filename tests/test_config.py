@@ -52,3 +52,25 @@ def test_spark_conf_override_keeps_the_dotted_spark_key():
     assert cfg.spark.conf["spark.executor.memory"] == "8g"
     assert cfg.spark.conf["spark.sql.shuffle.partitions"] == "64"
     assert cfg.spark.conf["spark.ui.enabled"] == "false"  # the file's other keys stay
+
+
+def test_json_and_choice_judging_are_for_the_score_stage_only():
+    assert load_config(None).llm.score.structured == "json"
+    with pytest.raises(ConfigError, match="llm.rewrite.structured"):
+        load_config(None, ["llm.rewrite.structured=choice"])
+
+
+def test_vllm_options_reach_the_engine_arguments_only_when_set():
+    from backforth_spark.engine import vllm_engine_args
+
+    plain = vllm_engine_args(load_config(LOCAL_CONF).llm)
+    assert "speculative_config" not in plain and "max_num_seqs" not in plain
+    tuned = vllm_engine_args(
+        load_config(
+            LOCAL_CONF,
+            ["llm.max_num_seqs=64", "llm.enable_prefix_caching=true", "llm.speculative_ngram_tokens=5"],
+        ).llm
+    )
+    assert tuned["max_num_seqs"] == 64 and tuned["enable_prefix_caching"] is True
+    spec = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
+    assert tuned["speculative_config"] == spec

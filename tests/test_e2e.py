@@ -42,12 +42,12 @@ def _corpus(folder):
     return 10 + 1 + len(bad)
 
 
-def _run(workdir, corpus, summary, *extra):
+def _run(workdir, corpus, summary, *extra, command="run"):
     cmd = [
         sys.executable,
         "-m",
         "backforth_spark.cli",
-        "run",
+        command,
         "--config",
         str(LOCAL_CONF),
         "--workdir",
@@ -94,8 +94,14 @@ def test_pipeline_end_to_end_on_the_real_engine(tmp_path, spark):
     scored = read(t.SCORES).where("status = 'ok'")
     assert scored.where("score BETWEEN 1 AND 5").count() == scored.count() > 0
 
+    # the judge went through vLLM's JSON structured outputs: every grade parsed
+    assert stages["score"]["parse_failure_rate"] == 0.0
     pairs = [json.loads(line) for line in Path(summary["export"]["path"]).read_text().splitlines()]
-    assert len(pairs) == summary["export"]["pairs"] == stages["rewrite"]["rows_out"] > 0
+    exp = stages["export"]
+    assert len(pairs) == summary["export"]["pairs"] == exp["rows_out"] > 0
+    # every rewrite is exported or removed by a named policy
+    removed = sum(v for k, v in exp.items() if k.startswith("removed_") and k != "removed_low_score")
+    assert exp["rows_out"] + removed == exp["rows_in"] == read(t.RESPONSES).count()
     doc_keys = {r["doc_key"] for r in read(t.DOCUMENTS).collect()}
     for pair in pairs:
         roles = [m["role"] for m in pair["messages"]]
@@ -113,19 +119,50 @@ def test_pipeline_end_to_end_on_the_real_engine(tmp_path, spark):
     assert run.data.metrics["export.rows_out"] == len(pairs)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "export")] == ["export/pairs.jsonl"]
 
-    # A rerun on the same input does no LLM work twice and loses nothing (max_attempts=1: failed
-    # rows are not retried either, so nothing at all is owed).
+    # A scheduled refresh after a new file lands: only the new document flows through the stages;
+    # nothing done before is generated again (max_attempts=1: failed rows are not retried either).
     ok_before = {name: _ok_rows(read(name)) for name in (t.INSTRUCTIONS, t.SCORES, t.RESPONSES)}
+    (tmp_path / "in" / "new.jsonl").write_text(json.dumps(NEW_DOC) + "\n")
     again, _ = _run(
-        tmp_path / "work", tmp_path / "in", tmp_path / "summary2.json", "--set", "llm.max_attempts=1"
-    )
-    assert again["stages"]["ingest"]["documents"] == 0
+        tmp_path / "work", tmp_path / "in", tmp_path / "summary2.json", "--set", "llm.max_attempts=1",
+        command="refresh",
+    )  # fmt: skip
+    assert again["error"] is None
+    assert again["stages"]["ingest"]["documents"] == 1
     assert again["stages"]["ingest"]["repeated_ids"] == ing["documents"] + ing["repeated_ids"]
-    for stage in ("backtranslate", "score", "rewrite"):
-        assert again["stages"][stage]["generated"] == 0, stage
+    new_passages = passages_of(read(t.PASSAGES), "web/new-1")
+    assert again["stages"]["backtranslate"]["generated"] == new_passages > 0
+    assert again["stages"]["score"]["generated"] <= new_passages
     for name, rows in ok_before.items():
-        assert _ok_rows(read(name)) == rows, name
-    assert again["export"]["pairs"] == len(pairs)
+        assert set(rows) <= set(_ok_rows(read(name))), name  # the old successes are untouched
+    # ... and a refresh with nothing new does no LLM work and says so
+    third, stdout = _run(
+        tmp_path / "work", tmp_path / "in", tmp_path / "summary3.json", "--set", "llm.max_attempts=1",
+        command="refresh",
+    )  # fmt: skip
+    assert "no LLM work" in stdout
+    for stage in ("backtranslate", "score", "rewrite"):
+        assert third["stages"][stage]["generated"] == 0, stage
+    assert third["export"]["pairs"] == again["export"]["pairs"]
+
+
+NEW_DOC = {
+    "id": "new-1",
+    "source": "web",
+    "added": "2024-06-01",
+    "text": (
+        "Sourdough starter needs regular feeding to stay active. Keep it in a glass jar at room "
+        "temperature and feed it once a day with equal weights of flour and water. Discard about half "
+        "of the starter before each feeding so the jar does not overflow and the acidity stays in "
+        "balance. A healthy starter doubles in size within six to eight hours of a feeding and smells "
+        "pleasantly sour. If you bake only once a week, store the starter in the refrigerator and feed "
+        "it the day before you plan to mix your dough."
+    ),
+}
+
+
+def passages_of(df, doc_key):
+    return df.where(f"doc_key = '{doc_key}' AND status = 'ok'").count()
 
 
 def _ok_rows(df):

@@ -1,6 +1,8 @@
 """LLM stages with engine doubles: failure injection only. The real engine runs in test_e2e.py."""
 
+import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -111,6 +113,20 @@ def test_rerun_retries_only_failed_rows_and_never_duplicates(make_ctx):
     assert third["generated"] == 0
     assert ctx.tables.read(t.INSTRUCTIONS).count() == 4
 
+    from backforth_spark.status import format_status, status
+
+    report = status(ctx)
+    bt = report["llm_stages"]["backtranslate"]
+    assert (bt["done"], bt["pending"], bt["failed"], bt["out_of_attempts"]) == (3, 0, {"engine_error": 1}, 1)
+    assert report["llm_stages"]["score"]["pending"] == 3  # the three instructions wait for their judge
+    assert report["tables"][t.INSTRUCTIONS]["rows"] == 4 and report["last_run"]["run_id"] == ctx.run_id
+    assert "backtranslate" in format_status(report)
+
+    from backforth_spark.pipeline import plan
+
+    dry = plan(ctx.cfg, [], ["backtranslate", "score"])
+    assert dry["would_generate"] == {"backtranslate": 0, "score": 3} and dry["input_files"] is None
+
 
 def test_score_stage_reads_only_ok_instructions_of_the_current_fingerprint(make_ctx):
     ctx = make_ctx()
@@ -130,3 +146,69 @@ def test_rewrite_takes_only_pairs_at_or_above_the_threshold(make_ctx, min_score)
         ctx, "rewrite", engine_factory=lambda: ScriptedEngine(reply="[RES] An answer. [/RES]")
     )
     assert counts["rows_out"] == (1 if min_score == 4 else 0)
+
+
+class ByContent(ScriptedEngine):
+    """Replies with the first reply whose key appears in the prompt (else the default)."""
+
+    def __init__(self, replies, default="Reason: fine\nScore: 5"):
+        super().__init__(reply=default)
+        self.replies = replies
+
+    def chat(self, conversations, params):
+        out = []
+        for c in conversations:
+            text = c[-1]["content"]
+            out.append(next((r for k, r in self.replies.items() if k in text), self.reply))
+        return [Completion(r, "stop", 10, 5) for r in out]
+
+
+def test_curation_policies_and_distillation_baseline_count_what_they_remove(make_ctx):
+    from backforth_spark import export
+    from tests.conftest import add_documents
+
+    ctx = make_ctx("curate.min_score=4", "curate.grounding=true", "curate.distillation_baseline=true")
+    texts = {
+        "good": "Boil salted water, add the pasta, stir, and cook it until it is tender.",
+        "short": "A passage whose rewrite comes out far too short to be useful.",
+        "echo": "A passage whose rewrite only repeats the question that was asked.",
+        "loose": "A passage whose rewrite adds facts that the source never states.",
+        "weak": "A passage the judge does not like at all.",
+    }
+    _add_passages(ctx, list(texts.values()))
+    add_documents(ctx, [(f"cc/{i}", text) for i, text in enumerate(texts.values())])
+    question = "How do I cook pasta properly at home?"
+    generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine(reply=question))
+    judge = {"at all": "Reason: off-topic\nScore: 2"}
+    assert generate.run(ctx, "score", engine_factory=lambda: ByContent(judge))["rows_out"] == 5
+    rewrites = {
+        "far too short": "[RES] Too short. [/RES]",
+        "only repeats": "[RES] How do I cook pasta properly at home? [/RES]",
+        "never states": "[RES] Pasta was invented in 1492 by a sailor who cooked it at sea daily. [/RES]",
+    }
+    default = "[RES] Bring salted water to a boil, add the pasta, stir it, and cook until tender. [/RES]"
+    rw = generate.run(ctx, "rewrite", engine_factory=lambda: ByContent(rewrites, default=default))
+    assert rw["rows_in"] == 4  # the score-2 pair was not rewritten
+    grounding = {"invented in 1492": '{"reason": "adds a date", "score": 1}'}
+    generate.run(ctx, "ground", engine_factory=lambda: ByContent(grounding, '{"reason": "ok", "score": 5}'))
+    distilled = generate.run(ctx, "distill", engine_factory=lambda: ScriptedEngine(reply="Use a big pot."))
+    assert distilled["rows_out"] == 4
+
+    counts = export.run(ctx)
+    assert counts["removed_low_score"] == 1
+    assert counts["removed_short_response"] == 1
+    assert counts["removed_repeats_instruction"] == 1
+    assert counts["removed_ungrounded"] == 1
+    assert counts["rows_out"] == 1 and counts["rows_in"] == 4
+    [pair] = [json.loads(x) for x in Path(counts["path"]).read_text().splitlines()]
+    assert pair["messages"][1]["content"].startswith("Bring salted water")
+    baseline = [json.loads(x) for x in Path(counts["baseline_path"]).read_text().splitlines()]
+    assert counts["baseline_pairs"] == len(baseline) == 4
+    assert {b["messages"][1]["content"] for b in baseline} == {"Use a big pot."}
+
+
+def test_distill_prompt_is_the_instruction_alone():
+    spec = _spec("distill")
+    assert spec.template.render(instruction="Why is the sky blue?") == [
+        {"role": "user", "content": "Why is the sky blue?"}
+    ]

@@ -112,3 +112,38 @@ def test_parse_score(raw, status, score, reason):
 def test_parse_rewrite(raw, status, value):
     p = prompts.parse_rewrite(raw)
     assert (p.status, p.value) == (status, value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "score", "reason"),
+    [
+        ('{"reason": "On topic and complete.", "score": 4}', "ok", 4, "On topic and complete."),
+        ('{"reason": "x", "score": 7}', "parse_error", None, None),
+        ('{"reason": "x", "score": true}', "parse_error", None, None),
+        ('{"reason": "cut off', "parse_error", None, None),  # ran out of tokens inside the string
+        ("Reason: fine.\nScore: 3", "ok", 3, "fine."),  # an engine that could not constrain decoding
+        ("", "empty", None, None),
+    ],
+)
+def test_parse_score_json(raw, status, score, reason):
+    p = prompts.parse_score_json(raw)
+    assert (p.status, p.score, p.value) == (status, score, reason)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "score"), [("4", "ok", 4), (" 2\n", "ok", 2), ("9", "parse_error", None)]
+)
+def test_parse_score_choice(raw, status, score):
+    p = prompts.parse_score_choice(raw)
+    assert (p.status, p.score) == (status, score)
+
+
+def test_curation_checks_short_and_echoed_responses():
+    from backforth_spark.config import CurateConfig
+    from backforth_spark.curate import REPEATS, SHORT, response_issue
+
+    cfg = CurateConfig(min_response_words=4, max_instruction_overlap=0.8)
+    assert response_issue("How do I boil an egg?", "Boil it.", cfg) == SHORT
+    assert response_issue("How do I boil an egg?", "How do I boil an egg?", cfg) == REPEATS
+    answer = "Put the egg in boiling water for nine minutes."
+    assert response_issue("How do I boil an egg?", answer, cfg) is None

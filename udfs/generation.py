@@ -1,36 +1,69 @@
-"""Python-worker side of the LLM stages: one engine per worker, whole batches to it."""
+"""Python-worker side of the LLM stages: one engine per worker, whole batches to it.
+
+Engine lifecycle: the first task a Python worker runs for an LLM stage pins the worker to the GPU(s)
+Spark assigned that task (`CUDA_VISIBLE_DEVICES`, set before vLLM or torch is imported), then builds
+the engine and keeps it in a module-level cache. Spark reuses Python workers across tasks and stages,
+so later tasks on that worker reuse the loaded model instead of loading it again.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pandas as pd
 
 from backforth_spark.config import LLMConfig
-from backforth_spark.engine import Engine, create_vllm_engine
+from backforth_spark.engine import Engine, create_engine
 from backforth_spark.generate import StageSpec, run_batch
 
-# Engines live as long as the Python worker (Spark reuses workers across tasks and stages), so
-# the model loads once per worker, not once per task.
 _ENGINES: dict[tuple, Engine] = {}
 
 
-def _engine(cfg: LLMConfig, model: str) -> Engine:
-    key = (model, cfg.dtype, cfg.max_model_len, cfg.tensor_parallel_size, cfg.gpu_memory_utilization)
+def assigned_gpus() -> list[str]:
+    """The GPU addresses Spark assigned the running task (empty without stage-level scheduling)."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    info = ctx.resources().get("gpu") if ctx is not None else None
+    return list(info.addresses) if info is not None else []
+
+
+def pin_gpus(addresses: list[str]) -> str | None:
+    """Make only `addresses` visible to CUDA in this worker; returns the device label for the rows.
+
+    A worker that already holds an engine on other devices keeps it: CUDA reads the variable once, at
+    initialisation, so it cannot move. Spark hands a reused worker tasks of the same resource profile.
+    """
+    if not addresses:
+        return os.environ.get("CUDA_VISIBLE_DEVICES") or None
+    label = ",".join(addresses)
+    if not _ENGINES:
+        os.environ["CUDA_VISIBLE_DEVICES"] = label
+    return os.environ.get("CUDA_VISIBLE_DEVICES", label)
+
+
+def _engine(cfg: LLMConfig, model: str, api_key: str | None) -> Engine:
+    # the whole LLM config: any engine option (or key) changing means another engine
+    key = (model, cfg.model_dump_json(), api_key)
     if key not in _ENGINES:
-        _ENGINES[key] = create_vllm_engine(cfg, model)
+        _ENGINES[key] = create_engine(cfg, model, api_key)
     return _ENGINES[key]
 
 
 def generate(
-    spec: StageSpec, cfg: LLMConfig, engine_factory: Callable[[], Engine] | None = None
+    spec: StageSpec,
+    cfg: LLMConfig,
+    engine_factory: Callable[[], Engine] | None = None,
+    api_key: str | None = None,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The mapInPandas function for one stage. `engine_factory` replaces vLLM (failure injection)."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        engine = engine_factory() if engine_factory else _engine(cfg, spec.model)
+        device = pin_gpus(assigned_gpus())
+        engine = engine_factory() if engine_factory else _engine(cfg, spec.model, api_key)
         for batch in batches:
             for start in range(0, len(batch), cfg.batch_size):
-                yield run_batch(batch.iloc[start : start + cfg.batch_size], engine, spec)
+                yield run_batch(batch.iloc[start : start + cfg.batch_size], engine, spec, device)
 
     return run

@@ -1,0 +1,152 @@
+"""An engine that calls an OpenAI-compatible chat-completions server over HTTP.
+
+Works with `vllm serve`, Databricks Model Serving and other compatible servers. Each `chat` call sends its
+conversations with bounded concurrency; a request that fails with 429, a 5xx or a connection error is
+retried with exponential backoff (honouring Retry-After). A request that still fails becomes that
+conversation's error: the rest of the batch is kept. Prompt tokens are counted before sending with the
+model's own tokenizer, so a prompt too long for the context is never sent.
+
+The API key is resolved on the driver (`resolve_api_key`) and handed to the workers; it goes only into the
+Authorization header, never into logs, errors, MLflow or tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from backforth_spark.config import LLMConfig, OpenAIConfig
+from backforth_spark.engine import Completion, Conversation, GenerationParams
+
+RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+def resolve_api_key(cfg: OpenAIConfig, spark=None) -> str | None:
+    """The API key from a Databricks secret (when a scope and key are configured) or the environment."""
+    if cfg.databricks_secret_scope and cfg.databricks_secret_key:
+        from pyspark.dbutils import DBUtils  # only on Databricks
+
+        return DBUtils(spark).secrets.get(cfg.databricks_secret_scope, cfg.databricks_secret_key)
+    if cfg.api_key_env:
+        return os.environ.get(cfg.api_key_env) or None
+    return None
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class OpenAIEngine:
+    cfg: OpenAIConfig
+    model: str  # the local model (for its tokenizer) and, unless served_model is set, the name sent
+    max_model_len: int
+    api_key: str | None = field(default=None, repr=False)
+    _tokenizer: object = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: LLMConfig, model: str, api_key: str | None = None) -> OpenAIEngine:
+        return cls(cfg.openai, model, cfg.max_model_len, api_key)
+
+    # -- token counting ---------------------------------------------------------------------------
+
+    def count_prompt_tokens(self, conversations: Sequence[Conversation]) -> list[int]:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model)
+        return [
+            len(self._tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True))
+            for c in conversations
+        ]
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def request_body(self, conversation: Conversation, params: GenerationParams) -> dict:
+        body: dict = {
+            "model": self.cfg.served_model or self.model,
+            "messages": conversation,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+        }
+        if params.json_schema:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": json.loads(params.json_schema), "strict": True},
+            }
+        elif self.cfg.vllm_extensions and params.choice:
+            body["structured_outputs"] = {"choice": list(params.choice)}
+        elif self.cfg.vllm_extensions and params.regex:
+            body["structured_outputs"] = {"regex": params.regex}
+        return body
+
+    def chat(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+        if not conversations:
+            return []
+        workers = min(self.cfg.concurrency, len(conversations))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda c: self._one(c, params), conversations))
+
+    def _one(self, conversation: Conversation, params: GenerationParams) -> Completion:
+        try:
+            reply = self._post_with_retries("/chat/completions", self.request_body(conversation, params))
+        except HTTPError as exc:
+            return Completion(None, None, None, None, error=str(exc))
+        try:
+            choice = reply["choices"][0]
+            usage = reply.get("usage") or {}
+            return Completion(
+                text=choice["message"].get("content"),
+                finish_reason=choice.get("finish_reason"),
+                prompt_tokens=usage.get("prompt_tokens"),
+                completion_tokens=usage.get("completion_tokens"),
+            )
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            return Completion(None, None, None, None, error=f"unexpected response shape: {exc!r}"[:500])
+
+    def _post_with_retries(self, path: str, body: dict) -> dict:
+        delay = self.cfg.backoff_s
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                return self._post(path, body)
+            except HTTPError as exc:
+                if exc.status is not None and exc.status not in RETRY_STATUS:
+                    raise
+                if attempt == self.cfg.max_retries:
+                    raise HTTPError(exc.status, f"{exc} (after {attempt + 1} attempts)") from None
+                wait = getattr(exc, "retry_after", None) or delay
+                time.sleep(wait)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _post(self, path: str, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(
+            self.cfg.base_url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                return json.load(resp)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode("utf-8", "replace")
+            err = HTTPError(exc.code, f"HTTP {exc.code} from {path}: {detail}")
+            retry_after = exc.headers.get("Retry-After") if exc.headers else None
+            if retry_after and retry_after.isdigit():
+                err.retry_after = float(retry_after)  # type: ignore[attr-defined]
+            raise err from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise HTTPError(None, f"cannot reach {self.cfg.base_url}: {reason}") from None
+        except json.JSONDecodeError as exc:
+            raise HTTPError(None, f"the server's reply is not JSON: {exc}") from None

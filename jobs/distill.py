@@ -1,0 +1,9 @@
+"""spark-submit entry point for the `distill` stage; takes the same flags as `backforth run`.
+
+spark-submit [spark flags] jobs/distill.py --config conf/local.yaml --workdir ./.backforth
+"""
+
+from backforth_spark.cli import job
+
+if __name__ == "__main__":
+    job("distill")
