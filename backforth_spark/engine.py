@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,6 +57,17 @@ class Engine(Protocol):
         ...
 
 
+def count_chat_tokens(tokenizer, conversations: Sequence[Conversation]) -> list[int]:
+    """Tokens of each conversation after the model's chat template, generation prompt included."""
+    counts = []
+    for conv in conversations:
+        out = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+        # recent transformers return a BatchEncoding here, whose len() is its number of keys
+        ids = out["input_ids"] if isinstance(out, Mapping) else out
+        counts.append(len(ids))
+    return counts
+
+
 class VLLMEngine:
     """An in-process `vllm.LLM`; create one per Python worker and reuse it."""
 
@@ -67,10 +78,7 @@ class VLLMEngine:
         self.max_model_len = max_model_len
 
     def count_prompt_tokens(self, conversations: Sequence[Conversation]) -> list[int]:
-        return [
-            len(self._tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True))
-            for c in conversations
-        ]
+        return count_chat_tokens(self._tokenizer, conversations)
 
     def chat(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         from vllm import SamplingParams

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from backforth_spark.config import LLMConfig, OpenAIConfig
-from backforth_spark.engine import Completion, Conversation, GenerationParams
+from backforth_spark.engine import Completion, Conversation, GenerationParams, count_chat_tokens
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -63,10 +63,7 @@ class OpenAIEngine:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model)
-        return [
-            len(self._tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True))
-            for c in conversations
-        ]
+        return count_chat_tokens(self._tokenizer, conversations)
 
     # -- generation -------------------------------------------------------------------------------
 

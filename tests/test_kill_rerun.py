@@ -52,7 +52,9 @@ def test_killed_generation_resumes_without_duplicates_or_regeneration(tmp_path, 
     first.wait()
 
     before = spark.read.format("delta").load(str(table))
-    ok_before = before.where("status = 'ok'").count()
+    # collected now: a DataFrame would read the table again, after the rerun
+    kept = {(r["passage_id"], r["run_id"]) for r in before.where("status = 'ok'").collect()}
+    ok_before = len(kept)
     assert 0 < before.count() < total, "the kill should land between commits"
 
     summary = tmp_path / "summary.json"
@@ -69,5 +71,4 @@ def test_killed_generation_resumes_without_duplicates_or_regeneration(tmp_path, 
     assert per_key.where(F.col("count") > 1).count() == 0
     assert after.select("passage_id").distinct().count() == total == after.count()
     # rows committed before the kill kept their original run: they were not generated again
-    kept = before.where("status = 'ok'").select("passage_id", "run_id")
-    assert kept.join(after.select("passage_id", "run_id"), ["passage_id", "run_id"]).count() == ok_before
+    assert kept <= {(r["passage_id"], r["run_id"]) for r in after.collect()}

@@ -131,8 +131,10 @@ def vllm_server(tmp_path_factory):
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("vllm") / "serve.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": SECRET}
+    # the module, not the `vllm serve` script: that asks for the distribution "vllm", and the CPU
+    # build is installed as "vllm-cpu"
     cmd = [
-        os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", model, "--host", "127.0.0.1",
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
         "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
         "--served-model-name", "smollm2",
     ]  # fmt: skip

@@ -147,3 +147,18 @@ def test_curation_checks_short_and_echoed_responses():
     assert response_issue("How do I boil an egg?", "How do I boil an egg?", cfg) == REPEATS
     answer = "Put the egg in boiling water for nine minutes."
     assert response_issue("How do I boil an egg?", answer, cfg) is None
+
+
+def test_chat_token_count_is_the_rendered_prompt_length():
+    from transformers import AutoTokenizer
+
+    from backforth_spark.config import load_config
+    from backforth_spark.engine import count_chat_tokens
+    from backforth_spark.model import resolve_model
+    from tests.conftest import LOCAL_CONF
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(load_config(LOCAL_CONF).llm))
+    short, long = count_chat_tokens(
+        tok, [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "word " * 3000}]]
+    )
+    assert 3 < short < 40 and long > 3000  # a count, not the number of keys of an encoding
