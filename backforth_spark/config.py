@@ -134,6 +134,9 @@ class LLMConfig(_Strict):
     cpus_per_task: int = Field(1, ge=1)
     partitions_per_slot: int = Field(2, ge=1, description="LLM input partitions per concurrent task slot")
     cpu_kvcache_gib: int = Field(1, ge=1, description="vLLM CPU build only: KV cache size")
+    # Spark starts Python workers with OMP_NUM_THREADS = spark.task.cpus (1 by default), which leaves a
+    # CPU-build engine on one core. Set this to the cores one LLM task may use; None keeps Spark's value.
+    cpu_threads: int | None = Field(None, gt=0, description="OpenMP threads of an in-process engine")
     num_partitions: int | None = Field(
         None, gt=0, description="LLM input partitions; None: task slots x partitions_per_slot"
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -96,7 +97,10 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory(prefix="backforth-bench-llm-") as work:
-        overrides = ["llm.num_partitions=1", "tracking.enabled=false", *args.set, f"workdir={work}"]
+        # one LLM task, given every core (as the direct call has them)
+        cores = os.cpu_count() or 1
+        overrides = ["llm.num_partitions=1", f"llm.cpu_threads={cores}", "tracking.enabled=false"]
+        overrides += [*args.set, f"workdir={work}"]
         results = {}
         for which in ("direct", "stage"):
             cmd = [sys.executable, __file__, "--only", which, "--prompts", str(args.prompts)]

@@ -47,6 +47,9 @@ def _engine(cfg: LLMConfig, model: str, api_key: str | None) -> Engine:
     # the whole LLM config: any engine option (or key) changing means another engine
     key = (model, cfg.model_dump_json(), api_key)
     if key not in _ENGINES:
+        if cfg.cpu_threads and cfg.engine == "vllm":
+            # read by OpenMP when torch loads, which happens inside create_engine
+            os.environ["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
         _ENGINES[key] = create_engine(cfg, model, api_key)
     return _ENGINES[key]
 
