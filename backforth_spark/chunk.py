@@ -80,10 +80,13 @@ def _strip(text: str, a: int, b: int) -> tuple[int, int]:
     return a, b
 
 
-def _units(text: str, tokens: _Tokens, limit: int) -> list[tuple[int, int, int]]:
+Unit = tuple[int, int, int]  # start, end, tokens
+
+
+def _units(text: str, tokens: _Tokens, limit: int) -> list[Unit]:
     """Split the text into (start, end, tokens) units each within `limit`, coarsest boundary first."""
 
-    def split(a: int, b: int, level: int) -> list[tuple[int, int, int]]:
+    def split(a: int, b: int, level: int) -> list[Unit]:
         if level == len(_LEVELS):
             return [(lo, hi, tokens.count(lo, hi)) for lo, hi in tokens.windows(a, b, limit)]
         cuts = [(m.start(), m.end()) for m in _LEVELS[level].finditer(text, a, b)]
@@ -92,16 +95,13 @@ def _units(text: str, tokens: _Tokens, limit: int) -> list[tuple[int, int, int]]
         parts = [(lo, hi) for lo, hi in parts if hi > lo]
         if len(parts) <= 1:
             return split(a, b, level + 1)
-        out: list[tuple[int, int, int]] = []
+        out: list[Unit] = []
         for lo, hi in parts:
             n = tokens.count(lo, hi)
             out.extend([(lo, hi, n)] if n <= limit else split(lo, hi, level + 1))
         return out
 
     return split(*_strip(text, 0, len(text)), 0)
-
-
-Unit = tuple[int, int, int]  # start, end, tokens
 
 
 def _pack(units: list[Unit], tokens: _Tokens, limit: int, overlap: int = 0) -> list[tuple[int, int]]:

@@ -148,6 +148,19 @@ def parse_file(path: str, data: bytes, cfg: IngestConfig) -> Iterator[ParsedLine
 # ---- Spark glue ---------------------------------------------------------------------------------
 
 
+def input_files(spark, cfg: IngestConfig, inputs: list[str]):
+    """The Dolma files under `inputs` (files, folders searched recursively, globs) as a binaryFile
+    DataFrame (path, modificationTime, length, content; content is read only if selected)."""
+    if not inputs:
+        raise ValueError("ingest needs at least one input path or glob (--input)")
+    return (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .option("pathGlobFilter", cfg.file_glob)
+        .load(inputs)
+    )
+
+
 def run(ctx, inputs: list[str]) -> dict[str, int]:
     """Read Dolma files into `documents` and `quarantine`; returns the stage counts."""
     from pyspark import StorageLevel
@@ -158,15 +171,7 @@ def run(ctx, inputs: list[str]) -> dict[str, int]:
     from udfs.ingest import PARSED_SCHEMA, parse_files
 
     spark, cfg = ctx.spark, ctx.cfg
-    if not inputs:
-        raise ValueError("ingest needs at least one input path or glob (--input)")
-    files = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", cfg.ingest.file_glob)
-        .load(inputs)
-        .select("path", "content")
-    )
+    files = input_files(spark, cfg.ingest, inputs).select("path", "content")
     # binaryFile partitions are bounded by spark.sql.files.maxPartitionBytes, so one Arrow batch
     # holds at most about that much compressed input.
     parsed = files.mapInPandas(parse_files(cfg.ingest), PARSED_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)

@@ -118,15 +118,7 @@ def plan(cfg: Config, inputs: list[str], stages: list[str]) -> dict[str, Any]:
     tables = t.Tables(spark, cfg.workdir_path / "tables")
     out: dict[str, Any] = {"stages": stages, "workdir": str(cfg.workdir_path), "input_files": None}
     if "ingest" in stages:
-        if not inputs:
-            raise ValueError("the ingest stage needs --input (Dolma files, folders or globs)")
-        files = (
-            spark.read.format("binaryFile")
-            .option("recursiveFileLookup", "true")
-            .option("pathGlobFilter", cfg.ingest.file_glob)
-            .load(inputs)
-            .select("path", "length")
-        )
+        files = ingest.input_files(spark, cfg.ingest, inputs).select("path", "length")
         row = files.agg(F.count("*").alias("n"), F.sum("length").alias("bytes")).first()
         out["input_files"] = {"files": row["n"], "bytes": row["bytes"] or 0}
     report = status(StageContext(spark, cfg, tables, "dry-run"))
