@@ -289,6 +289,7 @@ def run(ctx: StageContext, stage: str, engine_factory: Callable[[], Engine] | No
     specs = fingerprints(ctx.cfg, model)
     spec = specs[stage]
     table = STAGE_TABLE[stage]
+    clock = time.perf_counter()
     candidates = stage_inputs(ctx, stage, specs)
     n_candidates = candidates.count()
     todo = pending(ctx, table, candidates, spec).select(*STAGE_INPUTS[stage])
@@ -298,6 +299,8 @@ def run(ctx: StageContext, stage: str, engine_factory: Callable[[], Engine] | No
     n_todo = todo.count()
     slices = -(-n_todo // llm.commit_rows) if llm.commit_rows and n_todo > llm.commit_rows else 1
     counts: dict[str, int | float] = {"rows_in": n_candidates, "generated": n_todo, "commits": 0}
+    counts["plan_s"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
+    gen_s = merge_s = 0.0
     if n_todo:
         api_key = resolve_api_key(llm.openai, ctx.spark) if llm.engine == "openai" else None
         worker = generate(spec, llm, engine_factory, api_key)
@@ -318,8 +321,11 @@ def run(ctx: StageContext, stage: str, engine_factory: Callable[[], Engine] | No
             # Stage the generations in Delta before the MERGE: a MERGE may scan its source more than
             # once, and a recomputed source would pay for every generation again.
             staged = ctx.tables.stage(table, results)
+            gen_s, clock = gen_s + time.perf_counter() - clock, time.perf_counter()
             ctx.tables.merge_upsert_unless_ok(table, staged, ["passage_id", "fingerprint"])
+            merge_s, clock = merge_s + time.perf_counter() - clock, time.perf_counter()
             counts["commits"] += 1
+    counts["generate_s"], counts["merge_s"] = round(gen_s, 2), round(merge_s, 2)
     current = ctx.tables.read(table).where(F.col("fingerprint") == spec.fingerprint)
     by_status = {r["status"]: r["count"] for r in current.groupBy("status").count().collect()}
     counts["rows_out"] = by_status.get("ok", 0)
