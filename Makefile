@@ -5,7 +5,7 @@ WORKDIR ?= .backforth
 
 N ?= 25000
 
-.PHONY: setup demo test test-fast lint format bench-chunk bench-dedup bench-llm clean
+.PHONY: setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm clean
 
 setup:
 	bash scripts/setup.sh
@@ -19,6 +19,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e"
+
+pyfiles: setup
+	$(PY) scripts/build_pyfiles.py dist/backforth_spark.zip
 
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("backforth_spark").setLevel(logging.INFO)  # stage progress lines
     overrides = list(args.overrides)
     if getattr(args, "workdir", None):
         overrides.append(f"workdir={args.workdir}")
@@ -130,11 +131,11 @@ def _status(cfg, as_json: bool) -> int:
     from backforth_spark.session import get_spark
     from backforth_spark.status import format_status, status
 
-    if not (cfg.workdir_path / "tables").exists():
+    if cfg.tables.catalog_schema is None and not (cfg.workdir_path / "tables").exists():
         print(f"error: no tables under {cfg.workdir_path}; run `backforth run` first", file=sys.stderr)
         return 2
     spark = get_spark(cfg.spark)
-    ctx = StageContext(spark, cfg, t.Tables(spark, cfg.workdir_path / "tables"), "status")
+    ctx = StageContext(spark, cfg, t.Tables.from_config(spark, cfg), "status")
     report = status(ctx)
     print(json.dumps(report, indent=2) if as_json else format_status(report))
     return 0

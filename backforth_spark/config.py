@@ -189,8 +189,15 @@ class CurateConfig(_Strict):
 
 
 class ExportConfig(_Strict):
+    # chat: {"messages": [system?, user, assistant]} (TRL's SFT format); alpaca: instruction/input/output
+    style: Literal["chat", "alpaca"] = "chat"
+    formats: list[Literal["jsonl", "parquet"]] = Field(
+        default_factory=lambda: ["jsonl", "parquet"], min_length=1
+    )
+    shard_rows: int = Field(100_000, gt=0, description="rows per data file")
     include_system: bool = False
     system_prompt: str = "You are a helpful AI assistant."
+    source_license: str = Field("odc-by", description="the license of the source text (Dolma: ODC-BY)")
 
 
 class TrackingConfig(_Strict):
@@ -199,8 +206,14 @@ class TrackingConfig(_Strict):
     experiment: str = "backforth-spark"
 
 
+class TablesConfig(_Strict):
+    # None: path-based Delta tables under <workdir>/tables; "catalog.schema": catalog tables (Unity Catalog)
+    catalog_schema: str | None = Field(None, pattern=r"^[A-Za-z_][\w]*\.[A-Za-z_][\w]*$")
+
+
 class Config(_Strict):
     workdir: str = "./.backforth"
+    tables: TablesConfig = Field(default_factory=TablesConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)

@@ -16,3 +16,4 @@ class StageContext:
     cfg: Config
     tables: Tables
     run_id: str
+    mlflow_run_id: str | None = None  # the pipeline's MLflow run, recorded in the export's lineage

@@ -98,6 +98,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     counts["rows_out"] = by_reason.get(REPRESENTATIVE, 0)
     for reason in (EXACT, URL, NEAR):
         counts[f"{reason}_duplicates"] = by_reason.get(reason, 0)
+    n_in = counts["rows_in"]
+    counts["dedup_rate"] = round(1 - counts["rows_out"] / n_in, 4) if n_in else 0.0
     return counts
 
 

@@ -10,6 +10,7 @@ regenerates that stage and the ones after it, and nothing else.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from backforth_spark.config import Config, StageConfig
 from backforth_spark.context import StageContext
 from backforth_spark.engine import Completion, Engine, GenerationParams
 from backforth_spark.text import stable_hash
+
+log = logging.getLogger(__name__)
 
 BACKTRANSLATE, SCORE, REWRITE = "backtranslate", "score", "rewrite"
 GROUND, DISTILL = "ground", "distill"  # optional: the grounding check and the distillation baseline
@@ -271,6 +274,12 @@ def llm_resource_profile(ctx: StageContext):
     llm = ctx.cfg.llm
     requests = TaskResourceRequests().cpus(llm.cpus_per_task)
     if llm.gpus_per_task > 0:
+        if ctx.spark.sparkContext.getConf().get("spark.executor.resource.gpu.amount") is None:
+            raise ValueError(
+                f"llm.gpus_per_task={llm.gpus_per_task} but the executors offer no GPUs "
+                "(spark.executor.resource.gpu.amount is not set): give them GPUs, or set "
+                "llm.gpus_per_task=0 to run the LLM stages on CPU executors"
+            )
         requests = requests.resource("gpu", llm.gpus_per_task)
     return ResourceProfileBuilder().require(requests).build
 
@@ -301,6 +310,7 @@ def run(ctx: StageContext, stage: str, engine_factory: Callable[[], Engine] | No
     counts: dict[str, int | float] = {"rows_in": n_candidates, "generated": n_todo, "commits": 0}
     counts["plan_s"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     gen_s = merge_s = 0.0
+    done = 0
     if n_todo:
         api_key = resolve_api_key(llm.openai, ctx.spark) if llm.engine == "openai" else None
         worker = generate(spec, llm, engine_factory, api_key)
@@ -325,13 +335,33 @@ def run(ctx: StageContext, stage: str, engine_factory: Callable[[], Engine] | No
             ctx.tables.merge_upsert_unless_ok(table, staged, ["passage_id", "fingerprint"])
             merge_s, clock = merge_s + time.perf_counter() - clock, time.perf_counter()
             counts["commits"] += 1
+            done += n
+            if slices > 1:  # progress of a long stage, one line per committed slice
+                tokens = staged.agg(F.sum("completion_tokens")).first()[0] or 0
+                log.info(
+                    "%s: %d/%d rows committed, %.1f output tokens/s", stage, done, n_todo, tokens / gen_s
+                )
     counts["generate_s"], counts["merge_s"] = round(gen_s, 2), round(merge_s, 2)
     current = ctx.tables.read(table).where(F.col("fingerprint") == spec.fingerprint)
-    by_status = {r["status"]: r["count"] for r in current.groupBy("status").count().collect()}
+    this_run = F.col("run_id") == ctx.run_id
+    rows = current.groupBy("status").agg(
+        F.count("*").alias("count"),
+        F.sum(F.when(this_run, F.col("prompt_tokens"))).alias("tokens_in"),
+        F.sum(F.when(this_run, F.col("completion_tokens"))).alias("tokens_out"),
+    )
+    by_status, tokens_in, tokens_out = {}, 0, 0
+    for r in rows.collect():
+        by_status[r["status"]] = r["count"]
+        tokens_in += r["tokens_in"] or 0
+        tokens_out += r["tokens_out"] or 0
     counts["rows_out"] = by_status.get("ok", 0)
     counts.update({f"status_{k}": v for k, v in sorted(by_status.items())})
     total = sum(by_status.values())
     counts["parse_failure_rate"] = round(by_status.get("parse_error", 0) / total, 4) if total else 0.0
+    counts["failure_rate"] = round(1 - counts["rows_out"] / total, 4) if total else 0.0
+    # tokens of the rows this run generated; per second of the generating Spark jobs
+    counts["tokens_in"], counts["tokens_out"] = tokens_in, tokens_out
+    counts["tokens_per_s"] = round(tokens_out / gen_s, 1) if gen_s else 0.0
     if stage in (SCORE, GROUND):
         hist = current.where("status = 'ok'").groupBy("score").count().collect()
         counts.update({f"score_{r['score']}": r["count"] for r in sorted(hist, key=lambda r: r["score"])})

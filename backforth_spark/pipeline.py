@@ -7,18 +7,34 @@ import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from backforth_spark import chunk, dedup, export, generate, ingest
 from backforth_spark import tables as t
 from backforth_spark.config import Config
 from backforth_spark.context import StageContext
+from backforth_spark.model import resolve_model
+from backforth_spark.prompts import template_source
 from backforth_spark.session import get_spark
 from backforth_spark.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "dedup", "chunk", "backtranslate", "score", "rewrite", "ground", "distill", "export")
+
+# The pipeline tables each stage reads (logged to MLflow as the stage's inputs, with their versions).
+STAGE_READS = {
+    "ingest": [t.DOCUMENTS],
+    "dedup": [t.DOCUMENTS, t.DEDUP, t.MINHASH],
+    "chunk": [t.DOCUMENTS, t.DEDUP, t.PASSAGES],
+    "backtranslate": [t.PASSAGES, t.INSTRUCTIONS],
+    "score": [t.PASSAGES, t.INSTRUCTIONS, t.SCORES],
+    "rewrite": [t.PASSAGES, t.INSTRUCTIONS, t.SCORES, t.RESPONSES],
+    "ground": [t.PASSAGES, t.RESPONSES, t.GROUNDING],
+    "distill": [t.INSTRUCTIONS, t.SCORES, t.DISTILLATIONS],
+    "export": [t.DOCUMENTS, t.PASSAGES, t.SCORES, t.RESPONSES, t.GROUNDING, t.DISTILLATIONS],
+}
 
 
 def _stage_runner(stage: str, inputs: list[str]) -> Callable[[StageContext], dict[str, Any]]:
@@ -61,10 +77,17 @@ def run_pipeline(
         raise ValueError("the ingest stage needs --input (Dolma files, folders or globs)")
     run_id = new_run_id()
     spark = get_spark(cfg.spark)
-    tables = t.Tables(spark, cfg.workdir_path / "tables", run_id)
-    ctx = StageContext(spark, cfg, tables, run_id)
+    tables = t.Tables.from_config(spark, cfg, run_id)
     tracker = Tracker(cfg)
-    tracker.start(run_id, {**cfg.flat(), "stages": ",".join(stages), "inputs": ",".join(inputs)})
+    params = {**cfg.flat(), "stages": ",".join(stages), "inputs": ",".join(inputs)}
+    templates = {}
+    if any(s in generate.LLM_STAGES or s == "export" for s in stages):
+        specs = generate.fingerprints(cfg, resolve_model(cfg.llm))
+        params["model"] = specs[generate.BACKTRANSLATE].model
+        params |= {f"template_hash.{s}": spec.template.hash for s, spec in specs.items()}
+        templates = {s: template_source(getattr(cfg.llm, s).template) for s in specs}
+    tracker.start(run_id, params, templates)
+    ctx = StageContext(spark, cfg, tables, run_id, mlflow_run_id=tracker.run_id)
     summary: dict[str, Any] = {
         "run_id": run_id,
         "mlflow_run_id": tracker.run_id,
@@ -77,19 +100,20 @@ def run_pipeline(
     try:
         for stage in stages:
             summary["failed_stage"] = stage
+            reads = {name: (tables.dataset_source(name), tables.version(name)) for name in STAGE_READS[stage]}
             started = time.perf_counter()
             counts = _stage_runner(stage, inputs)(ctx)
             counts["wall_s"] = round(time.perf_counter() - started, 2)
             summary["stages"][stage] = counts
-            tracker.stage(stage, counts)
+            # committed to Delta above; only then tracked, so a tracking failure loses no data
+            tracker.stage(stage, counts, {k: v for k, v in reads.items() if v[1] is not None})
             echo(_format_counts(stage, counts))
             if stage == "export":
                 summary["export"] = {"path": counts["path"], "pairs": counts["rows_out"]}
-                tracker.artifact(counts["path"], "export")
+                tracker.export(counts, export.read_sample(Path(counts["path"])), Path(counts["path"]))
                 if "baseline_path" in counts:
                     baseline = {"path": counts["baseline_path"], "pairs": counts["baseline_pairs"]}
                     summary["export"]["baseline"] = baseline
-                    tracker.artifact(counts["baseline_path"], "export")
         ok = True
         summary["failed_stage"] = None
     except Exception as exc:
@@ -115,7 +139,7 @@ def plan(cfg: Config, inputs: list[str], stages: list[str]) -> dict[str, Any]:
     from backforth_spark.status import status
 
     spark = get_spark(cfg.spark)
-    tables = t.Tables(spark, cfg.workdir_path / "tables")
+    tables = t.Tables.from_config(spark, cfg)
     out: dict[str, Any] = {"stages": stages, "workdir": str(cfg.workdir_path), "input_files": None}
     if "ingest" in stages:
         files = ingest.input_files(spark, cfg.ingest, inputs).select("path", "length")

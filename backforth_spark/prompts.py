@@ -10,13 +10,12 @@ import json
 import re
 import string
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from backforth_spark.text import stable_hash
-
-TEMPLATE_DIR = Path(__file__).parent / "prompts"
 
 OK = "ok"
 PARSE_ERROR = "parse_error"
@@ -48,21 +47,32 @@ class Template:
         return messages
 
 
+def template_source(name_or_path: str) -> tuple[str, str]:
+    """(name, YAML text) of a template given by name (a file in backforth_spark/prompts/) or by path.
+    Built-in templates are read as package resources, so they load from a zip or wheel (--py-files) too."""
+    if Path(name_or_path).suffix in (".yaml", ".yml"):
+        path = Path(name_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"no prompt template file {name_or_path!r}")
+        return path.stem, path.read_text()
+    builtin = resources.files("backforth_spark") / "prompts"
+    resource = builtin / f"{name_or_path}.yaml"
+    if not resource.is_file():
+        known = sorted(r.name.removesuffix(".yaml") for r in builtin.iterdir() if r.name.endswith(".yaml"))
+        raise FileNotFoundError(f"no prompt template {name_or_path!r}; known: {known}")
+    return name_or_path, resource.read_text()
+
+
 def load_template(name_or_path: str) -> Template:
     """A template by name (a file in backforth_spark/prompts/) or by path to a YAML file."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = TEMPLATE_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no prompt template {name_or_path!r}; known: {known}")
-    data = yaml.safe_load(path.read_text())
+    name, text = template_source(name_or_path)
+    data = yaml.safe_load(text)
     fields = set()
-    for text in (data.get("system"), data["user"]):
-        if text:
-            fields |= {f for _, f, _, _ in string.Formatter().parse(text) if f}
+    for part in (data.get("system"), data["user"]):
+        if part:
+            fields |= {f for _, f, _, _ in string.Formatter().parse(part) if f}
     return Template(
-        name=path.stem,
+        name=name,
         user=data["user"],
         system=data.get("system"),
         structured_regex=data.get("structured_regex"),

@@ -19,7 +19,9 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(cfg.app_name)
-    if cfg.master:
+    # spark-submit's --master wins: a config written for local runs must not pull a submitted job
+    # off its cluster
+    if cfg.master and _submitted_master() is None:
         builder = builder.master(cfg.master)
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
@@ -31,3 +33,15 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
         )
         builder = configure_spark_with_delta_pip(builder)
     return builder.getOrCreate()
+
+
+def _submitted_master() -> str | None:
+    """The master spark-submit was given, or None when this process starts its own JVM."""
+    # spark-submit starts the JVM first and hands Python its gateway through this variable; only then
+    # is there a launcher conf to read (asking otherwise would start a JVM before Delta's jars are set)
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return None
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()
+    return SparkConf().get("spark.master", None)

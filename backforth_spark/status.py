@@ -10,7 +10,6 @@ from backforth_spark.context import StageContext
 def status(ctx: StageContext) -> dict[str, Any]:
     """Row count and Delta version per table; per LLM stage (current fingerprints): done, pending (owed,
     with attempts left), failed rows by status, and failures out of attempts; the last run seen."""
-    from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
     from backforth_spark import generate
@@ -28,7 +27,7 @@ def status(ctx: StageContext) -> dict[str, Any]:
         if not ctx.tables.exists(name):
             out["tables"][name] = {"rows": 0, "version": None}
             continue
-        version = DeltaTable.forPath(ctx.spark, ctx.tables.location(name)).history(1).first()["version"]
+        version = ctx.tables.version(name)
         df = ctx.tables.read(name)
         row = df.agg(F.count("*").alias("n"), F.max(F.struct("written_at", "run_id")).alias("last")).first()
         out["tables"][name] = {"rows": row["n"], "version": version}

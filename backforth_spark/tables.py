@@ -205,49 +205,106 @@ def _conflict_types() -> tuple[type[BaseException], ...]:
 
 @dataclass(frozen=True)
 class Tables:
-    """Where the pipeline's Delta tables live, and how to read and write them. Staging tables live under
-    `_staging/<run_id>/`, so concurrent runs never overwrite each other's."""
+    """Where the pipeline's Delta tables live, and how to read and write them.
+
+    Path-based (local, any Hadoop filesystem): `<root>/<name>`, staging under `<root>/_staging/<run_id>/`.
+    Catalog-based (Unity Catalog, or any Spark catalog; `catalog_schema` = "catalog.schema"):
+    `catalog.schema.<name>`, staging in `catalog.schema._staging_<run_id>_<name>`. Staging is per run
+    either way, so concurrent runs never overwrite each other's."""
 
     spark: SparkSession
     root: Path
     run_id: str = "shared"
     merge_retries: int = 5
+    catalog_schema: str | None = None
+
+    @classmethod
+    def from_config(cls, spark: SparkSession, cfg, run_id: str = "shared") -> Tables:
+        """The tables of a config: catalog-based with `tables.catalog_schema`, else under workdir/tables."""
+        return cls(spark, cfg.workdir_path / "tables", run_id, catalog_schema=cfg.tables.catalog_schema)
 
     def location(self, name: str) -> str:
-        return str(self.root / name)
+        """The table's path, or its catalog name."""
+        return f"{self.catalog_schema}.{name}" if self.catalog_schema else str(self.root / name)
+
+    def dataset_source(self, name: str) -> dict[str, str]:
+        """How MLflow names the table: {"path": ...} or {"delta_table_name": ...}."""
+        return {"delta_table_name" if self.catalog_schema else "path": self.location(name)}
+
+    def _delta(self, name: str):
+        from delta.tables import DeltaTable
+
+        if self.catalog_schema:
+            return DeltaTable.forName(self.spark, self.location(name))
+        return DeltaTable.forPath(self.spark, self.location(name))
 
     def exists(self, name: str) -> bool:
         from delta.tables import DeltaTable
 
+        if self.catalog_schema:
+            return self.spark.catalog.tableExists(self.location(name))
         return DeltaTable.isDeltaTable(self.spark, self.location(name))
 
-    def read(self, name: str) -> DataFrame:
+    def version(self, name: str) -> int | None:
+        """The table's current Delta version (None if it does not exist yet)."""
+        if not self.exists(name):
+            return None
+        return self._delta(name).history(1).first()["version"]
+
+    def read(self, name: str, version: int | None = None) -> DataFrame:
+        """The table (empty with its schema if it does not exist yet); `version`: as of that Delta version."""
         if not self.exists(name):
             return self.spark.createDataFrame([], SCHEMAS[name])
-        return self.spark.read.format("delta").load(self.location(name))
+        if self.catalog_schema:
+            as_of = f" VERSION AS OF {int(version)}" if version is not None else ""
+            return self.spark.sql(f"SELECT * FROM {self.location(name)}{as_of}")
+        reader = self.spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        return reader.load(self.location(name))
+
+    def _save(self, df: DataFrame, where: str, mode: str) -> None:
+        writer = df.write.format("delta").mode(mode)
+        if mode == "overwrite":
+            writer = writer.option("overwriteSchema", "true")
+        if self.catalog_schema:
+            writer.saveAsTable(where)
+        else:
+            writer.save(where)
 
     def ensure(self, name: str) -> None:
         """Create the table empty with its declared schema if it does not exist yet."""
         if not self.exists(name):
-            empty = self.spark.createDataFrame([], SCHEMAS[name])
-            empty.write.format("delta").mode("ignore").save(self.location(name))
+            self._save(self.spark.createDataFrame([], SCHEMAS[name]), self.location(name), "ignore")
+
+    def _staging_location(self, name: str) -> str:
+        if self.catalog_schema:
+            return f"{self.catalog_schema}.{self._staging_prefix}{name}"
+        return str(self.root / "_staging" / self.run_id / name)
+
+    @property
+    def _staging_prefix(self) -> str:
+        return "_staging_" + "".join(c if c.isalnum() else "_" for c in self.run_id).lower() + "_"
 
     def stage(self, name: str, df: DataFrame) -> DataFrame:
         """Materialise `df` in a staging Delta table (overwritten each time) and read it back."""
-        path = str(self.root / "_staging" / self.run_id / name)
-        df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(path)
-        return self.spark.read.format("delta").load(path)
+        where = self._staging_location(name)
+        self._save(df, where, "overwrite")
+        return self.spark.table(where) if self.catalog_schema else self.spark.read.format("delta").load(where)
 
     def _merge(self, name: str, df: DataFrame, keys: list[str]):
-        from delta.tables import DeltaTable
-
         self.ensure(name)
         cond = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        return DeltaTable.forPath(self.spark, self.location(name)).alias("t").merge(df.alias("s"), cond)
+        return self._delta(name).alias("t").merge(df.alias("s"), cond)
 
     def drop_staging(self) -> None:
-        """Remove this run's staging tables (local filesystem)."""
-        shutil.rmtree(self.root / "_staging" / self.run_id, ignore_errors=True)
+        """Remove this run's staging tables."""
+        if not self.catalog_schema:
+            shutil.rmtree(self.root / "_staging" / self.run_id, ignore_errors=True)
+            return
+        for table in self.spark.catalog.listTables(self.catalog_schema):
+            if table.name.startswith(self._staging_prefix):
+                self.spark.sql(f"DROP TABLE IF EXISTS {self.catalog_schema}.{table.name}")
 
     def _commit(self, name: str, build) -> dict[str, int]:
         """Build and execute a MERGE; returns its metrics (num_inserted_rows, num_updated_rows, ...).

@@ -82,7 +82,7 @@ def stage(cfg: Config, texts: list[str]) -> dict:
 
     spark = get_spark(cfg.spark)
     spark.sparkContext.setLogLevel("ERROR")
-    tables = t.Tables(spark, cfg.workdir_path / "tables")
+    tables = t.Tables.from_config(spark, cfg)
     rows = [(f"p{i:06d}", f"bench/{i}", 0, p, 0, "ok", False, None) for i, p in enumerate(texts)]
     df = spark.createDataFrame(rows, t.without_lineage(t.PASSAGES_SCHEMA))
     tables.merge_insert_new(

@@ -1,36 +1,39 @@
 # Databricks notebook source
 # MAGIC %md
 # MAGIC # backforth-spark quickstart
-# MAGIC Runs the back-and-forth pipeline on the cluster's Spark session. Install the project wheel (with the
-# MAGIC `gpu` extra on GPU clusters) as a cluster or job library first. Set the widgets, then run all.
+# MAGIC Runs the whole back-and-forth pipeline on this cluster's Spark session, with Unity Catalog tables.
+# MAGIC Install the project wheel (and `vllm` on GPU clusters) as a cluster or job library first; the
+# MAGIC bundle (`databricks.yml`) does both. Set the widgets, then run all.
 
 # COMMAND ----------
 
-dbutils.widgets.text("input", "/Volumes/main/default/dolma/documents", "Dolma files")
-dbutils.widgets.text("workdir", "/Volumes/main/default/backforth", "Work folder")
-dbutils.widgets.text("model", "HuggingFaceTB/SmolLM2-1.7B-Instruct", "Model")
+dbutils.widgets.text("config", "../conf/databricks.yaml", "Config file")
+dbutils.widgets.text("catalog_schema", "main.backforth", "Tables (catalog.schema)")
+dbutils.widgets.text("input", "/Volumes/main/backforth/dolma", "Dolma files")
+dbutils.widgets.text("model", "meta-llama/Llama-3.1-8B-Instruct", "Model")
 
 # COMMAND ----------
 
 from backforth_spark.config import load_config
-from backforth_spark.pipeline import STAGES, run_pipeline
+from backforth_spark.pipeline import parse_stages, run_pipeline
 
 cfg = load_config(
-    None,
+    dbutils.widgets.get("config"),
     [
-        f"workdir={dbutils.widgets.get('workdir')}",
+        f"tables.catalog_schema={dbutils.widgets.get('catalog_schema')}",
         f"llm.model={dbutils.widgets.get('model')}",
-        "spark.configure_delta=false",  # Databricks ships Delta Lake
-        "tracking.tracking_uri=databricks",
     ],
 )
-summary = run_pipeline(cfg, [dbutils.widgets.get("input")], list(STAGES))
-summary
+summary = run_pipeline(cfg, [dbutils.widgets.get("input")], parse_stages(None, cfg))
+assert summary["error"] is None, summary["error"]
+summary["stages"]
 
 # COMMAND ----------
 
-# MAGIC %md ## The kept pairs
+# MAGIC %md ## The exported pairs
+# MAGIC The export folder loads with `datasets.load_dataset(path)`; its `README.md` is the dataset card.
 
 # COMMAND ----------
 
-display(spark.read.format("delta").load(summary["tables"]["responses"]).where("status = 'ok'"))
+print(summary["export"])
+display(spark.read.parquet(f"{summary['export']['path']}/data"))

@@ -68,6 +68,7 @@ def test_pipeline_end_to_end_on_the_real_engine(tmp_path, spark):
     summary, stdout = _run(tmp_path / "work", tmp_path / "in", tmp_path / "summary.json")
     stages = summary["stages"]
     assert list(stages) == ["ingest", "dedup", "chunk", "backtranslate", "score", "rewrite", "export"]
+    assert summary["tracking_error"] is None
     for stage in stages:
         assert f"{stage} " in stdout  # a row count per stage is printed
 
@@ -96,7 +97,9 @@ def test_pipeline_end_to_end_on_the_real_engine(tmp_path, spark):
 
     # the judge went through vLLM's JSON structured outputs: every grade parsed
     assert stages["score"]["parse_failure_rate"] == 0.0
-    pairs = [json.loads(line) for line in Path(summary["export"]["path"]).read_text().splitlines()]
+    export_dir = Path(summary["export"]["path"])
+    pairs = [json.loads(line) for f in sorted(export_dir.glob("data/*.jsonl")) for line in f.open()]
+    assert len(list(export_dir.glob("data/*.parquet"))) == 1 and (export_dir / "README.md").exists()
     exp = stages["export"]
     assert len(pairs) == summary["export"]["pairs"] == exp["rows_out"] > 0
     # every rewrite is exported or removed by a named policy
@@ -117,7 +120,19 @@ def test_pipeline_end_to_end_on_the_real_engine(tmp_path, spark):
     assert run.data.params["chunk.max_tokens"] == "512"
     assert run.data.metrics["ingest.rows_in"] == n_lines
     assert run.data.metrics["export.rows_out"] == len(pairs)
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "export")] == ["export/pairs.jsonl"]
+    assert run.data.params["template_hash.score"] and run.data.params["model"].endswith(
+        "SmolLM2-135M-Instruct"
+    )
+    assert run.data.metrics["backtranslate.tokens_out"] > 0
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "export/pairs")] == [
+        "export/pairs/README.md"
+    ]
+    artifacts = {
+        a.path for d in ("samples", "plots", "prompts") for a in client.list_artifacts(run.info.run_id, d)
+    }
+    assert {"samples/pairs.json", "plots/scores.png", "plots/response_words.png"} <= artifacts
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert {r.info.run_name for r in children} == set(stages)  # a nested run per stage
 
     # A scheduled refresh after a new file lands: only the new document flows through the stages;
     # nothing done before is generated again (max_attempts=1: failed rows are not retried either).

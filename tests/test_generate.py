@@ -1,6 +1,7 @@
 """LLM stages with engine doubles: failure injection only. The real engine runs in test_e2e.py."""
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -128,6 +129,19 @@ def test_rerun_retries_only_failed_rows_and_never_duplicates(make_ctx):
     assert dry["would_generate"] == {"backtranslate": 0, "score": 3} and dry["input_files"] is None
 
 
+def test_a_stage_cut_into_slices_logs_its_progress_and_counts_tokens(make_ctx, caplog):
+    ctx = make_ctx("llm.commit_rows=2")
+    _add_passages(ctx, ["one", "two", "three", "four", "five"])
+    with caplog.at_level(logging.INFO, logger="backforth_spark.generate"):
+        counts = generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine())
+    assert counts["commits"] == 3 and counts["generated"] == 5
+    progress = [r.getMessage() for r in caplog.records if "rows committed" in r.getMessage()]
+    assert len(progress) == 3 and progress[-1].startswith("backtranslate: 5/5 rows committed")
+    assert "output tokens/s" in progress[0]
+    # the double reports 10 prompt and 5 completion tokens per row
+    assert (counts["tokens_in"], counts["tokens_out"], counts["failure_rate"]) == (50, 25, 0.0)
+
+
 def test_score_stage_reads_only_ok_instructions_of_the_current_fingerprint(make_ctx):
     ctx = make_ctx()
     _add_passages(ctx, ["alpha text", "beta text"])
@@ -161,6 +175,10 @@ class ByContent(ScriptedEngine):
             text = c[-1]["content"]
             out.append(next((r for k, r in self.replies.items() if k in text), self.reply))
         return [Completion(r, "stop", 10, 5) for r in out]
+
+
+def _exported(dataset_dir):
+    return [json.loads(x) for f in sorted(Path(dataset_dir).glob("data/*.jsonl")) for x in f.open()]
 
 
 def test_curation_policies_and_distillation_baseline_count_what_they_remove(make_ctx):
@@ -200,9 +218,10 @@ def test_curation_policies_and_distillation_baseline_count_what_they_remove(make
     assert counts["removed_repeats_instruction"] == 1
     assert counts["removed_ungrounded"] == 1
     assert counts["rows_out"] == 1 and counts["rows_in"] == 4
-    [pair] = [json.loads(x) for x in Path(counts["path"]).read_text().splitlines()]
+    assert counts["keep_rate"] == round(1 / 5, 4)  # of the five judged pairs, one is exported
+    [pair] = _exported(counts["path"])
     assert pair["messages"][1]["content"].startswith("Bring salted water")
-    baseline = [json.loads(x) for x in Path(counts["baseline_path"]).read_text().splitlines()]
+    baseline = _exported(counts["baseline_path"])
     assert counts["baseline_pairs"] == len(baseline) == 4
     assert {b["messages"][1]["content"] for b in baseline} == {"Use a big pot."}
 
