@@ -186,14 +186,15 @@ def _parquet_schema(cfg: ExportConfig):
     return pa.schema(head + lineage)
 
 
-def write_dataset(rows, out_dir: Path, record: Callable[[dict], dict], card: str, cfg: ExportConfig) -> int:
-    """Stream `rows` (a DataFrame) into shard files under out_dir/data and `card` into
-    out_dir/README.md; returns the row count. Written into a temporary folder and swapped in, so a
+def write_dataset(
+    rows, n_rows: int, out_dir: Path, record: Callable[[dict], dict], card: str, cfg: ExportConfig
+) -> None:
+    """Stream `rows` (a staged DataFrame of `n_rows` rows) into shard files under out_dir/data and `card`
+    into out_dir/README.md. Written into a temporary folder and swapped in, so a
     reader never sees half an export; partition by partition, so the driver never holds the whole set."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    n_rows = rows.count()
     names = shard_names(n_rows, cfg.shard_rows)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -214,7 +215,9 @@ def write_dataset(rows, out_dir: Path, record: Callable[[dict], dict], card: str
         if "parquet" in cfg.formats:
             pq.write_table(pa.Table.from_pylist(batch, schema=schema), tmp / "data" / f"{name}.parquet")
     if n != n_rows:
-        raise RuntimeError(f"export of {out_dir.name}: counted {n_rows} rows but wrote {n}; rerun the export")
+        raise RuntimeError(
+            f"export of {out_dir.name}: expected {n_rows} rows but wrote {n}; rerun the export"
+        )
     (tmp / "README.md").write_text(card, encoding="utf-8")
     old = out_dir.with_name(f".{out_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -222,7 +225,6 @@ def write_dataset(rows, out_dir: Path, record: Callable[[dict], dict], card: str
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-    return n
 
 
 def _stats(pairs, counts: dict[str, Any], n_rows: int, cfg: ExportConfig) -> dict[str, Any]:
@@ -330,7 +332,7 @@ def run(ctx: StageContext) -> dict[str, int | str]:
     counts |= {f"score_{k}": v for k, v in stats["scores"].items()}
     counts |= {f"response_words_{k.replace('+', 'plus')}": v for k, v in stats["response_words"].items()}
     card = dataset_card("backforth-spark pairs", stats, lineage, ctx.cfg)
-    write_dataset(pairs, path, record, card, exp)
+    write_dataset(pairs, stats["rows"], path, record, card, exp)
     counts["path"] = str(path)
 
     if cur.distillation_baseline:
@@ -346,9 +348,10 @@ def run(ctx: StageContext) -> dict[str, int | str]:
         ).orderBy("passage_id")  # fmt: skip
         base_path = out_dir / BASELINE_DIR
 
-        stats = _stats(baseline, {}, baseline.count(), exp)
-        stats["counts"] = {"rows_out": stats["rows"]}
+        n = baseline.count()
+        stats = _stats(baseline, {"rows_out": n}, n, exp)
         card = dataset_card("backforth-spark distillation baseline", stats, lineage, ctx.cfg)
-        counts["baseline_pairs"] = write_dataset(baseline, base_path, record, card, exp)
+        write_dataset(baseline, n, base_path, record, card, exp)
+        counts["baseline_pairs"] = n
         counts["baseline_path"] = str(base_path)
     return counts
