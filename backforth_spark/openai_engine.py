@@ -6,14 +6,13 @@ retried with exponential backoff (honouring Retry-After). A request that still f
 conversation's error: the rest of the batch is kept. Prompt tokens are counted before sending with the
 model's own tokenizer, so a prompt too long for the context is never sent.
 
-The API key is resolved on the driver (`resolve_api_key`) and handed to the workers; it goes only into the
-Authorization header, never into logs, errors, MLflow or tables.
+The API key is resolved on the driver (`stages.generate.resolve_api_key`) and handed to the workers;
+it goes only into the Authorization header, never into logs, errors, MLflow or tables.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -25,17 +24,6 @@ from backforth_spark.config import LLMConfig, OpenAIConfig
 from backforth_spark.engine import Completion, Conversation, GenerationParams, count_chat_tokens
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
-def resolve_api_key(cfg: OpenAIConfig, spark=None) -> str | None:
-    """The API key from a Databricks secret (when a scope and key are configured) or the environment."""
-    if cfg.databricks_secret_scope and cfg.databricks_secret_key:
-        from pyspark.dbutils import DBUtils  # only on Databricks
-
-        return DBUtils(spark).secrets.get(cfg.databricks_secret_scope, cfg.databricks_secret_key)
-    if cfg.api_key_env:
-        return os.environ.get(cfg.api_key_env) or None
-    return None
 
 
 class HTTPError(Exception):
@@ -139,7 +127,10 @@ class OpenAIEngine:
             with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
                 return json.load(resp)
         except urllib.error.HTTPError as exc:
-            detail = exc.read()[:300].decode("utf-8", "replace")
+            detail = exc.read()[:2000].decode("utf-8", "replace")
+            if self.api_key:  # a server or proxy may echo the request, Authorization header included
+                detail = detail.replace(self.api_key, "<redacted>")
+            detail = detail[:300]
             err = HTTPError(exc.code, f"HTTP {exc.code} from {path}: {detail}")
             retry_after = exc.headers.get("Retry-After") if exc.headers else None
             if retry_after and retry_after.isdigit():

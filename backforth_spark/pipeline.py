@@ -5,112 +5,119 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from backforth_spark import chunk, dedup, export, generate, ingest
-from backforth_spark import tables as t
+from pyspark.sql import functions as F
+
 from backforth_spark.config import Config
 from backforth_spark.context import StageContext
+from backforth_spark.dataset import read_sample
+from backforth_spark.engine import Engine
+from backforth_spark.generation import check_config
 from backforth_spark.model import resolve_model
 from backforth_spark.prompts import template_source
 from backforth_spark.session import get_spark
+from backforth_spark.stages import STAGES, Stage, llm_tasks
+from backforth_spark.stages.generate import current_specs
+from backforth_spark.stages.ingest import input_files
+from backforth_spark.status import status
+from backforth_spark.tables import Tables
 from backforth_spark.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-STAGES = ("ingest", "dedup", "chunk", "backtranslate", "score", "rewrite", "ground", "distill", "export")
-
-# The pipeline tables each stage reads (logged to MLflow as the stage's inputs, with their versions).
-STAGE_READS = {
-    "ingest": [t.DOCUMENTS],
-    "dedup": [t.DOCUMENTS, t.DEDUP, t.MINHASH],
-    "chunk": [t.DOCUMENTS, t.DEDUP, t.PASSAGES],
-    "backtranslate": [t.PASSAGES, t.INSTRUCTIONS],
-    "score": [t.PASSAGES, t.INSTRUCTIONS, t.SCORES],
-    "rewrite": [t.PASSAGES, t.INSTRUCTIONS, t.SCORES, t.RESPONSES],
-    "ground": [t.PASSAGES, t.RESPONSES, t.GROUNDING],
-    "distill": [t.INSTRUCTIONS, t.SCORES, t.DISTILLATIONS],
-    "export": [t.DOCUMENTS, t.PASSAGES, t.SCORES, t.RESPONSES, t.GROUNDING, t.DISTILLATIONS],
-}
-
-
-def _stage_runner(stage: str, inputs: list[str]) -> Callable[[StageContext], dict[str, Any]]:
-    if stage == "ingest":
-        return lambda ctx: ingest.run(ctx, inputs)
-    if stage in generate.LLM_STAGES:
-        return lambda ctx: generate.run(ctx, stage)
-    return {"dedup": dedup.run, "chunk": chunk.run, "export": export.run}[stage]
-
-
-def parse_stages(spec: str | None, cfg: Config | None = None) -> list[str]:
-    """`a,b` -> validated stage names in pipeline order; None -> every stage the config enables
-    (`ground` with curate.grounding, `distill` with curate.distillation_baseline)."""
-    if not spec:
-        optional = {
-            "ground": cfg and cfg.curate.grounding,
-            "distill": cfg and cfg.curate.distillation_baseline,
-        }
-        return [s for s in STAGES if optional.get(s, True)]
-    wanted = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    return [s for s in STAGES if s in wanted]
 
 
 def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
+# stages that need the generation model (its tokenizer or the engine) before they start
+_NEEDS_MODEL = ("chunk", "export")
+
+
+def preflight(
+    cfg: Config, inputs: Sequence[str], stages: Sequence[Stage], pipeline: Sequence[Stage] = STAGES
+) -> None:
+    """What can be checked before Spark starts: the config against the stage records, the input, the
+    model. Raises ValueError (ConfigError) or FileNotFoundError (ModelNotFoundError) saying what to fix."""
+    if any(st.name == "ingest" for st in stages) and not inputs:
+        raise ValueError("the ingest stage needs --input (Dolma files, folders or globs)")
+    check_config(cfg, llm_tasks(pipeline))
+    if any(st.llm is not None or st.name in _NEEDS_MODEL for st in stages):
+        resolve_model(cfg.llm)  # a model that was never pulled: one clear error, before Spark starts
+
+
+def context_for(
+    cfg: Config,
+    run_id: str,
+    inputs: Sequence[str] = (),
+    stages: Sequence[Stage] = (),
+    pipeline: Sequence[Stage] = STAGES,
+    engine_factory: Callable[[], Engine] | None = None,
+) -> StageContext:
+    """A context for `stages` of `pipeline` (the whole ordered record list: the fingerprint chain), after
+    `preflight`."""
+    preflight(cfg, inputs, stages, pipeline)
+    tasks = llm_tasks(pipeline)
+    spark = get_spark(cfg.spark)
+    tables = Tables.from_config(spark, cfg, run_id, tasks)
+    return StageContext(spark, cfg, tables, run_id, None, tuple(inputs), tasks, engine_factory)
+
+
 def run_pipeline(
     cfg: Config,
-    inputs: list[str],
-    stages: list[str],
+    inputs: Sequence[str],
+    stages: Sequence[Stage],
     echo: Callable[[str], None] = print,
+    pipeline: Sequence[Stage] = STAGES,
+    engine_factory: Callable[[], Engine] | None = None,
 ) -> dict[str, Any]:
-    """Run `stages`; returns the run summary. A failed stage stops the run and is named in
-    `summary["error"]` (stages before it have committed their tables)."""
-    if "ingest" in stages and not inputs:
-        raise ValueError("the ingest stage needs --input (Dolma files, folders or globs)")
+    """Run `stages` (records of `pipeline`, in order); returns the run summary. A failed stage stops the
+    run and is named in `summary["failed_stage"]` and `summary["error"]` (stages before it have committed
+    their tables). A bad config or missing input raises ValueError before anything runs."""
     run_id = new_run_id()
-    spark = get_spark(cfg.spark)
-    tables = t.Tables.from_config(spark, cfg, run_id)
+    ctx = context_for(cfg, run_id, inputs, stages, pipeline, engine_factory)
     tracker = Tracker(cfg)
-    params = {**cfg.flat(), "stages": ",".join(stages), "inputs": ",".join(inputs)}
+    params = {**cfg.flat(), "stages": ",".join(st.name for st in stages), "inputs": ",".join(inputs)}
     templates = {}
-    if any(s in generate.LLM_STAGES or s == "export" for s in stages):
-        specs = generate.fingerprints(cfg, resolve_model(cfg.llm))
-        params["model"] = specs[generate.BACKTRANSLATE].model
-        params |= {f"template_hash.{s}": spec.template.hash for s, spec in specs.items()}
-        templates = {s: template_source(getattr(cfg.llm, s).template) for s in specs}
+    if any(st.llm is not None or st.name == "export" for st in stages):
+        specs = current_specs(ctx)
+        params["model"] = next(iter(specs.values())).model
+        params |= {f"template_hash.{name}": spec.template.hash for name, spec in specs.items()}
+        templates = {name: template_source(cfg.llm.stage(name).template) for name in specs}
     tracker.start(run_id, params, templates)
-    ctx = StageContext(spark, cfg, tables, run_id, mlflow_run_id=tracker.run_id)
+    ctx = replace(ctx, mlflow_run_id=tracker.run_id)
+    tables = ctx.tables
     summary: dict[str, Any] = {
         "run_id": run_id,
         "mlflow_run_id": tracker.run_id,
         "stages": {},
         "export": None,
-        "tables": {name: tables.location(name) for name in t.SCHEMAS},
+        "tables": {name: tables.location(name) for name in tables.schemas},
+        "error": None,
+        "failed_stage": None,
+        "reads": {},  # the tables each stage actually read (its record declares them too)
     }
     ok = False
-    summary["error"] = None
     try:
         for stage in stages:
-            summary["failed_stage"] = stage
-            reads = {name: (tables.dataset_source(name), tables.version(name)) for name in STAGE_READS[stage]}
-            started = time.perf_counter()
-            counts = _stage_runner(stage, inputs)(ctx)
+            summary["failed_stage"] = stage.name
+            reads = {name: (tables.dataset_source(name), tables.version(name)) for name in stage.reads}
+            started, mark = time.perf_counter(), len(tables.read_log)
+            counts = stage.run(ctx)
+            summary["reads"][stage.name] = sorted(set(tables.read_log[mark:]))
             counts["wall_s"] = round(time.perf_counter() - started, 2)
-            summary["stages"][stage] = counts
+            summary["stages"][stage.name] = counts
             # committed to Delta above; only then tracked, so a tracking failure loses no data
-            tracker.stage(stage, counts, {k: v for k, v in reads.items() if v[1] is not None})
-            echo(_format_counts(stage, counts))
-            if stage == "export":
+            tracker.stage(stage.name, counts, {k: v for k, v in reads.items() if v[1] is not None})
+            echo(format_counts(stage.name, counts))
+            if stage.name == "export":
                 summary["export"] = {"path": counts["path"], "pairs": counts["rows_out"]}
-                tracker.export(counts, export.read_sample(Path(counts["path"])), Path(counts["path"]))
+                tracker.export(counts, read_sample(Path(counts["path"])), Path(counts["path"]))
                 if "baseline_path" in counts:
                     baseline = {"path": counts["baseline_path"], "pairs": counts["baseline_pairs"]}
                     summary["export"]["baseline"] = baseline
@@ -126,28 +133,27 @@ def run_pipeline(
     return summary
 
 
-def _format_counts(stage: str, counts: dict[str, Any]) -> str:
+def format_counts(stage: str, counts: dict[str, Any]) -> str:
     rest = " ".join(f"{k}={v}" for k, v in counts.items() if k not in ("rows_in", "rows_out"))
     return f"{stage:<14} in={counts.get('rows_in')} out={counts.get('rows_out')} {rest}"
 
 
-def plan(cfg: Config, inputs: list[str], stages: list[str]) -> dict[str, Any]:
+def plan(
+    cfg: Config, inputs: Sequence[str], stages: Sequence[Stage], pipeline: Sequence[Stage] = STAGES
+) -> dict[str, Any]:
     """What `run` would do, without doing it: the stages, the input files (ingest), and per LLM stage
     how many rows it owes now (upstream stages in this run may add more)."""
-    from pyspark.sql import functions as F
-
-    from backforth_spark.status import status
-
-    spark = get_spark(cfg.spark)
-    tables = t.Tables.from_config(spark, cfg)
-    out: dict[str, Any] = {"stages": stages, "workdir": str(cfg.workdir_path), "input_files": None}
-    if "ingest" in stages:
-        files = ingest.input_files(spark, cfg.ingest, inputs).select("path", "length")
+    ctx = context_for(cfg, "dry-run", inputs, stages, pipeline)
+    out: dict[str, Any] = {
+        "stages": [st.name for st in stages],
+        "workdir": str(cfg.workdir_path),
+        "input_files": None,
+    }
+    if any(st.name == "ingest" for st in stages):
+        files = input_files(ctx.spark, cfg.ingest, inputs).select("path", "length")
         row = files.agg(F.count("*").alias("n"), F.sum("length").alias("bytes")).first()
         out["input_files"] = {"files": row["n"], "bytes": row["bytes"] or 0}
-    report = status(StageContext(spark, cfg, tables, "dry-run"))
+    report = status(ctx)
     out["tables"] = {name: info["rows"] for name, info in report["tables"].items()}
-    out["would_generate"] = {
-        s: report["llm_stages"][s]["pending"] for s in stages if s in generate.LLM_STAGES
-    }
+    out["would_generate"] = {st.name: report["llm_stages"][st.name]["pending"] for st in stages if st.llm}
     return out

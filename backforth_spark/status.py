@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyspark.sql import functions as F
+
 from backforth_spark.context import StageContext
+from backforth_spark.stages.generate import current_specs, pending, stage_inputs
 
 
 def status(ctx: StageContext) -> dict[str, Any]:
     """Row count and Delta version per table; per LLM stage (current fingerprints): done, pending (owed,
     with attempts left), failed rows by status, and failures out of attempts; the last run seen."""
-    from pyspark.sql import functions as F
-
-    from backforth_spark import generate
-    from backforth_spark import tables as t
-    from backforth_spark.model import resolve_model
-
     out: dict[str, Any] = {
         "workdir": str(ctx.cfg.workdir_path),
         "tables": {},
@@ -23,7 +20,7 @@ def status(ctx: StageContext) -> dict[str, Any]:
         "last_run": None,
     }
     last: tuple | None = None
-    for name in t.SCHEMAS:
+    for name in ctx.tables.schemas:
         if not ctx.tables.exists(name):
             out["tables"][name] = {"rows": 0, "version": None}
             continue
@@ -36,17 +33,16 @@ def status(ctx: StageContext) -> dict[str, Any]:
     if last is not None:
         out["last_run"] = {"run_id": last[1], "written_at": last[0].isoformat()}
 
-    specs = generate.fingerprints(ctx.cfg, resolve_model(ctx.cfg.llm))
-    for stage in generate.LLM_STAGES:
-        table = generate.STAGE_TABLE[stage]
-        spec = specs[stage]
-        rows = ctx.tables.read(table).where(F.col("fingerprint") == spec.fingerprint)
+    specs = current_specs(ctx)
+    for task in ctx.llm_tasks:
+        spec = specs[task.name]
+        rows = ctx.tables.read(task.table).where(F.col("fingerprint") == spec.fingerprint)
         by_status = {r["status"]: r["count"] for r in rows.groupBy("status").count().collect()}
         exhausted = rows.where(
             (F.col("status") != "ok") & (F.col("attempts") >= ctx.cfg.llm.max_attempts)
         ).count()
-        owed = generate.pending(ctx, table, generate.stage_inputs(ctx, stage, specs), spec).count()
-        out["llm_stages"][stage] = {
+        owed = pending(ctx, task, stage_inputs(ctx, task, specs), spec).count()
+        out["llm_stages"][task.name] = {
             "fingerprint": spec.fingerprint,
             "done": by_status.get("ok", 0),
             "pending": owed,

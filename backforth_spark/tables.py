@@ -1,6 +1,8 @@
-"""Table names and schemas, declared once. A stage's contract is the schema of what it writes.
+"""The pipeline's Delta tables: where they live and how to read and MERGE them (Spark side).
 
-Tables are path-based Delta tables under `<workdir>/tables/<name>`.
+Names and columns are declared in backforth_spark/schemas.py (and, for the LLM tables, in the stage
+records); this module turns them into Spark schemas. Path-based tables live under `<workdir>/tables/<name>`,
+catalog tables at `catalog.schema.<name>`.
 """
 
 from __future__ import annotations
@@ -9,172 +11,47 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from delta import exceptions as delta_errors
+from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
+from backforth_spark.generation import LLM_TASKS, LLMTask
+from backforth_spark.schemas import CORE_TABLES, LINEAGE, LINEAGE_NAMES, Column
+
 log = logging.getLogger(__name__)
 
-DOCUMENTS = "documents"
-QUARANTINE = "quarantine"
-DEDUP = "dedup_decisions"
-MINHASH = "minhash_signatures"
-PASSAGES = "passages"
-INSTRUCTIONS = "instructions"
-SCORES = "scores"
-RESPONSES = "responses"
-GROUNDING = "grounding"
-DISTILLATIONS = "distillations"
-
-# Lineage columns carried by every row a stage writes.
-LINEAGE = [
-    T.StructField("run_id", T.StringType(), False),
-    T.StructField("written_at", T.TimestampType(), False),
-]
-
-DOCUMENTS_SCHEMA = T.StructType(
-    [
-        T.StructField("doc_key", T.StringType(), False),  # "<source>/<id>"
-        T.StructField("source", T.StringType(), False),
-        T.StructField("id", T.StringType(), False),
-        T.StructField("text", T.StringType(), False),
-        T.StructField("added", T.StringType(), True),
-        T.StructField("created", T.StringType(), True),
-        T.StructField("metadata", T.StringType(), True),  # the Dolma metadata object as JSON text
-        T.StructField("url", T.StringType(), True),
-        T.StructField("input_file", T.StringType(), False),
-        T.StructField("line_number", T.LongType(), False),
-        *LINEAGE,
-    ]
-)
-
-QUARANTINE_SCHEMA = T.StructType(
-    [
-        T.StructField("input_file", T.StringType(), False),
-        T.StructField("line_number", T.LongType(), False),
-        T.StructField("reason", T.StringType(), False),
-        T.StructField("detail", T.StringType(), True),
-        T.StructField("raw_prefix", T.StringType(), True),
-        *LINEAGE,
-    ]
-)
-
-DEDUP_SCHEMA = T.StructType(
-    [
-        T.StructField("doc_key", T.StringType(), False),
-        T.StructField("norm_hash", T.StringType(), False),
-        T.StructField("cluster_id", T.StringType(), False),  # the representative's doc_key
-        T.StructField("is_representative", T.BooleanType(), False),
-        T.StructField("reason", T.StringType(), False),  # representative | exact | url | near
-        T.StructField("similarity", T.DoubleType(), True),  # near: estimated Jaccard to the representative
-        *LINEAGE,
-    ]
-)
-
-MINHASH_SCHEMA = T.StructType(
-    [
-        T.StructField("doc_key", T.StringType(), False),
-        T.StructField("signature", T.BinaryType(), False),  # num_perm little-endian uint32 values
-        T.StructField("bands", T.ArrayType(T.LongType(), False), False),
-        *LINEAGE,
-    ]
-)
-
-PASSAGES_SCHEMA = T.StructType(
-    [
-        T.StructField("passage_id", T.StringType(), False),
-        T.StructField("doc_key", T.StringType(), False),
-        T.StructField("passage_index", T.IntegerType(), False),
-        T.StructField("text", T.StringType(), True),
-        T.StructField("n_tokens", T.IntegerType(), True),
-        T.StructField(
-            "status", T.StringType(), False
-        ),  # ok | too_short | too_long | over_limit | low_quality
-        T.StructField("truncated", T.BooleanType(), False),
-        T.StructField("quality_filter", T.StringType(), True),  # the filter a low_quality passage failed
-        *LINEAGE,
-    ]
-)
-
-# Shared by the three LLM stages; each adds its parsed value columns.
-GENERATION_COLUMNS = [
-    T.StructField("passage_id", T.StringType(), False),
-    T.StructField("fingerprint", T.StringType(), False),
-    T.StructField("status", T.StringType(), False),  # ok | parse_error | engine_error | too_long | empty
-    T.StructField("error", T.StringType(), True),
-    T.StructField("raw_output", T.StringType(), True),
-    T.StructField("finish_reason", T.StringType(), True),
-    T.StructField("prompt_tokens", T.IntegerType(), True),
-    T.StructField("completion_tokens", T.IntegerType(), True),
-    T.StructField("latency_s", T.DoubleType(), True),
-    T.StructField("attempts", T.IntegerType(), False),
-    T.StructField("model", T.StringType(), False),
-    T.StructField("template", T.StringType(), False),
-    T.StructField("template_hash", T.StringType(), False),
-    T.StructField("sampling", T.StringType(), False),  # the generation parameters as JSON
-    T.StructField("device", T.StringType(), True),  # the GPU address(es) the engine ran on, if any
-]
-
-INSTRUCTIONS_SCHEMA = T.StructType(
-    [*GENERATION_COLUMNS, T.StructField("instruction", T.StringType(), True), *LINEAGE]
-)
-SCORES_SCHEMA = T.StructType(
-    [
-        *GENERATION_COLUMNS,
-        T.StructField("instruction", T.StringType(), True),
-        T.StructField("reason", T.StringType(), True),
-        T.StructField("score", T.IntegerType(), True),
-        *LINEAGE,
-    ]
-)
-RESPONSES_SCHEMA = T.StructType(
-    [
-        *GENERATION_COLUMNS,
-        T.StructField("instruction", T.StringType(), True),
-        T.StructField("score", T.IntegerType(), True),
-        T.StructField("response", T.StringType(), True),
-        *LINEAGE,
-    ]
-)
-
-GROUNDING_SCHEMA = T.StructType(
-    [
-        *GENERATION_COLUMNS,
-        T.StructField("response", T.StringType(), True),  # the rewrite that was judged
-        T.StructField("reason", T.StringType(), True),
-        T.StructField("score", T.IntegerType(), True),  # 1..5: how faithful the rewrite is to its passage
-        *LINEAGE,
-    ]
-)
-DISTILLATIONS_SCHEMA = T.StructType(
-    [
-        *GENERATION_COLUMNS,
-        T.StructField("instruction", T.StringType(), True),
-        T.StructField("response", T.StringType(), True),  # answered from the instruction alone
-        *LINEAGE,
-    ]
-)
-
-SCHEMAS: dict[str, T.StructType] = {
-    DOCUMENTS: DOCUMENTS_SCHEMA,
-    QUARANTINE: QUARANTINE_SCHEMA,
-    DEDUP: DEDUP_SCHEMA,
-    MINHASH: MINHASH_SCHEMA,
-    PASSAGES: PASSAGES_SCHEMA,
-    INSTRUCTIONS: INSTRUCTIONS_SCHEMA,
-    SCORES: SCORES_SCHEMA,
-    RESPONSES: RESPONSES_SCHEMA,
-    GROUNDING: GROUNDING_SCHEMA,
-    DISTILLATIONS: DISTILLATIONS_SCHEMA,
+# Spark SQL type names used in backforth_spark/schemas.py
+_TYPES = {
+    "string": T.StringType(),
+    "bigint": T.LongType(),
+    "int": T.IntegerType(),
+    "double": T.DoubleType(),
+    "boolean": T.BooleanType(),
+    "binary": T.BinaryType(),
+    "timestamp": T.TimestampType(),
+    "array<bigint>": T.ArrayType(T.LongType(), False),
 }
+
+
+def struct(columns: Sequence[Column]) -> T.StructType:
+    """A Spark schema from declared (name, type, nullable) columns."""
+    return T.StructType([T.StructField(name, _TYPES[typ], nullable) for name, typ, nullable in columns])
+
+
+def table_schemas(tasks: Sequence[LLMTask] = LLM_TASKS) -> dict[str, T.StructType]:
+    """Every table of a pipeline with these LLM stages, with lineage: the core tables, then one per stage."""
+    out = {name: struct((*cols, *LINEAGE)) for name, cols in CORE_TABLES.items()}
+    return out | {task.table: struct(task.columns) for task in tasks}
 
 
 def without_lineage(schema: T.StructType) -> T.StructType:
     """The columns a Python worker produces: the table's schema less the lineage the driver adds."""
-    lineage = {f.name for f in LINEAGE}
-    return T.StructType([f for f in schema.fields if f.name not in lineage])
+    return T.StructType([f for f in schema.fields if f.name not in LINEAGE_NAMES])
 
 
 class ContractError(ValueError):
@@ -188,19 +65,17 @@ def require_columns(df: DataFrame, columns: list[str], what: str) -> None:
         raise ContractError(f"{what} lacks columns {missing}; it has {df.columns}")
 
 
-def _conflict_types() -> tuple[type[BaseException], ...]:
-    from delta import exceptions as e
-
-    return (
-        e.DeltaConcurrentModificationException,
-        e.ConcurrentWriteException,
-        e.ConcurrentAppendException,
-        e.ConcurrentDeleteReadException,
-        e.ConcurrentDeleteDeleteException,
-        e.ConcurrentTransactionException,
-        e.MetadataChangedException,
-        e.ProtocolChangedException,
-    )
+# Delta's optimistic-concurrency conflicts: another writer committed first
+_CONFLICTS = (
+    delta_errors.DeltaConcurrentModificationException,
+    delta_errors.ConcurrentWriteException,
+    delta_errors.ConcurrentAppendException,
+    delta_errors.ConcurrentDeleteReadException,
+    delta_errors.ConcurrentDeleteDeleteException,
+    delta_errors.ConcurrentTransactionException,
+    delta_errors.MetadataChangedException,
+    delta_errors.ProtocolChangedException,
+)
 
 
 @dataclass(frozen=True)
@@ -217,11 +92,22 @@ class Tables:
     run_id: str = "shared"
     merge_retries: int = 5
     catalog_schema: str | None = None
+    schemas: Mapping[str, T.StructType] = field(default_factory=table_schemas)
+    # names of the tables read through this object, in order (checked against the stage records)
+    read_log: list[str] = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
-    def from_config(cls, spark: SparkSession, cfg, run_id: str = "shared") -> Tables:
+    def from_config(
+        cls, spark: SparkSession, cfg, run_id: str = "shared", tasks: Sequence[LLMTask] = LLM_TASKS
+    ) -> Tables:
         """The tables of a config: catalog-based with `tables.catalog_schema`, else under workdir/tables."""
-        return cls(spark, cfg.workdir_path / "tables", run_id, catalog_schema=cfg.tables.catalog_schema)
+        return cls(
+            spark,
+            cfg.workdir_path / "tables",
+            run_id,
+            catalog_schema=cfg.tables.catalog_schema,
+            schemas=table_schemas(tasks),
+        )
 
     def location(self, name: str) -> str:
         """The table's path, or its catalog name."""
@@ -232,15 +118,11 @@ class Tables:
         return {"delta_table_name" if self.catalog_schema else "path": self.location(name)}
 
     def _delta(self, name: str):
-        from delta.tables import DeltaTable
-
         if self.catalog_schema:
             return DeltaTable.forName(self.spark, self.location(name))
         return DeltaTable.forPath(self.spark, self.location(name))
 
     def exists(self, name: str) -> bool:
-        from delta.tables import DeltaTable
-
         if self.catalog_schema:
             return self.spark.catalog.tableExists(self.location(name))
         return DeltaTable.isDeltaTable(self.spark, self.location(name))
@@ -253,8 +135,9 @@ class Tables:
 
     def read(self, name: str, version: int | None = None) -> DataFrame:
         """The table (empty with its schema if it does not exist yet); `version`: as of that Delta version."""
+        self.read_log.append(name)
         if not self.exists(name):
-            return self.spark.createDataFrame([], SCHEMAS[name])
+            return self.spark.createDataFrame([], self.schemas[name])
         if self.catalog_schema:
             as_of = f" VERSION AS OF {int(version)}" if version is not None else ""
             return self.spark.sql(f"SELECT * FROM {self.location(name)}{as_of}")
@@ -275,7 +158,7 @@ class Tables:
     def ensure(self, name: str) -> None:
         """Create the table empty with its declared schema if it does not exist yet."""
         if not self.exists(name):
-            self._save(self.spark.createDataFrame([], SCHEMAS[name]), self.location(name), "ignore")
+            self._save(self.spark.createDataFrame([], self.schemas[name]), self.location(name), "ignore")
 
     def _staging_location(self, name: str) -> str:
         if self.catalog_schema:
@@ -293,6 +176,7 @@ class Tables:
         return self.spark.table(where) if self.catalog_schema else self.spark.read.format("delta").load(where)
 
     def _merge(self, name: str, df: DataFrame, keys: list[str]):
+        self.read_log.append(name)  # a MERGE reads its target
         self.ensure(name)
         cond = " AND ".join(f"t.{k} = s.{k}" for k in keys)
         return self._delta(name).alias("t").merge(df.alias("s"), cond)
@@ -314,7 +198,7 @@ class Tables:
             try:
                 metrics = build().execute().first()
                 return metrics.asDict() if metrics is not None else {}
-            except _conflict_types() as exc:
+            except _CONFLICTS as exc:
                 if attempt == self.merge_retries:
                     raise RuntimeError(
                         f"table {name}: a concurrent writer kept committing first ({attempt + 1} tries); "

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from backforth_spark.chunk import chunk_document
+from backforth_spark.chunking import chunk_document
 from backforth_spark.config import load_config
 from backforth_spark.model import resolve_model
 from udfs.chunking import HFTokenizer

@@ -38,7 +38,7 @@ def passages(cfg: Config, n: int) -> list[str]:
     """N distinct passage-sized texts: every passage of the sample, then copies with their words
     rotated. Distinct, so vLLM's prefix cache cannot reuse one prompt's work for a repeat of it (it
     would, by chance, more or less in either side's order)."""
-    from backforth_spark.chunk import OK, chunk_document
+    from backforth_spark.chunking import OK, chunk_document
     from backforth_spark.model import resolve_model
     from udfs.chunking import HFTokenizer
 
@@ -54,12 +54,12 @@ def passages(cfg: Config, n: int) -> list[str]:
 
 
 def direct(cfg: Config, texts: list[str]) -> dict:
-    from backforth_spark import generate
-    from backforth_spark.engine import create_vllm_engine
+    from backforth_spark.generation import fingerprints
     from backforth_spark.model import resolve_model
+    from backforth_spark.vllm_engine import create_vllm_engine
 
     model = resolve_model(cfg.llm)
-    spec = generate.fingerprints(cfg, model)["backtranslate"]
+    spec = fingerprints(cfg, model)["backtranslate"]
     convs = [spec.template.render(passage=p) for p in texts]
     # torch and transformers are not imported yet (a Spark worker imports them too, inside the stage)
     assert "torch" not in sys.modules, "the direct side must pay for importing torch, as the stage does"
@@ -75,24 +75,26 @@ def direct(cfg: Config, texts: list[str]) -> dict:
 def stage(cfg: Config, texts: list[str]) -> dict:
     from pyspark.sql import functions as F
 
-    from backforth_spark import generate
-    from backforth_spark import tables as t
-    from backforth_spark.context import StageContext
-    from backforth_spark.session import get_spark
+    from backforth_spark import schemas
+    from backforth_spark.generation import BACKTRANSLATE
+    from backforth_spark.pipeline import context_for
+    from backforth_spark.stages import generate
+    from backforth_spark.tables import struct
 
-    spark = get_spark(cfg.spark)
-    spark.sparkContext.setLogLevel("ERROR")
-    tables = t.Tables.from_config(spark, cfg)
+    ctx = context_for(cfg, "bench")
+    ctx.spark.sparkContext.setLogLevel("ERROR")
+    tables = ctx.tables
     rows = [(f"p{i:06d}", f"bench/{i}", 0, p, 0, "ok", False, None) for i, p in enumerate(texts)]
-    df = spark.createDataFrame(rows, t.without_lineage(t.PASSAGES_SCHEMA))
+    df = ctx.spark.createDataFrame(rows, struct(schemas.PASSAGES_COLUMNS))
     tables.merge_insert_new(
-        t.PASSAGES, df.select("*", F.lit("bench").alias("run_id"), F.current_timestamp().alias("written_at")),
+        schemas.PASSAGES,
+        df.select("*", F.lit("bench").alias("run_id"), F.current_timestamp().alias("written_at")),
         ["passage_id"],
     )  # fmt: skip
     started = time.perf_counter()
-    counts = generate.run(StageContext(spark, cfg, tables, "bench"), "backtranslate")
+    counts = generate.run(ctx, BACKTRANSLATE)
     seconds = time.perf_counter() - started
-    out = tables.read(t.INSTRUCTIONS).agg(F.sum("completion_tokens"), F.max("latency_s")).first()
+    out = tables.read(BACKTRANSLATE.table).agg(F.sum("completion_tokens"), F.max("latency_s")).first()
     phases = {k: counts[k] for k in ("plan_s", "generate_s", "merge_s")}
     return {
         "seconds": seconds,

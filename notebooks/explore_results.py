@@ -12,19 +12,19 @@ dbutils.widgets.text("catalog_schema", "main.backforth", "Tables (catalog.schema
 
 from pyspark.sql import functions as F
 
-from backforth_spark import generate
-from backforth_spark import tables as t
+from backforth_spark import schemas
 from backforth_spark.config import load_config
-from backforth_spark.context import StageContext
-from backforth_spark.model import resolve_model
-from backforth_spark.session import get_spark
+from backforth_spark.generation import REWRITE, SCORE
+from backforth_spark.pipeline import context_for
+from backforth_spark.stages.generate import current_specs
 from backforth_spark.status import format_status, status
 
 cfg = load_config(
     dbutils.widgets.get("config"), [f"tables.catalog_schema={dbutils.widgets.get('catalog_schema')}"]
 )
-tables = t.Tables.from_config(get_spark(cfg.spark), cfg)
-print(format_status(status(StageContext(tables.spark, cfg, tables, "notebook"))))
+ctx = context_for(cfg, "notebook")
+tables = ctx.tables
+print(format_status(status(ctx)))
 
 # COMMAND ----------
 
@@ -32,8 +32,8 @@ print(format_status(status(StageContext(tables.spark, cfg, tables, "notebook")))
 
 # COMMAND ----------
 
-specs = generate.fingerprints(cfg, resolve_model(cfg.llm))
-scores = tables.read(t.SCORES).where(F.col("fingerprint") == specs["score"].fingerprint)
+specs = current_specs(ctx)
+scores = tables.read(SCORE.table).where(F.col("fingerprint") == specs["score"].fingerprint)
 display(scores.groupBy("status", "score").count().orderBy("status", "score"))
 display(scores.where("status <> 'ok'").select("passage_id", "status", "error", "raw_output"))
 
@@ -44,9 +44,9 @@ display(scores.where("status <> 'ok'").select("passage_id", "status", "error", "
 # COMMAND ----------
 
 pairs = (
-    tables.read(t.RESPONSES)
+    tables.read(REWRITE.table)
     .where((F.col("fingerprint") == specs["rewrite"].fingerprint) & (F.col("status") == "ok"))
-    .join(tables.read(t.PASSAGES).select("passage_id", F.col("text").alias("passage")), "passage_id")
+    .join(tables.read(schemas.PASSAGES).select("passage_id", F.col("text").alias("passage")), "passage_id")
     .select("passage_id", "score", "instruction", "response", "passage")
 )
 display(pairs)

@@ -15,7 +15,8 @@ dbutils.widgets.text("model", "meta-llama/Llama-3.1-8B-Instruct", "Model")
 # COMMAND ----------
 
 from backforth_spark.config import load_config
-from backforth_spark.pipeline import parse_stages, run_pipeline
+from backforth_spark.pipeline import run_pipeline
+from backforth_spark.stages import select
 
 cfg = load_config(
     dbutils.widgets.get("config"),
@@ -24,7 +25,7 @@ cfg = load_config(
         f"llm.model={dbutils.widgets.get('model')}",
     ],
 )
-summary = run_pipeline(cfg, [dbutils.widgets.get("input")], parse_stages(None, cfg))
+summary = run_pipeline(cfg, [dbutils.widgets.get("input")], select(None, cfg))
 assert summary["error"] is None, summary["error"]
 summary["stages"]
 

@@ -6,24 +6,24 @@
 
 # COMMAND ----------
 
-from backforth_spark.pipeline import STAGES
+from backforth_spark.stages import STAGES
 
 dbutils.widgets.text("config", "../conf/databricks.yaml", "Config file")
 dbutils.widgets.text("catalog_schema", "main.backforth", "Tables (catalog.schema)")
-dbutils.widgets.dropdown("stage", "ingest", list(STAGES), "Stage")
+dbutils.widgets.dropdown("stage", "ingest", [st.name for st in STAGES], "Stage")
 dbutils.widgets.text("input", "/Volumes/main/backforth/dolma", "Dolma files (ingest only)")
 
 # COMMAND ----------
 
-from backforth_spark import generate
 from backforth_spark.config import load_config
 from backforth_spark.pipeline import run_pipeline
+from backforth_spark.stages import select
 
 stage = dbutils.widgets.get("stage")
 cfg = load_config(
     dbutils.widgets.get("config"), [f"tables.catalog_schema={dbutils.widgets.get('catalog_schema')}"]
 )
-summary = run_pipeline(cfg, [dbutils.widgets.get("input")], [stage])
+summary = run_pipeline(cfg, [dbutils.widgets.get("input")], select(stage, cfg))
 assert summary["error"] is None, summary["error"]
 summary["stages"][stage]
 
@@ -33,7 +33,6 @@ summary["stages"][stage]
 
 # COMMAND ----------
 
-output = {"ingest": "documents", "dedup": "dedup_decisions", "chunk": "passages", "export": None}
-table = output.get(stage, generate.STAGE_TABLE.get(stage))
-if table:
+record = next(st for st in STAGES if st.name == stage)
+for table in record.writes:
     display(spark.table(summary["tables"][table]))

@@ -17,8 +17,11 @@ fi
 echo "setup: syncing .venv from uv.lock"
 "$UV" sync --frozen --extra cpu --extra convert --quiet
 
-echo "setup: Delta jars"
-.venv/bin/python scripts/fetch_delta_jars.py
+echo "setup: Delta jars (Spark's resolver output: .tools/delta-jars.log)"
+if ! .venv/bin/python scripts/fetch_delta_jars.py > .tools/delta-jars.log 2>&1; then
+  tail -40 .tools/delta-jars.log
+  exit 1
+fi
 
 echo "setup: default model"
 .venv/bin/backforth model pull --config conf/local.yaml

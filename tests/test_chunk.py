@@ -3,9 +3,10 @@ import re
 
 import pytest
 
-from backforth_spark import chunk
-from backforth_spark import tables as t
+from backforth_spark import chunking as chunk
+from backforth_spark import schemas as t
 from backforth_spark.config import ChunkConfig
+from backforth_spark.stages import chunk as chunk_stage
 from tests.conftest import DOLMA_SAMPLE, REPO, add_documents
 
 
@@ -94,7 +95,7 @@ def test_chunk_stage_uses_the_model_tokenizer_and_only_new_representatives(make_
         ("cc/c", "A duplicate that is not a representative."),
     ]
     add_documents(ctx, docs, representatives={"cc/a", "cc/b"})
-    counts = chunk.run(ctx)
+    counts = chunk_stage.run(ctx)
     assert counts["rows_in"] == 2
     rows = ctx.tables.read(t.PASSAGES).collect()
     assert {r["doc_key"] for r in rows} == {"cc/a", "cc/b"}
@@ -105,7 +106,7 @@ def test_chunk_stage_uses_the_model_tokenizer_and_only_new_representatives(make_
         assert tokenizer.count(r["text"]) <= 64
         assert r["text"] in long_text or r["text"] in docs[1][1]  # a verbatim slice
     assert len([r for r in rows if r["doc_key"] == "cc/a"]) > 1
-    assert chunk.run(ctx)["rows_in"] == 0  # nothing new: nothing chunked twice
+    assert chunk_stage.run(ctx)["rows_in"] == 0  # nothing new: nothing chunked twice
 
 
 def test_overlap_repeats_the_tail_of_the_previous_passage():

@@ -1,6 +1,7 @@
 import pytest
 
 from backforth_spark.config import ConfigError, load_config
+from backforth_spark.generation import check_config
 from tests.conftest import LOCAL_CONF
 
 
@@ -35,8 +36,8 @@ def test_override_without_equals_sign_is_rejected():
 
 
 def test_passages_must_leave_room_for_the_output():
-    with pytest.raises(ConfigError, match="max_model_len"):
-        load_config(LOCAL_CONF, ["chunk.max_tokens=1900"])
+    with pytest.raises(ConfigError, match=r"chunk.max_tokens \(1900\) \+ llm.rewrite.sampling.max_tokens"):
+        check_config(load_config(LOCAL_CONF, ["chunk.max_tokens=1900"]))
 
 
 def test_flat_params_use_dotted_keys():
@@ -54,14 +55,26 @@ def test_spark_conf_override_keeps_the_dotted_spark_key():
     assert cfg.spark.conf["spark.ui.enabled"] == "false"  # the file's other keys stay
 
 
-def test_json_and_choice_judging_are_for_the_score_stage_only():
-    assert load_config(None).llm.score.structured == "json"
+def test_json_and_choice_judging_are_for_judging_stages_only():
+    check_config(load_config(None, ["llm.score.structured=choice", "llm.ground.structured=json"]))
     with pytest.raises(ConfigError, match="llm.rewrite.structured"):
-        load_config(None, ["llm.rewrite.structured=choice"])
+        check_config(load_config(None, ["llm.rewrite.structured=choice"]))
+
+
+def test_a_template_whose_placeholders_the_stage_cannot_fill_is_rejected(tmp_path):
+    template = tmp_path / "needs_more.yaml"
+    template.write_text("user: 'Answer {instruction} using {passage} and {source_url}'\n")
+    with pytest.raises(ConfigError, match=r"llm.rewrite.template 'needs_more' uses \['source_url'\]"):
+        check_config(load_config(None, [f"llm.rewrite.template={template}"]))
+
+
+def test_an_llm_stage_without_settings_is_named():
+    with pytest.raises(ConfigError, match="llm.extra_stages.toy"):
+        load_config(None).llm.stage("toy")
 
 
 def test_vllm_options_reach_the_engine_arguments_only_when_set():
-    from backforth_spark.engine import vllm_engine_args
+    from backforth_spark.vllm_engine import vllm_engine_args
 
     plain = vllm_engine_args(load_config(LOCAL_CONF).llm)
     assert "speculative_config" not in plain and "max_num_seqs" not in plain

@@ -1,186 +1,165 @@
-"""The whole pipeline through the CLI, on the real vLLM CPU engine and the default model."""
+"""The whole pipeline through the CLI on the real vLLM CPU engine and the default model: one shared run
+(`real_run`, tests/conftest.py) that each test reads for one behaviour; tests that write copy it."""
 
-import gzip
+from __future__ import annotations
+
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import zstandard
+from mlflow.tracking import MlflowClient
 
-from backforth_spark import tables as t
-from tests.conftest import DOLMA_SAMPLE, LOCAL_CONF
+from backforth_spark import schemas as s
+from backforth_spark.generation import LLM_TASKS
+from backforth_spark.stages import STAGES
+from tests.conftest import LOCAL_CONF, cli, copy_run
 
 pytestmark = pytest.mark.e2e
 
+TABLE = {task.name: task.table for task in LLM_TASKS}
 STATUSES = {"ok", "parse_error", "engine_error", "too_long", "empty", "refused"}
 
 
-def _corpus(folder):
-    """The 10 real Dolma documents, plus a copy of one under a new id, bad lines and a repeated id."""
-    folder.mkdir()
-    sample = sorted(DOLMA_SAMPLE.glob("*.jsonl"))
-    assert sample, f"no Dolma sample at {DOLMA_SAMPLE}"
-    for f in sample:
-        shutil.copy(f, folder / f.name)
-    first = json.loads(sample[0].read_text().splitlines()[0])
-    copy = dict(first, id="copy-of-first", text=first["text"].upper() + "  ")
-    (folder / "extra.json.zst").write_bytes(
-        zstandard.ZstdCompressor().compress((json.dumps(copy) + "\n").encode())
-    )
-    bad = [
-        b"{broken json",
-        b'{"text": "no id"}',
-        b'{"id": "n1", "text": 3}',
-        b'{"id": "n2", "text": "\xff"}',
-        b'{"id": "n3", "text": ""}',
-        json.dumps(first).encode(),
+def _pairs(export_dir: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(export_dir.glob("data/*.jsonl")) for line in f.open()]
+
+
+def test_every_enabled_stage_ran_and_printed_its_line(real_run):
+    names = [st.name for st in STAGES]  # with grounding and the baseline on, every stage is enabled
+    assert list(real_run.summary["stages"]) == names
+    assert real_run.summary["error"] is None and real_run.summary["tracking_error"] is None
+    printed = [
+        line.split()[0] for line in real_run.stdout.splitlines() if line.split()[:1] in ([n] for n in names)
     ]
-    (folder / "bad.jsonl.gz").write_bytes(gzip.compress(b"\n".join(bad) + b"\n"))
-    return 10 + 1 + len(bad)
+    assert printed == names
 
 
-def _run(workdir, corpus, summary, *extra, command="run"):
-    cmd = [
-        sys.executable,
-        "-m",
-        "backforth_spark.cli",
-        command,
-        "--config",
-        str(LOCAL_CONF),
-        "--workdir",
-        str(workdir),
-        "--summary-json",
-        str(summary),
-        *extra,
-    ]
-    if corpus:
-        cmd += ["--input", str(corpus)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(summary.read_text()), proc.stdout
-
-
-def test_pipeline_end_to_end_on_the_real_engine(tmp_path, spark):
-    n_lines = _corpus(tmp_path / "in")
-    summary, stdout = _run(tmp_path / "work", tmp_path / "in", tmp_path / "summary.json")
-    stages = summary["stages"]
-    assert list(stages) == ["ingest", "dedup", "chunk", "backtranslate", "score", "rewrite", "export"]
-    assert summary["tracking_error"] is None
-    for stage in stages:
-        assert f"{stage} " in stdout  # a row count per stage is printed
-
-    ing = stages["ingest"]
-    assert ing["lines"] == n_lines
-    assert ing["lines"] == ing["documents"] + ing["quarantined"] + ing["repeated_ids"]
+def test_ingest_accounts_for_every_line(real_run, spark):
+    ing = real_run.summary["stages"]["ingest"]
+    assert ing["lines"] == real_run.n_lines == 17
+    # 10 documents + the copy; 5 bad lines; 1 repeated id (the first document again)
     assert (ing["documents"], ing["quarantined"], ing["repeated_ids"]) == (11, 5, 1)
-    assert stages["dedup"]["exact_duplicates"] == 1  # the upper-cased copy
+    assert real_run.table(spark, s.DOCUMENTS).count() == 11
+    assert real_run.table(spark, s.QUARANTINE).count() == 5
 
-    read = lambda name: spark.read.format("delta").load(summary["tables"][name])  # noqa: E731
-    assert read(t.DOCUMENTS).count() == 11
-    assert read(t.QUARANTINE).count() == 5
-    passages = read(t.PASSAGES)
+
+def test_the_case_and_space_copy_is_an_exact_duplicate(real_run, spark):
+    assert real_run.summary["stages"]["dedup"]["exact_duplicates"] == 1
+    decisions = real_run.table(spark, s.DEDUP)
+    copy = decisions.where("doc_key LIKE '%/copy-of-first'").first()
+    cluster = decisions.where(f"cluster_id = '{copy['cluster_id']}'").collect()
+    # the copy and the first document form one cluster: one representative, one exact duplicate
+    assert sorted(r["reason"] for r in cluster) == ["exact", "representative"]
+
+
+def test_every_representative_has_passages_and_the_ok_ones_are_backtranslated(real_run, spark):
+    passages = real_run.table(spark, s.PASSAGES)
+    assert passages.select("doc_key").distinct().count() == 10
     n_ok = passages.where("status = 'ok'").count()
+    stages = real_run.summary["stages"]
     assert n_ok == stages["chunk"]["rows_out"] == stages["backtranslate"]["rows_in"] > 0
-    assert passages.select("doc_key").distinct().count() == 10  # every representative accounted for
+    assert real_run.table(spark, TABLE["backtranslate"]).count() == n_ok
 
-    for name in (t.INSTRUCTIONS, t.SCORES, t.RESPONSES):
-        df = read(name)
-        assert df.count() == df.select("passage_id", "fingerprint").distinct().count()  # one row per key
-        assert {r["status"] for r in df.select("status").distinct().collect()} <= STATUSES
-        assert df.where("status <> 'ok' AND error IS NULL").count() == 0  # every failure says why
-    assert read(t.INSTRUCTIONS).count() == n_ok
-    scored = read(t.SCORES).where("status = 'ok'")
-    assert scored.where("score BETWEEN 1 AND 5").count() == scored.count() > 0
 
-    # the judge went through vLLM's JSON structured outputs: every grade parsed
-    assert stages["score"]["parse_failure_rate"] == 0.0
-    export_dir = Path(summary["export"]["path"])
-    pairs = [json.loads(line) for f in sorted(export_dir.glob("data/*.jsonl")) for line in f.open()]
-    assert len(list(export_dir.glob("data/*.parquet"))) == 1 and (export_dir / "README.md").exists()
-    exp = stages["export"]
-    assert len(pairs) == summary["export"]["pairs"] == exp["rows_out"] > 0
-    # every rewrite is exported or removed by a named policy
+@pytest.mark.parametrize("stage", [task.name for task in LLM_TASKS])
+def test_llm_tables_have_one_row_per_key_and_every_failure_says_why(real_run, spark, stage):
+    df = real_run.table(spark, TABLE[stage])
+    assert df.count() == df.select("passage_id", "fingerprint").distinct().count() > 0
+    assert {r["status"] for r in df.select("status").distinct().collect()} <= STATUSES
+    assert df.where("status <> 'ok' AND error IS NULL").count() == 0
+    assert [r["model"] for r in df.select("model").distinct().collect()][0].endswith("SmolLM2-135M-Instruct")
+
+
+def test_the_judge_graded_every_pair_through_json_structured_outputs(real_run, spark):
+    assert real_run.summary["stages"]["score"]["parse_failure_rate"] == 0.0
+    ok = real_run.table(spark, TABLE["score"]).where("status = 'ok'").collect()
+    # the grade in the column is the one in the model's own JSON output
+    assert ok and all(json.loads(r["raw_output"])["score"] == r["score"] for r in ok)
+
+
+def test_every_rewrite_is_exported_or_removed_for_a_named_reason(real_run, spark):
+    exp = real_run.summary["stages"]["export"]
     removed = sum(v for k, v in exp.items() if k.startswith("removed_") and k != "removed_low_score")
-    assert exp["rows_out"] + removed == exp["rows_in"] == read(t.RESPONSES).count()
-    doc_keys = {r["doc_key"] for r in read(t.DOCUMENTS).collect()}
-    for pair in pairs:
-        roles = [m["role"] for m in pair["messages"]]
-        assert roles == ["user", "assistant"]
+    assert exp["rows_out"] + removed == exp["rows_in"] == real_run.table(spark, TABLE["rewrite"]).count()
+    pairs = _pairs(Path(real_run.summary["export"]["path"]))
+    assert len(pairs) == real_run.summary["export"]["pairs"] == exp["rows_out"] > 0
+
+
+def test_exported_pairs_are_chat_messages_traced_to_their_documents(real_run, spark):
+    export_dir = Path(real_run.summary["export"]["path"])
+    assert len(list(export_dir.glob("data/*.parquet"))) == 1 and (export_dir / "README.md").exists()
+    doc_keys = {r["doc_key"] for r in real_run.table(spark, s.DOCUMENTS).collect()}
+    for pair in _pairs(export_dir):
+        assert [m["role"] for m in pair["messages"]] == ["user", "assistant"]
         assert all(m["content"].strip() for m in pair["messages"])
         assert pair["doc_key"] in doc_keys
 
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
-    run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
+def test_the_distillation_baseline_answers_the_same_kept_instructions(real_run):
+    baseline = real_run.summary["export"]["baseline"]
+    rows = _pairs(Path(baseline["path"]))
+    assert len(rows) == baseline["pairs"] == real_run.summary["stages"]["distill"]["rows_out"] > 0
+
+
+def test_each_stage_read_only_the_tables_its_record_declares(real_run):
+    declared = {st.name: set(st.reads) for st in STAGES}
+    for stage, read in real_run.summary["reads"].items():
+        assert read, stage
+        assert set(read) <= declared[stage], stage
+
+
+def test_the_run_reached_the_mlflow_server_with_a_nested_run_per_stage(real_run):
+    client = MlflowClient(tracking_uri=real_run.tracking_uri)
+    run = client.get_run(real_run.summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == real_run.summary["run_id"]
     assert run.data.params["chunk.max_tokens"] == "512"
-    assert run.data.metrics["ingest.rows_in"] == n_lines
-    assert run.data.metrics["export.rows_out"] == len(pairs)
-    assert run.data.params["template_hash.score"] and run.data.params["model"].endswith(
-        "SmolLM2-135M-Instruct"
-    )
+    assert run.data.params["model"].endswith("SmolLM2-135M-Instruct")
+    assert run.data.metrics["ingest.rows_in"] == real_run.n_lines
+    assert run.data.metrics["export.rows_out"] == real_run.summary["export"]["pairs"]
     assert run.data.metrics["backtranslate.tokens_out"] > 0
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "export/pairs")] == [
-        "export/pairs/README.md"
-    ]
-    artifacts = {
-        a.path for d in ("samples", "plots", "prompts") for a in client.list_artifacts(run.info.run_id, d)
-    }
-    assert {"samples/pairs.json", "plots/scores.png", "plots/response_words.png"} <= artifacts
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-    assert {r.info.run_name for r in children} == set(stages)  # a nested run per stage
-
-    # A scheduled refresh after a new file lands: only the new document flows through the stages;
-    # nothing done before is generated again (max_attempts=1: failed rows are not retried either).
-    ok_before = {name: _ok_rows(read(name)) for name in (t.INSTRUCTIONS, t.SCORES, t.RESPONSES)}
-    (tmp_path / "in" / "new.jsonl").write_text(json.dumps(NEW_DOC) + "\n")
-    again, _ = _run(
-        tmp_path / "work", tmp_path / "in", tmp_path / "summary2.json", "--set", "llm.max_attempts=1",
-        command="refresh",
-    )  # fmt: skip
-    assert again["error"] is None
-    assert again["stages"]["ingest"]["documents"] == 1
-    assert again["stages"]["ingest"]["repeated_ids"] == ing["documents"] + ing["repeated_ids"]
-    new_passages = passages_of(read(t.PASSAGES), "web/new-1")
-    assert again["stages"]["backtranslate"]["generated"] == new_passages > 0
-    assert again["stages"]["score"]["generated"] <= new_passages
-    for name, rows in ok_before.items():
-        assert set(rows) <= set(_ok_rows(read(name))), name  # the old successes are untouched
-    # ... and a refresh with nothing new does no LLM work and says so
-    third, stdout = _run(
-        tmp_path / "work", tmp_path / "in", tmp_path / "summary3.json", "--set", "llm.max_attempts=1",
-        command="refresh",
-    )  # fmt: skip
-    assert "no LLM work" in stdout
-    for stage in ("backtranslate", "score", "rewrite"):
-        assert third["stages"][stage]["generated"] == 0, stage
-    assert third["export"]["pairs"] == again["export"]["pairs"]
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == set(real_run.summary["stages"])
+    # each Delta table a stage read, with the version it read, as a dataset input
+    inputs = {d.dataset.name: json.loads(d.dataset.source) for d in by_name["chunk"].inputs.dataset_inputs}
+    assert set(inputs) == {s.DOCUMENTS, s.DEDUP}  # passages did not exist yet when chunk started
+    assert inputs[s.DOCUMENTS]["path"] == str(real_run.workdir / "tables" / s.DOCUMENTS)
+    artifacts = {
+        a.path
+        for d in ("samples", "plots", "export/pairs")
+        for a in client.list_artifacts(run.info.run_id, d)
+    }
+    assert {"samples/pairs.json", "plots/scores.png", "export/pairs/README.md"} <= artifacts
 
 
-NEW_DOC = {
-    "id": "new-1",
-    "source": "web",
-    "added": "2024-06-01",
-    "text": (
-        "Sourdough starter needs regular feeding to stay active. Keep it in a glass jar at room "
-        "temperature and feed it once a day with equal weights of flour and water. Discard about half "
-        "of the starter before each feeding so the jar does not overflow and the acidity stays in "
-        "balance. A healthy starter doubles in size within six to eight hours of a feeding and smells "
-        "pleasantly sour. If you bake only once a week, store the starter in the refrigerator and feed "
-        "it the day before you plan to mix your dough."
-    ),
-}
+def test_third_party_logs_go_to_the_log_file_not_the_console(real_run):
+    log_file = real_run.workdir / "logs" / "backforth.log"
+    assert f"logs: {log_file}" in real_run.stdout
+    assert log_file.stat().st_size > 0
+    console = real_run.stdout + real_run.stderr
+    for noise in ("INFO vllm", "WARN ", ":: resolving dependencies", "Setting default log level"):
+        assert noise not in console, noise
 
 
-def passages_of(df, doc_key):
-    return df.where(f"doc_key = '{doc_key}' AND status = 'ok'").count()
+def test_status_reports_tables_and_llm_stages_as_json(real_run):
+    proc = cli("status", "--config", str(LOCAL_CONF), "--workdir", str(real_run.workdir), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["tables"][s.DOCUMENTS]["rows"] == 11
+    bt = report["llm_stages"]["backtranslate"]
+    assert bt["done"] == real_run.summary["stages"]["backtranslate"]["rows_out"]
+    assert report["last_run"]["run_id"] == real_run.summary["run_id"]
 
 
-def _ok_rows(df):
-    return sorted(
-        tuple(r) for r in df.where("status = 'ok'").select("passage_id", "run_id", "raw_output").collect()
-    )
+def test_a_dry_run_plans_and_changes_nothing(real_run, spark, tmp_path):
+    work = copy_run(real_run, tmp_path / "work")
+    before = sorted(p.name for p in (work / "tables" / s.DOCUMENTS / "_delta_log").iterdir())
+    proc = cli("run", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input", str(real_run.corpus),
+               "--dry-run")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert plan["input_files"]["files"] == 3 and plan["tables"][s.DOCUMENTS] == 11
+    # what is still owed: the failed rows, which have attempts left (counted from the table itself)
+    failed = real_run.table(spark, TABLE["backtranslate"]).where("status <> 'ok' AND attempts < 3").count()
+    assert plan["would_generate"]["backtranslate"] == failed
+    assert sorted(p.name for p in (work / "tables" / s.DOCUMENTS / "_delta_log").iterdir()) == before

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import yaml
 
-from backforth_spark import export, generate
+from backforth_spark import dataset as export
 from backforth_spark.config import ExportConfig, load_config
+from backforth_spark.stages import export as export_stage
 from tests.conftest import LOCAL_CONF, add_documents
-from tests.test_generate import ByContent, ScriptedEngine, _add_passages
+from tests.test_generate import ByContent, ScriptedEngine, _add_passages, run_stage
 
 ROW = {
     "instruction": "How do I boil pasta?",
@@ -92,10 +93,10 @@ def _make_pairs(ctx, n=5):
     texts = [f"Passage {i} says to boil salted water and cook the pasta until tender." for i in range(n)]
     _add_passages(ctx, texts)
     add_documents(ctx, [(f"cc/{i}", text) for i, text in enumerate(texts)])
-    generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine(reply="How do I cook pasta?"))
-    generate.run(ctx, "score", engine_factory=lambda: ByContent({}))
+    run_stage(ctx, "backtranslate", lambda: ScriptedEngine(reply="How do I cook pasta?"))
+    run_stage(ctx, "score", lambda: ByContent({}))
     reply = "[RES] Bring salted water to a boil, add the pasta, stir it, and cook until tender. [/RES]"
-    generate.run(ctx, "rewrite", engine_factory=lambda: ScriptedEngine(reply=reply))
+    run_stage(ctx, "rewrite", lambda: ScriptedEngine(reply=reply))
 
 
 def test_export_loads_with_datasets_and_renders_through_the_chat_template(make_ctx, tmp_path, monkeypatch):
@@ -107,7 +108,7 @@ def test_export_loads_with_datasets_and_renders_through_the_chat_template(make_c
 
     ctx = make_ctx("export.shard_rows=2", "export.include_system=true")
     _make_pairs(ctx)
-    counts = export.run(ctx)
+    counts = export_stage.run(ctx)
     path = Path(counts["path"])
     assert counts["rows_out"] == 5 and counts["score_5"] == 5
     assert sorted(p.name for p in (path / "data").iterdir()) == sorted(
@@ -131,7 +132,7 @@ def test_export_loads_with_datasets_and_renders_through_the_chat_template(make_c
     assert "| rows_out | 5 |" in card and "`responses` v" in card
 
     # a later export with another layout replaces the old one whole: no stale shards
-    again = export.run(make_ctx("export.style=alpaca", "export.formats=[jsonl]"))  # same tables
+    again = export_stage.run(make_ctx("export.style=alpaca", "export.formats=[jsonl]"))  # same tables
     assert sorted(p.name for p in (Path(again["path"]) / "data").iterdir()) == ["train-00000-of-00001.jsonl"]
     rows = [json.loads(x) for x in (Path(again["path"]) / "data" / "train-00000-of-00001.jsonl").open()]
     assert {tuple(sorted(r)) for r in rows} == {

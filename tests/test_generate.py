@@ -3,6 +3,7 @@
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -10,11 +11,23 @@ import pytest
 from pyspark import cloudpickle
 from pyspark.sql import functions as F
 
-from backforth_spark import generate
-from backforth_spark import tables as t
+from backforth_spark import generation
+from backforth_spark import schemas as t
 from backforth_spark.config import load_config
 from backforth_spark.engine import Completion
+from backforth_spark.generation import LLM_TASKS
+from backforth_spark.stages import generate
+from backforth_spark.tables import struct
 from tests.conftest import LOCAL_CONF
+
+TASKS = {task.name: task for task in LLM_TASKS}
+INSTRUCTIONS = TASKS["backtranslate"].table
+
+
+def run_stage(ctx, stage, engine):
+    """Run LLM stage `stage` with `engine` (a zero-argument factory) in place of the configured one."""
+    return generate.run(replace(ctx, engine_factory=engine), TASKS[stage])
+
 
 # The doubles below are shipped to Spark's Python workers by value (the workers cannot import tests/).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -40,7 +53,7 @@ class ScriptedEngine:
 
 
 def _spec(stage):
-    return generate.fingerprints(load_config(LOCAL_CONF), "double")[stage]
+    return generation.fingerprints(load_config(LOCAL_CONF), "double")[stage]
 
 
 def _batch(*passages):
@@ -49,7 +62,7 @@ def _batch(*passages):
 
 def test_one_bad_prompt_fails_alone_and_the_rest_are_parsed():
     engine = ScriptedEngine(fail_on="BOOM")
-    out = generate.run_batch(_batch("fine text", "BOOM text", "more text"), engine, _spec("backtranslate"))
+    out = generation.run_batch(_batch("fine text", "BOOM text", "more text"), engine, _spec("backtranslate"))
     assert list(out["status"]) == ["ok", "engine_error", "ok"]
     assert "engine fell over" in out.loc[1, "error"]
     assert list(out["instruction"])[0] == "How do I cook pasta?"
@@ -58,7 +71,7 @@ def test_one_bad_prompt_fails_alone_and_the_rest_are_parsed():
 
 def test_garbage_output_is_a_parse_error_with_the_raw_text_kept():
     batch = _batch("text").assign(instruction="Q?")
-    out = generate.run_batch(batch, ScriptedEngine(reply="zzz no grade"), _spec("score"))
+    out = generation.run_batch(batch, ScriptedEngine(reply="zzz no grade"), _spec("score"))
     row = out.iloc[0]
     assert (row["status"], row["raw_output"], row["instruction"]) == ("parse_error", "zzz no grade", "Q?")
     assert pd.isna(row["score"])
@@ -68,7 +81,7 @@ def test_a_prompt_too_long_for_the_context_is_never_sent():
     engine = ScriptedEngine(max_model_len=200)
     spec = _spec("backtranslate")  # reserves 96 output tokens; the template is ~75 words
     long_passage = "word " * 200
-    out = generate.run_batch(_batch("short", long_passage), engine, spec)
+    out = generation.run_batch(_batch("short", long_passage), engine, spec)
     assert list(out["status"]) == ["ok", "too_long"]
     assert engine.calls == [1]
     assert "at most" in out.loc[1, "error"]
@@ -76,11 +89,11 @@ def test_a_prompt_too_long_for_the_context_is_never_sent():
 
 def test_fingerprint_changes_with_template_model_and_upstream():
     cfg = load_config(LOCAL_CONF)
-    base = generate.fingerprints(cfg, "m")
-    other_model = generate.fingerprints(cfg, "m2")
+    base = generation.fingerprints(cfg, "m")
+    other_model = generation.fingerprints(cfg, "m2")
     assert base["backtranslate"].fingerprint != other_model["backtranslate"].fingerprint
     cfg2 = load_config(LOCAL_CONF, ["llm.score.sampling.max_tokens=100"])
-    changed = generate.fingerprints(cfg2, "m")
+    changed = generation.fingerprints(cfg2, "m")
     assert changed["backtranslate"].fingerprint == base["backtranslate"].fingerprint
     assert changed["score"].fingerprint != base["score"].fingerprint
     # the change flows downstream: rewrite depends on the score stage
@@ -89,7 +102,7 @@ def test_fingerprint_changes_with_template_model_and_upstream():
 
 def _add_passages(ctx, texts):
     rows = [(f"p{i}", f"cc/{i}", 0, text, 5, "ok", False, None) for i, text in enumerate(texts)]
-    df = ctx.spark.createDataFrame(rows, t.without_lineage(t.PASSAGES_SCHEMA))
+    df = ctx.spark.createDataFrame(rows, struct(t.PASSAGES_COLUMNS))
     df = df.select("*", F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at"))
     ctx.tables.merge_insert_new(t.PASSAGES, df, ["passage_id"])
 
@@ -98,21 +111,21 @@ def test_rerun_retries_only_failed_rows_and_never_duplicates(make_ctx):
     ctx = make_ctx("llm.max_attempts=2", "llm.num_partitions=2")
     _add_passages(ctx, ["good one", "BOOM one", "good two", "BOOM two"])
 
-    first = generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine(fail_on="BOOM"))
+    first = run_stage(ctx, "backtranslate", lambda: ScriptedEngine(fail_on="BOOM"))
     assert (first["generated"], first["status_ok"], first["status_engine_error"]) == (4, 2, 2)
 
-    second = generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine(fail_on="two"))
+    second = run_stage(ctx, "backtranslate", lambda: ScriptedEngine(fail_on="two"))
     assert second["generated"] == 2  # only the failed rows went back to the engine
-    rows = {r["passage_id"]: r for r in ctx.tables.read(t.INSTRUCTIONS).collect()}
+    rows = {r["passage_id"]: r for r in ctx.tables.read(INSTRUCTIONS).collect()}
     assert len(rows) == 4
     assert (rows["p1"]["status"], rows["p1"]["attempts"]) == ("ok", 2)
     assert (rows["p3"]["status"], rows["p3"]["attempts"]) == ("engine_error", 2)
     assert rows["p0"]["attempts"] == 1
 
     # p3 has used its max_attempts: a third run has nothing left to do
-    third = generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine())
+    third = run_stage(ctx, "backtranslate", lambda: ScriptedEngine())
     assert third["generated"] == 0
-    assert ctx.tables.read(t.INSTRUCTIONS).count() == 4
+    assert ctx.tables.read(INSTRUCTIONS).count() == 4
 
     from backforth_spark.status import format_status, status
 
@@ -120,20 +133,21 @@ def test_rerun_retries_only_failed_rows_and_never_duplicates(make_ctx):
     bt = report["llm_stages"]["backtranslate"]
     assert (bt["done"], bt["pending"], bt["failed"], bt["out_of_attempts"]) == (3, 0, {"engine_error": 1}, 1)
     assert report["llm_stages"]["score"]["pending"] == 3  # the three instructions wait for their judge
-    assert report["tables"][t.INSTRUCTIONS]["rows"] == 4 and report["last_run"]["run_id"] == ctx.run_id
+    assert report["tables"][INSTRUCTIONS]["rows"] == 4 and report["last_run"]["run_id"] == ctx.run_id
     assert "backtranslate" in format_status(report)
 
     from backforth_spark.pipeline import plan
+    from backforth_spark.stages import select
 
-    dry = plan(ctx.cfg, [], ["backtranslate", "score"])
+    dry = plan(ctx.cfg, [], select("backtranslate,score", ctx.cfg))
     assert dry["would_generate"] == {"backtranslate": 0, "score": 3} and dry["input_files"] is None
 
 
 def test_a_stage_cut_into_slices_logs_its_progress_and_counts_tokens(make_ctx, caplog):
     ctx = make_ctx("llm.commit_rows=2")
     _add_passages(ctx, ["one", "two", "three", "four", "five"])
-    with caplog.at_level(logging.INFO, logger="backforth_spark.generate"):
-        counts = generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine())
+    with caplog.at_level(logging.INFO, logger="backforth_spark.stages.generate"):
+        counts = run_stage(ctx, "backtranslate", lambda: ScriptedEngine())
     assert counts["commits"] == 3 and counts["generated"] == 5
     progress = [r.getMessage() for r in caplog.records if "rows committed" in r.getMessage()]
     assert len(progress) == 3 and progress[-1].startswith("backtranslate: 5/5 rows committed")
@@ -145,8 +159,8 @@ def test_a_stage_cut_into_slices_logs_its_progress_and_counts_tokens(make_ctx, c
 def test_score_stage_reads_only_ok_instructions_of_the_current_fingerprint(make_ctx):
     ctx = make_ctx()
     _add_passages(ctx, ["alpha text", "beta text"])
-    generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine(fail_on="beta"))
-    counts = generate.run(ctx, "score", engine_factory=lambda: ScriptedEngine(reply="Reason: ok\nScore: 4"))
+    run_stage(ctx, "backtranslate", lambda: ScriptedEngine(fail_on="beta"))
+    counts = run_stage(ctx, "score", lambda: ScriptedEngine(reply="Reason: ok\nScore: 4"))
     assert (counts["rows_in"], counts["generated"], counts["score_4"]) == (1, 1, 1)
 
 
@@ -154,11 +168,9 @@ def test_score_stage_reads_only_ok_instructions_of_the_current_fingerprint(make_
 def test_rewrite_takes_only_pairs_at_or_above_the_threshold(make_ctx, min_score):
     ctx = make_ctx(f"curate.min_score={min_score}")
     _add_passages(ctx, ["alpha text"])
-    generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine())
-    generate.run(ctx, "score", engine_factory=lambda: ScriptedEngine(reply="Reason: ok\nScore: 4"))
-    counts = generate.run(
-        ctx, "rewrite", engine_factory=lambda: ScriptedEngine(reply="[RES] An answer. [/RES]")
-    )
+    run_stage(ctx, "backtranslate", lambda: ScriptedEngine())
+    run_stage(ctx, "score", lambda: ScriptedEngine(reply="Reason: ok\nScore: 4"))
+    counts = run_stage(ctx, "rewrite", lambda: ScriptedEngine(reply="[RES] An answer. [/RES]"))
     assert counts["rows_out"] == (1 if min_score == 4 else 0)
 
 
@@ -182,7 +194,7 @@ def _exported(dataset_dir):
 
 
 def test_curation_policies_and_distillation_baseline_count_what_they_remove(make_ctx):
-    from backforth_spark import export
+    from backforth_spark.stages import export
     from tests.conftest import add_documents
 
     ctx = make_ctx("curate.min_score=4", "curate.grounding=true", "curate.distillation_baseline=true")
@@ -196,20 +208,20 @@ def test_curation_policies_and_distillation_baseline_count_what_they_remove(make
     _add_passages(ctx, list(texts.values()))
     add_documents(ctx, [(f"cc/{i}", text) for i, text in enumerate(texts.values())])
     question = "How do I cook pasta properly at home?"
-    generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine(reply=question))
+    run_stage(ctx, "backtranslate", lambda: ScriptedEngine(reply=question))
     judge = {"at all": "Reason: off-topic\nScore: 2"}
-    assert generate.run(ctx, "score", engine_factory=lambda: ByContent(judge))["rows_out"] == 5
+    assert run_stage(ctx, "score", lambda: ByContent(judge))["rows_out"] == 5
     rewrites = {
         "far too short": "[RES] Too short. [/RES]",
         "only repeats": "[RES] How do I cook pasta properly at home? [/RES]",
         "never states": "[RES] Pasta was invented in 1492 by a sailor who cooked it at sea daily. [/RES]",
     }
     default = "[RES] Bring salted water to a boil, add the pasta, stir it, and cook until tender. [/RES]"
-    rw = generate.run(ctx, "rewrite", engine_factory=lambda: ByContent(rewrites, default=default))
+    rw = run_stage(ctx, "rewrite", lambda: ByContent(rewrites, default=default))
     assert rw["rows_in"] == 4  # the score-2 pair was not rewritten
     grounding = {"invented in 1492": '{"reason": "adds a date", "score": 1}'}
-    generate.run(ctx, "ground", engine_factory=lambda: ByContent(grounding, '{"reason": "ok", "score": 5}'))
-    distilled = generate.run(ctx, "distill", engine_factory=lambda: ScriptedEngine(reply="Use a big pot."))
+    run_stage(ctx, "ground", lambda: ByContent(grounding, '{"reason": "ok", "score": 5}'))
+    distilled = run_stage(ctx, "distill", lambda: ScriptedEngine(reply="Use a big pot."))
     assert distilled["rows_out"] == 4
 
     counts = export.run(ctx)

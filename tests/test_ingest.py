@@ -1,12 +1,15 @@
 import gzip
 import json
+from dataclasses import replace
 
 import pytest
 import zstandard
 
-from backforth_spark import ingest
-from backforth_spark import tables as t
+from backforth_spark import dolma as ingest
+from backforth_spark import schemas as t
 from backforth_spark.config import IngestConfig
+from backforth_spark.stages import ingest as ingest_stage
+from backforth_spark.tables import struct
 
 CFG = IngestConfig()
 
@@ -86,13 +89,14 @@ def _write_corpus(folder):
 def test_ingest_accounts_for_every_line_and_is_idempotent(make_ctx, tmp_path):
     n_lines = _write_corpus(tmp_path / "in")
     ctx = make_ctx()
-    counts = ingest.run(ctx, [str(tmp_path / "in")])
+    counts = ingest_stage.run(replace(ctx, inputs=(str(tmp_path / "in"),)))
     assert counts["lines"] == n_lines == 11
     assert (counts["documents"], counts["quarantined"], counts["repeated_ids"]) == (5, 5, 1)
     assert counts["lines"] == counts["documents"] + counts["quarantined"] + counts["repeated_ids"]
 
     docs = ctx.tables.read(t.DOCUMENTS)
-    assert [(f.name, f.dataType) for f in docs.schema] == [(f.name, f.dataType) for f in t.DOCUMENTS_SCHEMA]
+    declared = struct((*t.DOCUMENTS_COLUMNS, *t.LINEAGE))
+    assert [(f.name, f.dataType) for f in docs.schema] == [(f.name, f.dataType) for f in declared]
     first = docs.where("doc_key = 'cc/0'").collect()[0]
     # the first occurrence of a repeated id wins, deterministically
     assert (first["line_number"], first["text"].startswith("Document number 0")) == (1, True)
@@ -107,7 +111,7 @@ def test_ingest_accounts_for_every_line_and_is_idempotent(make_ctx, tmp_path):
         ]
     )
 
-    again = ingest.run(ctx, [str(tmp_path / "in")])
+    again = ingest_stage.run(replace(ctx, inputs=(str(tmp_path / "in"),)))
     assert (again["documents"], again["quarantined"], again["repeated_ids"]) == (0, 5, 6)
     assert ctx.tables.read(t.DOCUMENTS).count() == 5
     assert ctx.tables.read(t.QUARANTINE).count() == 5
@@ -120,7 +124,7 @@ def test_a_10_mb_document_goes_through(make_ctx, tmp_path):
     assert len(text) > 10_000_000
     (folder / "big.jsonl").write_text(_doc("big", text) + "\n" + _doc("small") + "\n")
     ctx = make_ctx()
-    counts = ingest.run(ctx, [str(folder / "*.jsonl")])
+    counts = ingest_stage.run(replace(ctx, inputs=(str(folder / "*.jsonl"),)))
     assert counts["documents"] == 2
     row = ctx.tables.read(t.DOCUMENTS).where("id = 'big'").selectExpr("length(text) AS n").collect()[0]
     assert row["n"] == len(text)
@@ -128,4 +132,4 @@ def test_a_10_mb_document_goes_through(make_ctx, tmp_path):
 
 def test_ingest_without_inputs_is_a_clear_error(make_ctx):
     with pytest.raises(ValueError, match="input"):
-        ingest.run(make_ctx(), [])
+        ingest_stage.run(make_ctx())

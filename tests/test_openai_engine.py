@@ -16,12 +16,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 
-from backforth_spark import generate
-from backforth_spark import tables as t
+from backforth_spark import generation
 from backforth_spark.config import OpenAIConfig, load_config
 from backforth_spark.engine import GenerationParams
 from backforth_spark.model import resolve_model
-from backforth_spark.openai_engine import OpenAIEngine, resolve_api_key
+from backforth_spark.openai_engine import OpenAIEngine
+from backforth_spark.stages.generate import resolve_api_key
 from tests.conftest import LOCAL_CONF
 
 SECRET = "sk-test-do-not-log-0123456789"
@@ -42,6 +42,8 @@ class Scripted(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         status, reply = type(self).script.pop(0) if type(self).script else (200, REPLY)
+        if status >= 400:  # an error body that echoes the request, as some proxies do
+            reply = {**reply, "request_headers": dict(self.headers)}
         data = json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -90,6 +92,8 @@ def test_a_client_error_is_not_retried_and_fails_only_its_conversation(scripted_
     out = _engine(scripted_server, concurrency=1).chat([CONV, CONV], PARAMS)
     assert out[0].error.startswith("HTTP 400") and out[1].text == "hello"
     assert len(Scripted.seen) == 2
+    # the server echoed the request headers, key included: the error keeps the echo, not the key
+    assert "Authorization" in out[0].error and "<redacted>" in out[0].error
     assert SECRET not in out[0].error
 
 
@@ -172,18 +176,18 @@ def test_stages_run_against_a_real_vllm_server(vllm_server, make_ctx, monkeypatc
     ]
     cfg = load_config(LOCAL_CONF, overrides)
     engine = OpenAIEngine.from_config(cfg.llm, model, api_key=SECRET)
-    specs = generate.fingerprints(cfg, model)
+    specs = generation.fingerprints(cfg, model)
     passages = [
         "To boil pasta, bring a large pot of salted water to a rolling boil, add the pasta and stir.",
         "The library opens at nine on weekdays and at ten on Saturdays; it is closed on Sundays.",
         "word " * 3000,  # far longer than the context: counted first, never sent
     ]
     batch = pd.DataFrame({"passage_id": ["a", "b", "c"], "passage": passages})
-    out = generate.run_batch(batch, engine, specs["backtranslate"])
+    out = generation.run_batch(batch, engine, specs["backtranslate"])
     assert list(out["status"])[:2] == ["ok", "ok"] and out.loc[2, "status"] == "too_long"
     assert (out.loc[:1, "completion_tokens"] > 0).all() and (out.loc[:1, "prompt_tokens"] > 50).all()
 
-    scored = generate.run_batch(
+    scored = generation.run_batch(
         batch.iloc[:2].assign(instruction=list(out.loc[:1, "instruction"])), engine, specs["score"]
     )
     # json mode goes through the server's structured outputs, so every grade parses
@@ -192,10 +196,10 @@ def test_stages_run_against_a_real_vllm_server(vllm_server, make_ctx, monkeypatc
 
     # the same through Spark: the stage resolves the key on the driver and ships it to the workers
     ctx = make_ctx(*overrides)
-    from tests.test_generate import _add_passages
+    from tests.test_generate import INSTRUCTIONS, _add_passages, run_stage
 
     _add_passages(ctx, passages[:2])
-    counts = generate.run(ctx, "backtranslate")
+    counts = run_stage(ctx, "backtranslate", None)
     assert (counts["generated"], counts["rows_out"]) == (2, 2)
-    rows = ctx.tables.read(t.INSTRUCTIONS).collect()
+    rows = ctx.tables.read(INSTRUCTIONS).collect()
     assert {r["model"] for r in rows} == {model} and all(SECRET not in str(r.asDict()) for r in rows)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 
-from backforth_spark import ingest
-from backforth_spark import tables as t
+import pytest
+
+from backforth_spark import schemas as t
 from backforth_spark.context import StageContext
+from backforth_spark.stages import ingest
+from backforth_spark.tables import Tables
 from tests.conftest import DOLMA_SAMPLE
 
 
@@ -15,10 +19,10 @@ def test_two_concurrent_ingests_neither_corrupt_nor_duplicate(make_ctx):
     results, errors = {}, []
 
     def ingest_as(run_id):
-        tables = t.Tables(base.spark, base.tables.root, run_id)
+        tables = Tables(base.spark, base.tables.root, run_id)
         try:
-            ctx = StageContext(base.spark, base.cfg, tables, run_id)
-            results[run_id] = ingest.run(ctx, [str(DOLMA_SAMPLE)])
+            ctx = StageContext(base.spark, base.cfg, tables, run_id, inputs=(str(DOLMA_SAMPLE),))
+            results[run_id] = ingest.run(ctx)
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -36,40 +40,104 @@ def test_two_concurrent_ingests_neither_corrupt_nor_duplicate(make_ctx):
 
 def test_two_refresh_processes_at_once_leave_every_key_once(tmp_path, spark):
     """Two `backforth refresh` processes on the same tables at the same moment (two drivers, two JVMs):
-    both finish, or one fails with Delta's conflict named; either way no key is duplicated."""
+    both hold their staging tables at once (they did overlap), both finish or one names Delta's conflict,
+    and between them every document is inserted and decided once."""
     import json
     import subprocess
     import sys
+    import time
 
     from tests.conftest import LOCAL_CONF
 
+    work = tmp_path / "work"
+
     def refresh(i):
         cmd = [sys.executable, "-m", "backforth_spark.cli", "refresh", "--config", str(LOCAL_CONF)]
-        cmd += [
-            "--workdir",
-            str(tmp_path / "work"),
-            "--input",
-            str(DOLMA_SAMPLE),
-            "--stages",
-            "ingest,dedup,chunk",
-        ]
+        cmd += ["--workdir", str(work), "--input", str(DOLMA_SAMPLE), "--stages", "ingest,dedup,chunk"]
         cmd += ["--summary-json", str(tmp_path / f"s{i}.json"), "--set", "tracking.enabled=false"]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     procs = [refresh(i) for i in range(2)]
+    most_at_once = 0
+    while any(p.poll() is None for p in procs):
+        staging = work / "tables" / "_staging"
+        runs = [d for d in staging.iterdir() if d.is_dir()] if staging.exists() else []
+        most_at_once = max(most_at_once, len(runs))
+        time.sleep(0.1)
     outs = [p.communicate(timeout=900) for p in procs]
+    assert most_at_once == 2  # each run's staging existed at the same moment: the runs overlapped
     summaries = [json.loads((tmp_path / f"s{i}.json").read_text()) for i in range(2)]
     for proc, (_, err), summary in zip(procs, outs, summaries, strict=True):
         # a run that lost every retry says so and names the table; nothing it did is half-committed
         assert proc.returncode == 0 or "concurrent writer" in (summary["error"] or ""), err[-3000:]
     assert any(p.returncode == 0 for p in procs)
 
-    tables = t.Tables(spark, tmp_path / "work" / "tables")
+    tables = Tables(spark, work / "tables")
     docs = tables.read(t.DOCUMENTS)
     assert docs.count() == docs.select("doc_key").distinct().count() == 10
     decisions = tables.read(t.DEDUP)
     assert decisions.count() == decisions.select("doc_key").distinct().count() == 10
     passages = tables.read(t.PASSAGES)
     assert passages.count() == passages.select("passage_id").distinct().count() > 0
-    if all(s["error"] is None for s in summaries):  # between them, each document was inserted once
-        assert sum(s["stages"]["ingest"]["documents"] for s in summaries) == 10
+    # ingest commits before anything can conflict, so both runs report it: each document once between them
+    assert sum(s["stages"]["ingest"]["documents"] for s in summaries) == 10
+
+
+NEW_DOC = {
+    "id": "new-1",
+    "source": "web",
+    "added": "2024-06-01",
+    "text": (
+        "Sourdough starter needs regular feeding to stay active. Keep it in a glass jar at room "
+        "temperature and feed it once a day with equal weights of flour and water. Discard about half "
+        "of the starter before each feeding so the jar does not overflow and the acidity stays in "
+        "balance. A healthy starter doubles in size within six to eight hours of a feeding and smells "
+        "pleasantly sour. If you bake only once a week, store the starter in the refrigerator and feed "
+        "it the day before you plan to mix your dough."
+    ),
+}
+
+
+@pytest.mark.e2e
+def test_a_refresh_after_a_new_file_generates_only_for_it(real_run, tmp_path, spark):
+    """A scheduled refresh on a copy of the real run after a new file lands: only the new document flows
+    through the LLM stages, old successes are untouched; its threshold (2) is above what the small judge
+    gives most pairs, so real pairs are removed for their score and counted. (A refresh with nothing new:
+    tests/test_cluster.py.)"""
+    import json
+
+    from backforth_spark.generation import LLM_TASKS
+    from tests.conftest import LOCAL_CONF, REAL_RUN_SETTINGS, cli, copy_run
+
+    work = copy_run(real_run, tmp_path / "work")
+    corpus = tmp_path / "in"
+    shutil.copytree(real_run.corpus, corpus)
+    (corpus / "new.jsonl").write_text(json.dumps(NEW_DOC) + "\n")
+    tables = Tables(spark, work / "tables")
+
+    def ok_rows(task):
+        df = tables.read(task.table).where("status = 'ok'")
+        return {tuple(r) for r in df.select("passage_id", "run_id", "raw_output").collect()}
+
+    before = {task.name: ok_rows(task) for task in LLM_TASKS}
+    settings = [x for st in (*REAL_RUN_SETTINGS, "llm.max_attempts=1", "curate.min_score=2",
+                             "tracking.enabled=false") for x in ("--set", st)]  # fmt: skip
+
+    def refresh(name):
+        proc = cli("refresh", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input", str(corpus),
+                   "--summary-json", str(tmp_path / name), *settings)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / name).read_text())
+
+    again = refresh("again.json")
+    stages = again["stages"]
+    assert stages["ingest"]["documents"] == 1
+    new_passages = tables.read(t.PASSAGES).where("doc_key = 'web/new-1' AND status = 'ok'").count()
+    assert stages["backtranslate"]["generated"] == new_passages > 0
+    for name, rows in before.items():
+        assert rows <= ok_rows(next(task for task in LLM_TASKS if task.name == name)), name
+    # removed for their score: every current ok score below 2, counted independently from the table
+    scores = tables.read("scores").where("status = 'ok'")
+    fingerprint = scores.groupBy("fingerprint").count().orderBy("count", ascending=False).first()[0]
+    below = scores.where(f"fingerprint = '{fingerprint}' AND score < 2").count()
+    assert stages["export"]["removed_low_score"] == below > 0

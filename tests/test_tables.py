@@ -2,21 +2,23 @@
 same contracts, with tables named `catalog.schema.table` instead of paths."""
 
 import uuid
+from dataclasses import replace
 
-from backforth_spark import chunk, dedup, generate, ingest
-from backforth_spark import tables as t
+from backforth_spark import schemas as t
+from backforth_spark import tables
 from backforth_spark.config import load_config
 from backforth_spark.context import StageContext
+from backforth_spark.stages import chunk, dedup, ingest
 from backforth_spark.status import status
 from tests.conftest import DOLMA_SAMPLE, LOCAL_CONF
-from tests.test_generate import ScriptedEngine
+from tests.test_generate import INSTRUCTIONS, ScriptedEngine, run_stage
 
 
 def test_path_and_catalog_locations(spark, tmp_path):
-    paths = t.Tables(spark, tmp_path / "tables")
+    paths = tables.Tables(spark, tmp_path / "tables")
     assert paths.location(t.PASSAGES) == str(tmp_path / "tables" / "passages")
     assert paths.dataset_source(t.PASSAGES) == {"path": str(tmp_path / "tables" / "passages")}
-    named = t.Tables(spark, tmp_path / "tables", catalog_schema="main.backforth")
+    named = tables.Tables(spark, tmp_path / "tables", catalog_schema="main.backforth")
     assert named.location(t.PASSAGES) == "main.backforth.passages"
     assert named.dataset_source(t.PASSAGES) == {"delta_table_name": "main.backforth.passages"}
 
@@ -32,30 +34,30 @@ def test_stages_run_on_catalog_tables(spark, tmp_path):
             "chunk.max_passages_per_doc=1",
         ],
     )
-    tables = t.Tables.from_config(spark, cfg, "run-1")
-    ctx = StageContext(spark, cfg, tables, "run-1")
+    catalog = tables.Tables.from_config(spark, cfg, "run-1")
+    ctx = StageContext(spark, cfg, catalog, "run-1", inputs=(str(DOLMA_SAMPLE),))
 
-    assert ingest.run(ctx, [str(DOLMA_SAMPLE)])["rows_out"] == 10
-    assert ingest.run(ctx, [str(DOLMA_SAMPLE)])["rows_out"] == 0  # a rerun adds nothing
+    assert ingest.run(ctx)["rows_out"] == 10
+    assert ingest.run(replace(ctx))["rows_out"] == 0  # a rerun adds nothing
     dedup.run(ctx)
     n_passages = chunk.run(ctx)["rows_out"]
-    bt = generate.run(ctx, "backtranslate", engine_factory=lambda: ScriptedEngine(reply="How do I do it?"))
+    bt = run_stage(ctx, "backtranslate", lambda: ScriptedEngine(reply="How do I do it?"))
     assert bt["generated"] == n_passages == 10
 
     # the tables are catalog tables, nothing was written by path under the workdir
-    for name in (t.DOCUMENTS, t.DEDUP, t.PASSAGES, t.INSTRUCTIONS):
+    for name in (t.DOCUMENTS, t.DEDUP, t.PASSAGES, INSTRUCTIONS):
         assert spark.catalog.tableExists(f"spark_catalog.{schema}.{name}")
     assert not (tmp_path / "work" / "tables").exists()
     assert spark.table(f"spark_catalog.{schema}.instructions").where("status = 'ok'").count() == 10
     # time travel by version, as the export and MLflow lineage use it
-    assert tables.version(t.DOCUMENTS) >= 1
-    assert tables.read(t.DOCUMENTS, version=0).count() == 0  # the empty table ensure() created
+    assert catalog.version(t.DOCUMENTS) >= 1
+    assert catalog.read(t.DOCUMENTS, version=0).count() == 0  # the empty table ensure() created
 
     staged = [
         x.name for x in spark.catalog.listTables(f"spark_catalog.{schema}") if x.name.startswith("_staging")
     ]
     assert staged  # the stages staged their work in per-run tables...
-    tables.drop_staging()
+    catalog.drop_staging()
     left = [
         x.name for x in spark.catalog.listTables(f"spark_catalog.{schema}") if x.name.startswith("_staging")
     ]

@@ -6,11 +6,11 @@ from collections.abc import Callable, Iterator
 
 import pandas as pd
 
-from backforth_spark.chunk import chunk_document, passage_id
+from backforth_spark.chunking import chunk_document, passage_id
 from backforth_spark.config import ChunkConfig
-from backforth_spark.tables import PASSAGES_SCHEMA, without_lineage
+from backforth_spark.schemas import PASSAGES_COLUMNS, names
 
-CHUNK_SCHEMA = without_lineage(PASSAGES_SCHEMA)
+CHUNK_COLUMNS = names(PASSAGES_COLUMNS)
 
 
 class HFTokenizer:
@@ -66,7 +66,7 @@ def chunk_documents(
                             "quality_filter": p.quality_filter,
                         }
                     )
-            out = pd.DataFrame(rows, columns=CHUNK_SCHEMA.fieldNames())
+            out = pd.DataFrame(rows, columns=CHUNK_COLUMNS)
             yield out.astype({"passage_index": "int32", "n_tokens": "Int32", "truncated": bool})
 
     return run

@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator
 import pandas as pd
 
 from backforth_spark.config import LLMConfig
-from backforth_spark.engine import Engine, create_engine
-from backforth_spark.generate import StageSpec, run_batch
+from backforth_spark.engine import Engine
+from backforth_spark.generation import StageSpec, run_batch
+from backforth_spark.openai_engine import OpenAIEngine
+from backforth_spark.vllm_engine import create_vllm_engine
 
 _ENGINES: dict[tuple, Engine] = {}
 
@@ -41,6 +43,14 @@ def pin_gpus(addresses: list[str]) -> str | None:
     if not _ENGINES:
         os.environ["CUDA_VISIBLE_DEVICES"] = label
     return os.environ.get("CUDA_VISIBLE_DEVICES", label)
+
+
+def create_engine(cfg: LLMConfig, model: str, api_key: str | None = None) -> Engine:
+    """The engine the config asks for: in-process vLLM, or a client of an OpenAI-compatible server
+    (`api_key` is for the latter, resolved on the driver)."""
+    if cfg.engine == "openai":
+        return OpenAIEngine.from_config(cfg, model, api_key)
+    return create_vllm_engine(cfg, model)
 
 
 def _engine(cfg: LLMConfig, model: str, api_key: str | None) -> Engine:

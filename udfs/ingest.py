@@ -5,17 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pandas as pd
-from pyspark.sql import types as T
 
 from backforth_spark.config import IngestConfig
-from backforth_spark.ingest import PARSED_COLUMNS, parse_file
-
-PARSED_SCHEMA = T.StructType(
-    [
-        T.StructField(c, T.LongType() if c == "line_number" else T.StringType(), c != "kind")
-        for c in PARSED_COLUMNS
-    ]
-)
+from backforth_spark.dolma import PARSED_COLUMNS, parse_file
 
 # Flush a batch to Spark after this many rows or characters of text, whichever first,
 # so one huge file never sits in a Python worker as a single DataFrame.

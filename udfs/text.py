@@ -8,15 +8,15 @@ import numpy as np
 import pandas as pd
 from pyspark.sql.functions import pandas_udf
 
+# type objects, not DDL strings: parsing a string needs a live SparkContext at import
+from pyspark.sql.types import DoubleType, StringType
+
 from backforth_spark import minhash
 from backforth_spark.config import DedupConfig
-from backforth_spark.tables import MINHASH_SCHEMA, without_lineage
 from backforth_spark.text import norm_hash, normalise
 
-SIGNATURE_SCHEMA = without_lineage(MINHASH_SCHEMA)
 
-
-@pandas_udf("string")
+@pandas_udf(StringType())
 def norm_hash_udf(text: pd.Series) -> pd.Series:
     return text.map(norm_hash)
 
@@ -42,7 +42,7 @@ def signatures(cfg: DedupConfig) -> Callable[[Iterator[pd.DataFrame]], Iterator[
     return run
 
 
-@pandas_udf("double")
+@pandas_udf(DoubleType())
 def estimated_jaccard_udf(sig_a: pd.Series, sig_b: pd.Series) -> pd.Series:
     return pd.Series(
         [
@@ -55,7 +55,7 @@ def estimated_jaccard_udf(sig_a: pd.Series, sig_b: pd.Series) -> pd.Series:
 def exact_jaccard(ngram: int):
     """A pandas UDF: exact Jaccard of two texts' shingle sets."""
 
-    @pandas_udf("double")
+    @pandas_udf(DoubleType())
     def run(text_a: pd.Series, text_b: pd.Series) -> pd.Series:
         return pd.Series(
             [

@@ -1,4 +1,4 @@
-"""Stage `chunk`: representative documents -> `passages` that fit the model's context.
+"""Chunking: a document -> passages that fit the model's context (pure Python; the `chunk` stage runs it).
 
 Lengths are measured in the generation model's tokens. Each document is tokenised once; the character
 offsets of its tokens then give the token count of any slice of it, so splitting costs no further
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from backforth_spark.config import ChunkConfig
-from backforth_spark.context import StageContext
 from backforth_spark.text import stable_hash
 
 OK = "ok"
@@ -195,36 +194,3 @@ def chunk_document(text: str, tokenizer: Tokenizer, cfg: ChunkConfig) -> list[Pa
 
 def passage_id(doc_key: str, index: int) -> str:
     return stable_hash(doc_key, str(index))
-
-
-# ---- Spark glue ---------------------------------------------------------------------------------
-
-
-def run(ctx: StageContext) -> dict[str, int]:
-    """Chunk representatives that have no passages yet."""
-    from pyspark.sql import functions as F
-
-    from backforth_spark import tables as t
-    from backforth_spark.model import resolve_model
-    from udfs.chunking import CHUNK_SCHEMA, chunk_documents
-
-    docs = ctx.tables.read(t.DOCUMENTS)
-    reps = ctx.tables.read(t.DEDUP).where("is_representative").select("doc_key")
-    done = ctx.tables.read(t.PASSAGES).select("doc_key").distinct()
-    todo = docs.join(reps, "doc_key").join(done, "doc_key", "left_anti").select("doc_key", "text")
-    model = resolve_model(ctx.cfg.llm)
-    chunks = todo.mapInPandas(chunk_documents(model, ctx.cfg.chunk), CHUNK_SCHEMA).select(
-        *CHUNK_SCHEMA.fieldNames(),
-        F.lit(ctx.run_id).alias("run_id"),
-        F.current_timestamp().alias("written_at"),
-    )
-    staged = ctx.tables.stage(t.PASSAGES, chunks)
-    ctx.tables.merge_insert_new(t.PASSAGES, staged, ["passage_id"])
-    by_status = {r["status"]: r["count"] for r in staged.groupBy("status").count().collect()}
-    by_filter = staged.where(F.col("status") == LOW_QUALITY).groupBy("quality_filter").count().collect()
-    return {
-        "rows_in": staged.select("doc_key").distinct().count(),
-        "rows_out": by_status.get(OK, 0),
-        **{f"passages_{status}": n for status, n in sorted(by_status.items())},
-        **{f"filtered_{r['quality_filter']}": r["count"] for r in sorted(by_filter, key=lambda r: r[0])},
-    }

@@ -13,23 +13,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyspark import StorageLevel
+from pyspark.sql import Window
+from pyspark.sql import functions as F
+
+from backforth_spark import schemas as s
 from backforth_spark.context import StageContext
+from backforth_spark.tables import require_columns, struct
+from udfs.text import estimated_jaccard_udf, exact_jaccard, norm_hash_udf, signatures
+
+SIGNATURE_SCHEMA = struct(s.MINHASH_COLUMNS)
 
 REPRESENTATIVE, EXACT, URL, NEAR = "representative", "exact", "url", "near"
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from pyspark import StorageLevel
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    from backforth_spark import tables as t
-    from udfs.text import norm_hash_udf
-
+    """Decide every document that has no decision yet: representative, or a duplicate of which."""
     cfg = ctx.cfg.dedup
-    docs = ctx.tables.read(t.DOCUMENTS)
-    t.require_columns(docs, ["doc_key", "text", "url"], t.DOCUMENTS)
-    decided = ctx.tables.read(t.DEDUP)
+    docs = ctx.tables.read(s.DOCUMENTS)
+    require_columns(docs, ["doc_key", "text", "url"], s.DOCUMENTS)
+    decided = ctx.tables.read(s.DEDUP)
     old_reps = decided.where("is_representative").select("doc_key", "norm_hash")
     new = (
         docs.join(decided.select("doc_key"), "doc_key", "left_anti")
@@ -85,12 +88,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         F.lit(None).cast("double").alias("similarity"),
     )
     decisions = reps.unionByName(duplicates).select(
-        *t.without_lineage(t.DEDUP_SCHEMA).fieldNames(),
+        *s.names(s.DEDUP_COLUMNS),
         F.lit(ctx.run_id).alias("run_id"),
         F.current_timestamp().alias("written_at"),
     )
-    staged = ctx.tables.stage(t.DEDUP, decisions)
-    ctx.tables.merge_insert_new(t.DEDUP, staged, ["doc_key"])
+    staged = ctx.tables.stage(s.DEDUP, decisions)
+    ctx.tables.merge_insert_new(s.DEDUP, staged, ["doc_key"])
     by_reason = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
     new.unpersist()
     # every new document gets exactly one decision, so the decisions count the input too
@@ -104,8 +107,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def _decisions(df, reason: str, similarity: float | None):
-    from pyspark.sql import functions as F
-
     sim = F.col("similarity") if "similarity" in df.columns else F.lit(similarity).cast("double")
     return df.select(
         "doc_key",
@@ -120,23 +121,18 @@ def _decisions(df, reason: str, similarity: float | None):
 def _near_duplicates(ctx: StageContext, survivors, decided):
     """New documents that are near duplicates: (doc_key, norm_hash, cluster_id, similarity), and counts.
     `survivors` are the new documents left after exact and URL dedup (doc_key, norm_hash)."""
-    from pyspark.sql import functions as F
-
-    from backforth_spark import tables as t
-    from udfs.text import SIGNATURE_SCHEMA, estimated_jaccard_udf, exact_jaccard, signatures
-
     cfg = ctx.cfg.dedup
-    docs = ctx.tables.read(t.DOCUMENTS)
+    docs = ctx.tables.read(s.DOCUMENTS)
     # signatures only for documents that have none yet
     todo = survivors.select("doc_key").join(
-        ctx.tables.read(t.MINHASH).select("doc_key"), "doc_key", "left_anti"
+        ctx.tables.read(s.MINHASH).select("doc_key"), "doc_key", "left_anti"
     )
     sigs = todo.join(docs.select("doc_key", "text"), "doc_key").mapInPandas(signatures(cfg), SIGNATURE_SCHEMA)
     staged = ctx.tables.stage(
-        t.MINHASH,
+        s.MINHASH,
         sigs.select("*", F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")),
     )
-    ctx.tables.merge_insert_new(t.MINHASH, staged, ["doc_key"])
+    ctx.tables.merge_insert_new(s.MINHASH, staged, ["doc_key"])
     counts: dict[str, Any] = {"signatures_computed": staged.count()}
 
     # the pool: old representatives (priority 0) and the new survivors (priority 1)
@@ -144,7 +140,7 @@ def _near_duplicates(ctx: StageContext, survivors, decided):
         decided.where("is_representative")
         .select("doc_key", F.lit(0).alias("prio"))
         .unionByName(survivors.select("doc_key", F.lit(1).alias("prio")))
-        .join(ctx.tables.read(t.MINHASH).select("doc_key", "signature", "bands"), "doc_key")
+        .join(ctx.tables.read(s.MINHASH).select("doc_key", "signature", "bands"), "doc_key")
     )
     bands = pool.select("doc_key", "prio", F.posexplode("bands").alias("band", "h"))
     buckets = (
@@ -210,8 +206,6 @@ def _near_duplicates(ctx: StageContext, survivors, decided):
 def _components(edges, nodes, max_rounds: int):
     """Connected components by min-label propagation. Labels are (prio, doc_key) structs: old
     representatives (prio 0) keep their own label and win any component they are in."""
-    from pyspark.sql import functions as F
-
     both = edges.select("src", "dst").unionByName(
         edges.select(F.col("dst").alias("src"), F.col("src").alias("dst"))
     )

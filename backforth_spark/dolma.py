@@ -1,6 +1,8 @@
-"""Stage `ingest`: Dolma files -> the bronze `documents` table, bad lines -> `quarantine`.
+"""Reading Dolma files: one JSON document per line, optionally gzip or zstd compressed (pure Python).
 
-Every input line is accounted for: lines = new documents + quarantined + repeated (source, id).
+Every line becomes a document or a quarantine record saying why not; parsing never raises. The
+`ingest` stage (backforth_spark/stages/ingest.py) runs this in Spark and accounts for every line:
+lines = new documents + quarantined + repeated (source, id).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ MISSING_ID = "missing_id"
 MISSING_TEXT = "missing_text"
 NON_STRING_TEXT = "non_string_text"
 INVALID_UTF8 = "invalid_utf8"
+UNENCODABLE_TEXT = "unencodable_text"  # JSON escapes UTF-8 cannot carry (a lone surrogate such as \ud800)
 EMPTY_TEXT = "empty_text"
 BLANK_LINE = "blank_line"
 UNREADABLE_FILE = "unreadable_file"
 
 PARSED_COLUMNS = [
     "kind",  # "doc" or "quarantine"
+    "doc_key",
     "source",
     "id",
     "text",
@@ -47,6 +51,7 @@ class ParsedLine:
     kind: str
     input_file: str
     line_number: int
+    doc_key: str | None = None
     source: str | None = None
     id: str | None = None
     text: str | None = None
@@ -76,6 +81,21 @@ def open_lines(path: str, data: bytes) -> Iterator[bytes]:
         yield line.rstrip(b"\r\n")
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _escape(part: str) -> str:
+    # "%" first, so an escaped "/" cannot be confused with a literal "%2F"
+    return part.replace("%", "%25").replace("/", "%2F")
+
+
+def doc_key(source: str, doc_id: str) -> str:
+    """The document's key: `<source>/<id>` with "%" and "/" percent-escaped in each part. Injective in
+    (source, id): the only unescaped "/" separates the two, and escaping is reversible. Readable:
+    ("cc", "a") -> "cc/a"; ("cc/news", "a") -> "cc%2Fnews/a"; ("cc", "news/a") -> "cc/news%2Fa"."""
+    return f"{_escape(source)}/{_escape(doc_id)}"
+
+
 def _opt_str(value: Any) -> str | None:
     if value is None:
         return None
@@ -89,6 +109,8 @@ def parse_line(path: str, line_number: int, raw: bytes, cfg: IngestConfig) -> Pa
         prefix = raw[: cfg.raw_prefix_chars].decode("utf-8", errors="replace")
         return ParsedLine("quarantine", path, line_number, reason=reason, detail=detail, raw_prefix=prefix)
 
+    if raw.startswith(_BOM):  # a byte-order mark, common in files written on some platforms
+        raw = raw[len(_BOM) :]
     if not raw.strip():
         return bad(BLANK_LINE, "the line is empty")
     try:
@@ -101,6 +123,11 @@ def parse_line(path: str, line_number: int, raw: bytes, cfg: IngestConfig) -> Pa
         return bad(MALFORMED_JSON, str(exc))
     if not isinstance(obj, dict):
         return bad(NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        # JSON may escape code points UTF-8 cannot encode (lone surrogates); Arrow and Delta cannot hold them
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return bad(UNENCODABLE_TEXT, f"{exc.reason} at position {exc.start} of a decoded value")
     doc_id = obj.get("id")
     if doc_id is None or isinstance(doc_id, (dict, list, bool)) or str(doc_id) == "":
         return bad(MISSING_ID, "no usable 'id' field")
@@ -115,12 +142,14 @@ def parse_line(path: str, line_number: int, raw: bytes, cfg: IngestConfig) -> Pa
     source = source if isinstance(source, str) and source else cfg.default_source
     metadata = obj.get("metadata")
     url = metadata.get("url") if isinstance(metadata, dict) else None
+    doc_id = doc_id if isinstance(doc_id, str) else json.dumps(doc_id)
     return ParsedLine(
         "doc",
         path,
         line_number,
+        doc_key=doc_key(source, doc_id),
         source=source,
-        id=str(doc_id),
+        id=doc_id,
         text=text,
         added=_opt_str(obj.get("added")),
         created=_opt_str(obj.get("created")),
@@ -143,66 +172,3 @@ def parse_file(path: str, data: bytes, cfg: IngestConfig) -> Iterator[ParsedLine
             reason=UNREADABLE_FILE,
             detail=f"{type(exc).__name__}: {exc} (after line {line_number})",
         )
-
-
-# ---- Spark glue ---------------------------------------------------------------------------------
-
-
-def input_files(spark, cfg: IngestConfig, inputs: list[str]):
-    """The Dolma files under `inputs` (files, folders searched recursively, globs) as a binaryFile
-    DataFrame (path, modificationTime, length, content; content is read only if selected)."""
-    if not inputs:
-        raise ValueError("ingest needs at least one input path or glob (--input)")
-    return (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", cfg.file_glob)
-        .load(inputs)
-    )
-
-
-def run(ctx, inputs: list[str]) -> dict[str, int]:
-    """Read Dolma files into `documents` and `quarantine`; returns the stage counts."""
-    from pyspark import StorageLevel
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    from backforth_spark import tables as t
-    from udfs.ingest import PARSED_SCHEMA, parse_files
-
-    spark, cfg = ctx.spark, ctx.cfg
-    files = input_files(spark, cfg.ingest, inputs).select("path", "content")
-    # binaryFile partitions are bounded by spark.sql.files.maxPartitionBytes, so one Arrow batch
-    # holds at most about that much compressed input.
-    parsed = files.mapInPandas(parse_files(cfg.ingest), PARSED_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        lineage = [F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")]
-        docs = parsed.where("kind = 'doc'")
-        first = Window.partitionBy("source", "id").orderBy("input_file", "line_number")
-        docs = (
-            docs.withColumn("_rank", F.row_number().over(first))
-            .where("_rank = 1")
-            .select(
-                F.concat_ws("/", "source", "id").alias("doc_key"),
-                *[c for c in t.without_lineage(t.DOCUMENTS_SCHEMA).fieldNames() if c != "doc_key"],
-                *lineage,
-            )
-        )
-        quarantine = parsed.where("kind = 'quarantine'").select(
-            "input_file", "line_number", "reason", "detail", "raw_prefix", *lineage
-        )
-        counts = {r["kind"]: r["n"] for r in parsed.groupBy("kind").agg(F.count("*").alias("n")).collect()}
-        n_docs_parsed, n_quarantined = counts.get("doc", 0), counts.get("quarantine", 0)
-        # the MERGE's own count: right even when a concurrent run inserts into the table too
-        new_docs = ctx.tables.merge_insert_new(t.DOCUMENTS, docs, ["doc_key"])
-        ctx.tables.merge_insert_new(t.QUARANTINE, quarantine, ["input_file", "line_number"])
-    finally:
-        parsed.unpersist()
-    return {
-        "rows_in": n_docs_parsed + n_quarantined,
-        "rows_out": new_docs,
-        "lines": n_docs_parsed + n_quarantined,
-        "documents": new_docs,
-        "quarantined": n_quarantined,
-        "repeated_ids": n_docs_parsed - new_docs,
-    }

@@ -1,0 +1,38 @@
+"""Stage `chunk`: representative documents -> `passages` that fit the model's context (see chunking.py)."""
+
+from __future__ import annotations
+
+from pyspark.sql import functions as F
+
+from backforth_spark import schemas as s
+from backforth_spark.chunking import LOW_QUALITY, OK
+from backforth_spark.context import StageContext
+from backforth_spark.model import resolve_model
+from backforth_spark.tables import struct
+from udfs.chunking import chunk_documents
+
+CHUNK_SCHEMA = struct(s.PASSAGES_COLUMNS)
+
+
+def run(ctx: StageContext) -> dict[str, int]:
+    """Chunk representatives that have no passages yet."""
+    docs = ctx.tables.read(s.DOCUMENTS)
+    reps = ctx.tables.read(s.DEDUP).where("is_representative").select("doc_key")
+    done = ctx.tables.read(s.PASSAGES).select("doc_key").distinct()
+    todo = docs.join(reps, "doc_key").join(done, "doc_key", "left_anti").select("doc_key", "text")
+    model = resolve_model(ctx.cfg.llm)
+    chunks = todo.mapInPandas(chunk_documents(model, ctx.cfg.chunk), CHUNK_SCHEMA).select(
+        *CHUNK_SCHEMA.fieldNames(),
+        F.lit(ctx.run_id).alias("run_id"),
+        F.current_timestamp().alias("written_at"),
+    )
+    staged = ctx.tables.stage(s.PASSAGES, chunks)
+    ctx.tables.merge_insert_new(s.PASSAGES, staged, ["passage_id"])
+    by_status = {r["status"]: r["count"] for r in staged.groupBy("status").count().collect()}
+    by_filter = staged.where(F.col("status") == LOW_QUALITY).groupBy("quality_filter").count().collect()
+    return {
+        "rows_in": staged.select("doc_key").distinct().count(),
+        "rows_out": by_status.get(OK, 0),
+        **{f"passages_{status}": n for status, n in sorted(by_status.items())},
+        **{f"filtered_{r['quality_filter']}": r["count"] for r in sorted(by_filter, key=lambda r: r[0])},
+    }

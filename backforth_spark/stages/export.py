@@ -1,0 +1,216 @@
+"""Stage `export`: the kept, rewritten pairs -> a fine-tuning dataset folder (its shape: dataset.py).
+
+The curation policies (backforth_spark/curate.py, and the grounding check when enabled) decide which
+rewrites are kept; every removal is counted by its reason. Zero pairs is a normal outcome: the folder then
+holds its card and empty data files, and the counts say why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import functions as F
+
+from backforth_spark import schemas as s
+from backforth_spark.config import ExportConfig
+from backforth_spark.context import StageContext
+from backforth_spark.dataset import (
+    BASELINE_DIR,
+    LINEAGE_FIELDS,
+    PAIRS_DIR,
+    WORD_EDGES,
+    buckets,
+    dataset_card,
+    shard_names,
+    to_record,
+)
+from backforth_spark.generation import DISTILL, GROUND, REWRITE, SCORE
+from backforth_spark.stages.generate import current_specs
+from udfs.curation import response_issue_udf
+
+
+def _parquet_schema(cfg: ExportConfig):
+    lineage = [
+        ("passage_id", pa.string()),
+        ("doc_key", pa.string()),
+        ("source", pa.string()),
+        ("id", pa.string()),
+        ("score", pa.int32()),
+    ]
+    if cfg.style == "alpaca":
+        head = [("instruction", pa.string()), ("input", pa.string()), ("output", pa.string())]
+    else:
+        message = pa.struct([("role", pa.string()), ("content", pa.string())])
+        head = [("messages", pa.list_(message))]
+    return pa.schema(head + lineage)
+
+
+def write_dataset(
+    rows, n_rows: int, out_dir: Path, record: Callable[[dict], dict], card: str, cfg: ExportConfig
+) -> None:
+    """Stream `rows` (a staged DataFrame of `n_rows` rows) into shard files under out_dir/data and `card`
+    into out_dir/README.md. Written into a temporary folder and swapped in, so a
+    reader never sees half an export; partition by partition, so the driver never holds the whole set."""
+    names = shard_names(n_rows, cfg.shard_rows)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "data").mkdir(parents=True)
+    schema = _parquet_schema(cfg)
+    it = rows.toLocalIterator()
+    n = 0
+    for name in names:
+        batch = []
+        for row in it:
+            batch.append(record(row.asDict()))
+            if len(batch) == cfg.shard_rows:
+                break
+        n += len(batch)
+        if "jsonl" in cfg.formats:
+            with (tmp / "data" / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
+        if "parquet" in cfg.formats:
+            pq.write_table(pa.Table.from_pylist(batch, schema=schema), tmp / "data" / f"{name}.parquet")
+    if n != n_rows:
+        raise RuntimeError(
+            f"export of {out_dir.name}: expected {n_rows} rows but wrote {n}; rerun the export"
+        )
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _stats(pairs, counts: dict[str, Any], n_rows: int, cfg: ExportConfig) -> dict[str, Any]:
+    scores = {str(r["score"]): r["count"] for r in pairs.groupBy("score").count().orderBy("score").collect()}
+    words = F.size(F.split(F.trim("response"), r"\s+"))
+    label = F.lit(None)
+    for lo, hi, name in reversed(buckets(WORD_EDGES)):
+        label = F.when((words >= lo) & (words < hi) if hi is not None else words >= lo, name).otherwise(label)
+    found = {r["b"]: r["count"] for r in pairs.groupBy(label.alias("b")).count().collect()}
+    return {
+        "rows": n_rows,
+        "shards": len(shard_names(n_rows, cfg.shard_rows)),
+        "counts": counts,
+        "scores": scores,
+        "response_words": {name: found.get(name, 0) for _, _, name in buckets(WORD_EDGES)},
+    }
+
+
+def _lineage(ctx: StageContext, specs: dict, stages: list[str], tables: list[str]) -> dict[str, Any]:
+    return {
+        "run_id": ctx.run_id,
+        "mlflow_run_id": ctx.mlflow_run_id,
+        "model": specs[stages[0]].model,
+        "templates": {st: f"{specs[st].template.name} {specs[st].template.hash}" for st in stages},
+        "fingerprints": {st: specs[st].fingerprint for st in stages},
+        "table_versions": {name: ctx.tables.version(name) for name in tables},
+        "config": ctx.cfg.model_dump(mode="json"),
+    }
+
+
+def run(ctx: StageContext) -> dict[str, int | str]:
+    """Apply the curation policies to the current rewrites and write the kept pairs; with the
+    distillation baseline on, also write the same instructions answered without their passage."""
+    cur, exp = ctx.cfg.curate, ctx.cfg.export
+    specs = current_specs(ctx)
+    # every table is read as of the version recorded in the card, even if a writer commits meanwhile
+    read_tables = [s.DOCUMENTS, s.PASSAGES, SCORE.table, REWRITE.table]
+    read_tables += [GROUND.table] if cur.grounding else []
+    read_tables += [DISTILL.table] if cur.distillation_baseline else []
+    stages = [task.name for task in ctx.llm_tasks if task.name not in (GROUND.name, DISTILL.name)]
+    stages += [GROUND.name] if cur.grounding else []
+    stages += [DISTILL.name] if cur.distillation_baseline else []
+    lineage = _lineage(ctx, specs, stages, read_tables)
+
+    def read(name: str):
+        return ctx.tables.read(name, lineage["table_versions"][name])
+
+    # rewrites of pairs below the current threshold (made under a lower one) are not exported: they
+    # are counted with the scores below it
+    responses = read(REWRITE.table).where(
+        (F.col("fingerprint") == specs[REWRITE.name].fingerprint) & (F.col("score") >= cur.min_score)
+    )
+    counts: dict[str, int | str] = {"rows_in": responses.count()}
+    low = (
+        read(SCORE.table)
+        .where((F.col("fingerprint") == specs[SCORE.name].fingerprint) & (F.col("status") == "ok"))
+        .where(F.col("score") < cur.min_score)
+    )
+    counts["removed_low_score"] = low.count()
+
+    # each rewrite gets at most one reason to be left out, checked in this order
+    issue = F.when(F.col("status") != "ok", F.concat(F.lit("rewrite_"), F.col("status"))).otherwise(
+        response_issue_udf(cur)("instruction", "response")
+    )
+    if cur.grounding:
+        grounded = (
+            read(GROUND.table)
+            .where((F.col("fingerprint") == specs[GROUND.name].fingerprint) & (F.col("status") == "ok"))
+            .select("passage_id", F.col("score").alias("grounding"))
+        )
+        responses = responses.join(grounded, "passage_id", "left")
+        issue = F.coalesce(
+            issue,
+            F.when(F.col("grounding").isNull(), F.lit("grounding_unchecked")).when(
+                F.col("grounding") < cur.min_grounding, F.lit("ungrounded")
+            ),
+        )
+    judged = responses.withColumn("issue", issue).select(
+        "passage_id", "instruction", "response", "score", "issue"
+    )
+    judged = ctx.tables.stage("export_judged", judged)
+    for r in judged.where("issue IS NOT NULL").groupBy("issue").count().collect():
+        counts[f"removed_{r['issue']}"] = r["count"]
+
+    documents = read(s.DOCUMENTS).select("doc_key", "source", "id")
+    doc_keys = read(s.PASSAGES).select("passage_id", "doc_key")
+    pairs = ctx.tables.stage(
+        "export_pairs",
+        judged.where("issue IS NULL")
+        .join(doc_keys, "passage_id")
+        .join(documents, "doc_key")
+        .select(*LINEAGE_FIELDS, "instruction", "response"),
+    ).orderBy("passage_id")
+    out_dir = ctx.cfg.workdir_path / "export"
+    record = lambda row: to_record(row, exp)  # noqa: E731
+    path = out_dir / PAIRS_DIR
+    stats = _stats(pairs, counts, pairs.count(), exp)
+    counts["rows_out"] = stats["rows"]
+    judged_ok = counts["rows_in"] + counts["removed_low_score"]
+    counts["keep_rate"] = round(stats["rows"] / judged_ok, 4) if judged_ok else 0.0
+    counts |= {f"score_{k}": v for k, v in stats["scores"].items()}
+    counts |= {f"response_words_{k.replace('+', 'plus')}": v for k, v in stats["response_words"].items()}
+    card = dataset_card("backforth-spark pairs", stats, lineage, ctx.cfg)
+    write_dataset(pairs, stats["rows"], path, record, card, exp)
+    counts["path"] = str(path)
+
+    if cur.distillation_baseline:
+        baseline = ctx.tables.stage(
+            "export_baseline",
+            read(DISTILL.table)
+            .where((F.col("fingerprint") == specs[DISTILL.name].fingerprint) & (F.col("status") == "ok"))
+            .join(read(SCORE.table).where(F.col("fingerprint") == specs[SCORE.name].fingerprint)
+                  .select("passage_id", "score"), "passage_id")
+            .join(doc_keys, "passage_id")
+            .join(documents, "doc_key")
+            .select(*LINEAGE_FIELDS, "instruction", "response"),
+        ).orderBy("passage_id")  # fmt: skip
+        base_path = out_dir / BASELINE_DIR
+
+        n = baseline.count()
+        stats = _stats(baseline, {"rows_out": n}, n, exp)
+        card = dataset_card("backforth-spark distillation baseline", stats, lineage, ctx.cfg)
+        write_dataset(baseline, n, base_path, record, card, exp)
+        counts["baseline_pairs"] = n
+        counts["baseline_path"] = str(base_path)
+    return counts

@@ -1,0 +1,188 @@
+"""The LLM stages' Spark runner: one function runs any `LLMTask` (backforth_spark/generation.py).
+
+A stage reads the rows it still owes (no `ok` row for the current fingerprint, fewer than `max_attempts`
+tries), freezes them in a staging table, hands them to the engine in large batches inside `mapInPandas`,
+and MERGEs one row per (passage_id, fingerprint) into its table, slice by slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from backforth_spark import schemas as s
+from backforth_spark.config import OpenAIConfig
+from backforth_spark.context import StageContext
+from backforth_spark.generation import LLMTask, StageSpec, fingerprints
+from backforth_spark.model import resolve_model
+from backforth_spark.tables import require_columns, struct, without_lineage
+from udfs.generation import generate
+
+log = logging.getLogger(__name__)
+
+KEYS = ["passage_id", "fingerprint"]
+
+
+def resolve_api_key(cfg: OpenAIConfig, spark=None) -> str | None:
+    """The API key from a Databricks secret (when a scope and key are configured) or the environment.
+    Resolved on the driver, shipped inside the stage's function, never logged or stored."""
+    if cfg.databricks_secret_scope and cfg.databricks_secret_key:
+        from pyspark.dbutils import DBUtils  # exists only on Databricks runtimes
+
+        return DBUtils(spark).secrets.get(cfg.databricks_secret_scope, cfg.databricks_secret_key)
+    if cfg.api_key_env:
+        return os.environ.get(cfg.api_key_env) or None
+    return None
+
+
+def current_specs(ctx: StageContext) -> dict[str, StageSpec]:
+    """The spec (template, sampling, fingerprint) of every LLM stage of this pipeline."""
+    return fingerprints(ctx.cfg, resolve_model(ctx.cfg.llm), ctx.llm_tasks)
+
+
+def _ok_rows(ctx: StageContext, task: LLMTask, spec: StageSpec) -> DataFrame:
+    rows = ctx.tables.read(task.table)
+    require_columns(rows, ["passage_id", "fingerprint", "status"], task.table)
+    return rows.where((F.col("fingerprint") == spec.fingerprint) & (F.col("status") == "ok"))
+
+
+def stage_inputs(ctx: StageContext, task: LLMTask, specs: dict[str, StageSpec]) -> DataFrame:
+    """The candidates of an LLM stage: (passage_id, [passage], upstream columns...), from its record."""
+    by_name = {t.name: t for t in ctx.llm_tasks}
+    frames = []
+    if task.reads_passage:
+        passages = ctx.tables.read(s.PASSAGES)
+        require_columns(passages, ["passage_id", "text", "status"], s.PASSAGES)
+        frames.append(passages.where("status = 'ok'").select("passage_id", F.col("text").alias("passage")))
+    for sel in task.selects:
+        upstream = _ok_rows(ctx, by_name[sel.stage], specs[sel.stage])
+        require_columns(upstream, list(sel.columns), f"{by_name[sel.stage].table} (for {task.name})")
+        if sel.where is not None:
+            upstream = upstream.where(sel.where(ctx.cfg))
+        frames.append(upstream.select("passage_id", *sel.columns))
+    out = frames[0]
+    for frame in frames[1:]:
+        out = out.join(frame, "passage_id")
+    return out
+
+
+def pending(ctx: StageContext, task: LLMTask, candidates: DataFrame, spec: StageSpec) -> DataFrame:
+    """Candidates without an ok row for this fingerprint and with attempts left, plus their tries so far."""
+    existing = ctx.tables.read(task.table).where(F.col("fingerprint") == spec.fingerprint)
+    done = existing.where("status = 'ok'").select("passage_id")
+    tries = existing.select("passage_id", "attempts")
+    return (
+        candidates.join(done, "passage_id", "left_anti")
+        .join(tries, "passage_id", "left")
+        .withColumn("attempts", F.coalesce("attempts", F.lit(0)))
+        .where(F.col("attempts") < ctx.cfg.llm.max_attempts)
+    )
+
+
+def _on_cluster(ctx: StageContext) -> bool:
+    return not ctx.spark.sparkContext.master.startswith("local")
+
+
+def _task_slots(ctx: StageContext) -> int:
+    """How many LLM tasks can run at once: executor cores over cpus_per_task (set cpus_per_task so
+    that this equals the GPUs, e.g. 8 cores and 2 GPUs per executor: cpus_per_task=4)."""
+    cores = ctx.spark.sparkContext.defaultParallelism
+    per_task = ctx.cfg.llm.cpus_per_task if _on_cluster(ctx) else 1
+    return max(1, cores // per_task)
+
+
+def llm_resource_profile(ctx: StageContext):
+    """The stage-level resource profile of LLM tasks (GPUs and CPUs per task), or None in local mode,
+    where Spark refuses profiles. CPU stages keep the default profile."""
+    if not _on_cluster(ctx):
+        return None
+    llm = ctx.cfg.llm
+    requests = TaskResourceRequests().cpus(llm.cpus_per_task)
+    if llm.gpus_per_task > 0:
+        if ctx.spark.sparkContext.getConf().get("spark.executor.resource.gpu.amount") is None:
+            raise ValueError(
+                f"llm.gpus_per_task={llm.gpus_per_task} but the executors offer no GPUs "
+                "(spark.executor.resource.gpu.amount is not set): give them GPUs, or set "
+                "llm.gpus_per_task=0 to run the LLM stages on CPU executors"
+            )
+        requests = requests.resource("gpu", llm.gpus_per_task)
+    return ResourceProfileBuilder().require(requests).build
+
+
+def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
+    """Run one LLM stage over what it still owes; returns its counts."""
+    llm = ctx.cfg.llm
+    specs = current_specs(ctx)
+    spec = specs[task.name]
+    clock = time.perf_counter()
+    candidates = stage_inputs(ctx, task, specs)
+    n_candidates = candidates.count()
+    todo = pending(ctx, task, candidates, spec).select(*task.input_columns)
+    # Freeze what this run owes before any generation starts; `h` spreads it over commit slices.
+    todo = ctx.tables.stage(f"{task.name}_todo", todo.withColumn("h", F.abs(F.xxhash64("passage_id"))))
+    n_todo = todo.count()
+    slices = -(-n_todo // llm.commit_rows) if llm.commit_rows and n_todo > llm.commit_rows else 1
+    counts: dict[str, int | float] = {"rows_in": n_candidates, "generated": n_todo, "commits": 0}
+    counts["plan_s"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
+    gen_s = merge_s = 0.0
+    done = 0
+    if n_todo:
+        api_key = resolve_api_key(llm.openai, ctx.spark) if llm.engine == "openai" else None
+        worker = generate(spec, llm, ctx.engine_factory, api_key)
+        profile = llm_resource_profile(ctx)
+        parts = llm.num_partitions or _task_slots(ctx) * llm.partitions_per_slot
+        schema = without_lineage(struct(task.columns))
+        for k in range(slices):
+            part = todo.where(F.col("h") % slices == k).drop("h")
+            n = n_todo if slices == 1 else part.count()
+            if n == 0:
+                continue
+            results = part.repartition(min(parts, n)).mapInPandas(worker, schema, profile=profile)
+            results = results.select(
+                *schema.fieldNames(),
+                F.lit(ctx.run_id).alias("run_id"),
+                F.current_timestamp().alias("written_at"),
+            )
+            # Stage the generations in Delta before the MERGE: a MERGE may scan its source more than
+            # once, and a recomputed source would pay for every generation again.
+            staged = ctx.tables.stage(task.table, results)
+            gen_s, clock = gen_s + time.perf_counter() - clock, time.perf_counter()
+            ctx.tables.merge_upsert_unless_ok(task.table, staged, KEYS)
+            merge_s, clock = merge_s + time.perf_counter() - clock, time.perf_counter()
+            counts["commits"] += 1
+            done += n
+            if slices > 1:  # progress of a long stage, one line per committed slice
+                tokens = staged.agg(F.sum("completion_tokens")).first()[0] or 0
+                log.info(
+                    "%s: %d/%d rows committed, %.1f output tokens/s", task.name, done, n_todo, tokens / gen_s
+                )
+    counts["generate_s"], counts["merge_s"] = round(gen_s, 2), round(merge_s, 2)
+    current = ctx.tables.read(task.table).where(F.col("fingerprint") == spec.fingerprint)
+    this_run = F.col("run_id") == ctx.run_id
+    rows = current.groupBy("status").agg(
+        F.count("*").alias("count"),
+        F.sum(F.when(this_run, F.col("prompt_tokens"))).alias("tokens_in"),
+        F.sum(F.when(this_run, F.col("completion_tokens"))).alias("tokens_out"),
+    )
+    by_status, tokens_in, tokens_out = {}, 0, 0
+    for r in rows.collect():
+        by_status[r["status"]] = r["count"]
+        tokens_in += r["tokens_in"] or 0
+        tokens_out += r["tokens_out"] or 0
+    counts["rows_out"] = by_status.get("ok", 0)
+    counts.update({f"status_{k}": v for k, v in sorted(by_status.items())})
+    total = sum(by_status.values())
+    counts["parse_failure_rate"] = round(by_status.get("parse_error", 0) / total, 4) if total else 0.0
+    counts["failure_rate"] = round(1 - counts["rows_out"] / total, 4) if total else 0.0
+    # tokens of the rows this run generated; per second of the generating Spark jobs
+    counts["tokens_in"], counts["tokens_out"] = tokens_in, tokens_out
+    counts["tokens_per_s"] = round(tokens_out / gen_s, 1) if gen_s else 0.0
+    if task.judge:
+        hist = current.where("status = 'ok'").groupBy("score").count().collect()
+        counts.update({f"score_{r['score']}": r["count"] for r in sorted(hist, key=lambda r: r["score"])})
+    return counts

