@@ -5,7 +5,7 @@ WORKDIR ?= .backforth
 
 N ?= 25000
 
-.PHONY: setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm clean
+.PHONY: setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-components clean
 
 setup:
 	bash scripts/setup.sh
@@ -35,6 +35,9 @@ bench-chunk: setup
 # datatrove (the peer) and psutil live in the `bench` dependency group, outside the library
 bench-llm: setup
 	$(PY) benchmarks/llm_stage.py --prompts $(or $(N),256)
+
+bench-components: setup
+	$(PY) benchmarks/components.py
 
 bench-dedup: setup
 	.tools/venv/bin/uv sync --frozen --extra cpu --extra convert --group bench --quiet

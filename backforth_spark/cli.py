@@ -24,6 +24,15 @@ from backforth_spark.status import format_status, status
 
 log = logging.getLogger("backforth_spark")
 
+# why a failed row is generated again (at temperature 0 only engine errors are; see final_statuses)
+RETRY_REASONS = {
+    "engine_error": "an engine error may pass on a retry",
+    "parse_error": "temperature > 0: a new sample may parse",
+    "truncated": "temperature > 0: a new sample may end within its budget",
+    "empty": "temperature > 0: a new sample may say something",
+    "refused": "temperature > 0: a new sample may answer",
+}
+
 
 def _run_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--config", default=None, help="YAML config (default: the schema's defaults)")
@@ -195,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("tracking_error"):
         print(f"warning: {summary['tracking_error']}", file=sys.stderr)
     print(f"mlflow run: {summary['mlflow_run_id']}  run id: {summary['run_id']}")
+    for name, counts in summary["stages"].items():
+        retried = {k.removeprefix("retried_"): v for k, v in counts.items() if k.startswith("retried_")}
+        if retried:
+            why = "; ".join(
+                f"{status}={n} ({RETRY_REASONS.get(status, 'sampled again')})"
+                for status, n in retried.items()
+            )
+            print(f"{name}: generated again: {why}")
     generated = sum(c.get("generated", 0) for c in summary["stages"].values())
     summary["llm_rows_generated"] = generated
     if not summary["error"]:

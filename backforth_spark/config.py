@@ -60,7 +60,11 @@ class DedupConfig(_Strict):
         "exact", description="check candidates on the signatures' estimate, or on the exact shingle sets"
     )
     max_bucket_size: int = Field(1000, ge=2, description="LSH buckets larger than this are counted")
-    max_iterations: int = Field(30, ge=1, description="connected-components rounds before giving up")
+    pairwise_bucket_size: int = Field(
+        32, ge=2, description="buckets up to this size give every candidate pair; larger ones star edges"
+    )
+    # Components converge in rounds that grow with the log of their size (pointer jumping); None: no cap.
+    max_iterations: int | None = Field(None, ge=1, description="connected-components rounds before giving up")
 
 
 class ChunkConfig(_Strict):
@@ -80,7 +84,15 @@ class ChunkConfig(_Strict):
 class SamplingConfig(_Strict):
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    # the most tokens a stage may generate; with output_per_input_token, each row's budget follows its
+    # passage (factor x its tokens + output_margin) under this cap and what fits the context
     max_tokens: int = Field(256, gt=0)
+    output_per_input_token: float | None = Field(None, gt=0, description="None: every row gets max_tokens")
+    output_margin: int = Field(64, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeating tokens (vLLM)")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    stop: list[str] = Field(default_factory=list, description="strings that end a generation")
 
 
 class StageConfig(_Strict):
@@ -157,8 +169,14 @@ class LLMConfig(_Strict):
             template="score_v1", structured="json", sampling=SamplingConfig(max_tokens=256)
         )
     )
+    # A real model rewrites faithfully: free decoding (a pattern would forbid characters an answer may
+    # need) and a budget that follows the passage, so a verbatim copy always fits.
     rewrite: StageConfig = Field(
-        default_factory=lambda: StageConfig(template="rewrite_v1", sampling=SamplingConfig(max_tokens=512))
+        default_factory=lambda: StageConfig(
+            template="rewrite_v1",
+            structured="none",
+            sampling=SamplingConfig(max_tokens=2048, output_per_input_token=1.5, output_margin=64),
+        )
     )
     ground: StageConfig = Field(
         default_factory=lambda: StageConfig(
@@ -192,6 +210,24 @@ class CurateConfig(_Strict):
     max_instruction_overlap: float = Field(
         0.8, gt=0, le=1, description="drop a response whose words are mostly the instruction's"
     )
+    # Model-agnostic gates on the response (None: off). Degenerate repetition: the share of lines that
+    # repeat an earlier line, and the share of distinct word trigrams (loops drive it toward 0).
+    max_repeated_line_share: float | None = Field(0.3, ge=0, le=1)
+    min_unique_trigram_share: float | None = Field(0.5, ge=0, le=1)
+    # Web residue left in the response, with the chunk quality filters' measures
+    # (looser than a passage's filters: an answer made of code or a table of figures is legitimate)
+    max_symbol_ratio: float | None = Field(0.5, gt=0, le=1)
+    max_digit_ratio: float | None = Field(0.5, gt=0, le=1)
+    max_navigation_line_ratio: float | None = Field(0.3, ge=0, le=1)
+    # Unsupported additions, lexically: numbers and capitalised words of the response found in neither
+    # the passage nor the instruction; dropped when at least `min_unsupported` of them make up more than
+    # this share of the response's numbers and capitalised words
+    max_unsupported_share: float | None = Field(0.3, ge=0, le=1)
+    min_unsupported: int = Field(2, ge=1)
+    # Text aimed at the model, not the user: links and model-directed imperatives the instruction did
+    # not ask for (web text may carry them into a faithful rewrite)
+    drop_unrequested_links: bool = True
+    drop_text_aimed_at_models: bool = True
     # Optional second judge pass (stage `ground`): keep only rewrites faithful to their passage.
     grounding: bool = False
     min_grounding: int = Field(4, ge=1, le=5)

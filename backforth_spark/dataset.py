@@ -25,6 +25,8 @@ from backforth_spark.config import Config, ExportConfig
 PAIRS_DIR = "pairs"
 BASELINE_DIR = "distilled"  # the distillation baseline, when enabled
 LINEAGE_FIELDS = ("passage_id", "doc_key", "source", "id", "score")
+# per pair: the share of the response's word trigrams found in its passage
+METRIC_FIELDS = ("source_copy",)
 LICENSE_NOTES = {
     "odc-by": "The source passages come from Dolma, released under the Open Data Commons Attribution "
     "License (ODC-BY) v1.0; use of the source text is also bound by the terms of its original sites.",
@@ -35,7 +37,7 @@ LICENSE_NOTES = {
 
 def to_record(row: dict, cfg: ExportConfig) -> dict:
     """One exported row from a joined (instruction, response, lineage) row, in the configured style."""
-    lineage = {k: row[k] for k in LINEAGE_FIELDS}
+    lineage = {k: row[k] for k in (*LINEAGE_FIELDS, *METRIC_FIELDS)}
     if cfg.style == "alpaca":
         return {"instruction": row["instruction"], "input": "", "output": row["response"], **lineage}
     messages = []
@@ -114,6 +116,7 @@ def dataset_card(title: str, stats: dict[str, Any], lineage: dict[str, Any], cfg
         "",
         *table(stats["response_words"], ("words", "pairs")),
         "",
+        *_analysis_lines(stats.get("analysis")),
         "## Lineage",
         "",
         f"- pipeline run: `{lineage['run_id']}`; MLflow run: `{lineage['mlflow_run_id']}`",
@@ -136,6 +139,28 @@ def dataset_card(title: str, stats: dict[str, Any], lineage: dict[str, Any], cfg
         "",
     ]
     return "\n".join(lines)
+
+
+def _analysis_lines(analysis: dict[str, Any] | None) -> list[str]:
+    """The card's analyses section (lengths, diversity, source copy, and the comparison with the
+    distillation baseline when there is one)."""
+    if not analysis:
+        return []
+    lines = ["## Analyses", "", f"Computed on {analysis['rows']} pairs.", ""]
+    for group, values in analysis["groups"].items():
+        lines += [f"### {group.replace('_', ' ')}", "", "| measure | value |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in values.items()] + [""]
+    if analysis.get("two_sample_accuracy") is not None or "baseline" in analysis:
+        acc = analysis.get("two_sample_accuracy")
+        lines += [
+            "### rewritten vs distilled",
+            "",
+            "Held-out accuracy of a classifier telling rewritten from distilled responses (hashed word "
+            "n-grams, logistic regression, 5-fold): 0.5 means indistinguishable. "
+            + (f"**{acc}**" if acc is not None else "not computed (fewer than 5 pairs in a set)"),
+            "",
+        ]
+    return lines
 
 
 def read_sample(dataset_dir: Path, n: int = 50):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,21 @@ def open_lines(path: str, data: bytes) -> Iterator[bytes]:
 
 
 _BOM = b"\xef\xbb\xbf"
+
+
+def glob_regex(file_glob: str) -> re.Pattern[str]:
+    """A file-name glob with {a,b} alternatives (Hadoop's syntax) as a regular expression."""
+    out, i = [], 0
+    while i < len(file_glob):
+        c = file_glob[i]
+        if c == "{":
+            end = file_glob.index("}", i)
+            out.append("(?:" + "|".join(re.escape(x) for x in file_glob[i + 1 : end].split(",")) + ")")
+            i = end + 1
+            continue
+        out.append(".*" if c == "*" else "." if c == "?" else re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
 
 
 def _escape(part: str) -> str:

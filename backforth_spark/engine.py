@@ -25,10 +25,25 @@ class GenerationParams:
     regex: str | None = None
     json_schema: str | None = None  # a JSON schema, as JSON text (hashable, stable in the fingerprint)
     choice: tuple[str, ...] | None = None
+    # penalties against loops and stop strings; left out of the JSON while at their defaults, so adding
+    # them kept every fingerprint made before
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
 
     def as_json(self) -> str:
         """The parameters as stable JSON text: part of the fingerprint and of every generated row."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        data = dataclasses.asdict(self)
+        for name in _OPTIONAL:
+            if data[name] == _DEFAULTS[name]:
+                del data[name]
+        return json.dumps(data, sort_keys=True)
+
+
+_OPTIONAL = ("repetition_penalty", "frequency_penalty", "presence_penalty", "stop")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationParams) if f.name in _OPTIONAL}
+_DEFAULTS["stop"] = []  # asdict turns the tuple into a list
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,11 @@ class Completion:
     error: str | None = None  # set when the engine failed on this conversation
 
 
+def per_conversation(params: GenerationParams | Sequence[GenerationParams], n: int) -> list[GenerationParams]:
+    """`params` as one entry per conversation."""
+    return [params] * n if isinstance(params, GenerationParams) else list(params)
+
+
 class Engine(Protocol):
     model: str
     max_model_len: int
@@ -48,8 +68,11 @@ class Engine(Protocol):
         """Tokens of each conversation after the chat template, generation prompt included."""
         ...
 
-    def chat(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        """One completion per conversation, in order. May raise; callers isolate failures."""
+    def chat(
+        self, conversations: Sequence[Conversation], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[Completion]:
+        """One completion per conversation, in order; `params` for all, or one per conversation (the
+        output budget follows each input). May raise; callers isolate failures."""
         ...
 
 

@@ -12,7 +12,9 @@ regenerates that stage and the ones after it, and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,10 @@ from backforth_spark.text import stable_hash
 
 ENGINE_ERROR = "engine_error"
 TOO_LONG = "too_long"
+TRUNCATED = "truncated"  # the output ran into its token budget: never exported as a complete answer
+# failures that the same prompt and sampling give again at temperature 0: not regenerated under the
+# same fingerprint (an engine error may pass; too_long never fits)
+DETERMINISTIC_AT_ZERO = ("parse_error", TRUNCATED, "empty", "refused")
 
 Parser = Callable[[Completion, GenerationParams], dict]
 
@@ -56,11 +62,13 @@ class LLMTask:
     selects: tuple[Select, ...] = ()
     upstream: str | None = None  # the stage whose fingerprint this one's chains to
     judge: bool = False  # outputs a 1..5 grade: json and choice constraints apply
+    # the whole output is the answer (no closing structure), so hitting the token limit cuts it
+    whole_output: bool = False
 
     @property
     def input_columns(self) -> list[str]:
         """The columns of a batch handed to `run_batch` (template placeholders come from these)."""
-        cols = ["passage_id", *(["passage"] if self.reads_passage else [])]
+        cols = ["passage_id", *(["passage", "passage_tokens"] if self.reads_passage else [])]
         cols += [c for s in self.selects for c in s.columns]
         return [*cols, "attempts"]
 
@@ -160,6 +168,7 @@ DISTILL = LLMTask(
     values=(RESPONSE,),
     parse=_answer,
     reads_passage=False,
+    whole_output=True,
     selects=(Select("backtranslate", ("instruction",)), Select("score", (), _kept)),
     upstream="score",
 )
@@ -178,26 +187,45 @@ class StageSpec:
     params: GenerationParams
     model: str
     fingerprint: str
+    # (factor, margin): a row's output budget is factor x its passage tokens + margin, at most max_tokens
+    budget: tuple[float, int] | None = None
 
     @property
     def stage(self) -> str:
         return self.task.name
+
+    def max_tokens(self, passage_tokens: int | None) -> int:
+        """The output budget of a row whose passage has `passage_tokens` tokens."""
+        if self.budget is None or passage_tokens is None:
+            return self.params.max_tokens
+        factor, margin = self.budget
+        return min(self.params.max_tokens, math.ceil(factor * passage_tokens) + margin)
 
 
 def stage_spec(cfg: Config, task: LLMTask, model: str, upstream_fingerprint: str = "") -> StageSpec:
     stage_cfg = cfg.llm.stage(task.name)
     template = prompts.load_template(stage_cfg.template)
     mode = stage_cfg.structured
+    sampling = stage_cfg.sampling
     params = GenerationParams(
-        temperature=stage_cfg.sampling.temperature,
-        top_p=stage_cfg.sampling.top_p,
-        max_tokens=stage_cfg.sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
         regex=template.structured_regex if mode == "regex" else None,
         json_schema=json.dumps(prompts.SCORE_JSON_SCHEMA, sort_keys=True) if mode == "json" else None,
         choice=prompts.SCORE_CHOICES if mode == "choice" else None,
+        repetition_penalty=sampling.repetition_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        presence_penalty=sampling.presence_penalty,
+        stop=tuple(sampling.stop),
     )
-    fingerprint = stable_hash(task.name, model, template.hash, params.as_json(), upstream_fingerprint)[:16]
-    return StageSpec(task, template, params, model, fingerprint)
+    budget = (sampling.output_per_input_token, sampling.output_margin) if task.reads_passage else None
+    if budget and budget[0] is None:
+        budget = None
+    # the budget rule is part of the sampling: changing it regenerates the stage
+    extra = json.dumps(budget) if budget else ""
+    fingerprint = stable_hash(task.name, model, template.hash, params.as_json() + extra, upstream_fingerprint)
+    return StageSpec(task, template, params, model, fingerprint[:16], budget)
 
 
 def fingerprints(cfg: Config, model: str, tasks: Sequence[LLMTask] = LLM_TASKS) -> dict[str, StageSpec]:
@@ -207,6 +235,13 @@ def fingerprints(cfg: Config, model: str, tasks: Sequence[LLMTask] = LLM_TASKS) 
         upstream = specs[task.upstream].fingerprint if task.upstream else ""
         specs[task.name] = stage_spec(cfg, task, model, upstream)
     return specs
+
+
+def output_budget(sampling, passage_tokens: int) -> int:
+    """The uncapped output budget of a passage of `passage_tokens` under a stage's sampling settings."""
+    if sampling.output_per_input_token is None:
+        return sampling.max_tokens
+    return math.ceil(sampling.output_per_input_token * passage_tokens) + sampling.output_margin
 
 
 def check_config(cfg: Config, tasks: Sequence[LLMTask] = LLM_TASKS) -> None:
@@ -229,15 +264,26 @@ def check_config(cfg: Config, tasks: Sequence[LLMTask] = LLM_TASKS) -> None:
             )
         if stage_cfg.structured in ("json", "choice") and not task.judge:
             problems.append(f"llm.{task.name}.structured: json and choice are for judging stages only")
-        if (
-            task.reads_passage
-            and cfg.chunk.max_tokens + stage_cfg.sampling.max_tokens >= cfg.llm.max_model_len
-        ):
-            problems.append(
-                f"chunk.max_tokens ({cfg.chunk.max_tokens}) + llm.{task.name}.sampling.max_tokens "
-                f"({stage_cfg.sampling.max_tokens}) must stay below llm.max_model_len "
-                f"({cfg.llm.max_model_len})"
+        if task.reads_passage:
+            # a passage of chunk.max_tokens must fit with its full output budget (the template's own
+            # text takes more; a row that still does not fit is recorded too_long, never sent)
+            sampling = stage_cfg.sampling
+            need = output_budget(sampling, cfg.chunk.max_tokens)
+            key = (
+                f"llm.{task.name}.sampling.output_per_input_token/output_margin"
+                if sampling.output_per_input_token
+                else f"llm.{task.name}.sampling.max_tokens"
             )
+            if cfg.chunk.max_tokens + need >= cfg.llm.max_model_len:
+                problems.append(
+                    f"chunk.max_tokens ({cfg.chunk.max_tokens}) + the output budget of such a passage "
+                    f"({need}, from {key}) must stay below llm.max_model_len ({cfg.llm.max_model_len})"
+                )
+            if sampling.output_per_input_token and need > sampling.max_tokens:
+                problems.append(
+                    f"llm.{task.name}.sampling.max_tokens ({sampling.max_tokens}) cuts the output budget "
+                    f"of a passage of chunk.max_tokens ({need}): raise it, or lower chunk.max_tokens"
+                )
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
@@ -245,15 +291,36 @@ def check_config(cfg: Config, tasks: Sequence[LLMTask] = LLM_TASKS) -> None:
 # ---- one batch ------------------------------------------------------------------------------------
 
 
-def _chat_isolating_failures(engine: Engine, convs: list, params: GenerationParams) -> list[Completion]:
+# A pattern's length comes from the output budget: MAX_CHARS in a template's structured_regex becomes
+# what surely fits the row's budget (a token carries at least one character: a looping small model was
+# seen writing "\n\nA:" at one character per token; 16 tokens are left for the pattern's own markers),
+# so a constrained output always ends before its budget does.
+MAX_CHARS = "MAX_CHARS"
+_CHARS_PER_TOKEN = 1.0
+_MARKER_TOKENS = 16
+
+
+def _within_budget(params: GenerationParams, budget: int) -> GenerationParams:
+    """`params` for one row: its output budget, and any pattern length derived from it."""
+    regex = params.regex
+    if regex and MAX_CHARS in regex:
+        regex = regex.replace(MAX_CHARS, str(max(32, int((budget - _MARKER_TOKENS) * _CHARS_PER_TOKEN))))
+    return dataclasses.replace(params, max_tokens=budget, regex=regex)
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)
+
+
+def _chat_isolating_failures(engine: Engine, convs: list, params: list[GenerationParams]) -> list[Completion]:
     """One engine call for the batch; if it fails, retry one by one so a bad prompt fails alone."""
     try:
         return engine.chat(convs, params)
     except Exception:
         out = []
-        for conv in convs:
+        for conv, p in zip(convs, params, strict=True):
             try:
-                out.extend(engine.chat([conv], params))
+                out.extend(engine.chat([conv], [p]))
             except Exception as exc:
                 out.append(Completion(None, None, None, None, error=f"{type(exc).__name__}: {exc}"[:2000]))
         return out
@@ -268,15 +335,16 @@ def run_batch(
     records = batch.to_dict("records")
     convs = [spec.template.render(**{f: str(row[f]) for f in spec.template.fields}) for row in records]
     prompt_tokens = engine.count_prompt_tokens(convs)
+    budgets = [spec.max_tokens(_int_or_none(row.get("passage_tokens"))) for row in records]
     # A prompt that cannot fit with its output is never sent: vLLM would reject the whole batch.
-    fits = [p + spec.params.max_tokens <= engine.max_model_len for p in prompt_tokens]
+    fits = [p + b <= engine.max_model_len for p, b in zip(prompt_tokens, budgets, strict=True)]
     to_send = [i for i in range(n) if fits[i]]
+    params = [_within_budget(spec.params, budgets[i]) for i in to_send]
     started = time.perf_counter()
-    completions = (
-        _chat_isolating_failures(engine, [convs[i] for i in to_send], spec.params) if to_send else []
-    )
+    completions = _chat_isolating_failures(engine, [convs[i] for i in to_send], params) if to_send else []
     latency = time.perf_counter() - started
     by_index = dict(zip(to_send, completions, strict=True))
+    sent_params = dict(zip(to_send, params, strict=True))
     columns = spec.task.output_columns
     passthrough = [name for name, _, _ in spec.task.passthrough]
 
@@ -292,19 +360,30 @@ def run_batch(
             "model": spec.model,
             "template": spec.template.name,
             "template_hash": spec.template.hash,
-            "sampling": spec.params.as_json(),
+            # what this row was generated with: its own budget and pattern length
+            "sampling": sent_params[i].as_json() if i in sent_params else spec.params.as_json(),
             "device": device,
             "prompt_tokens": prompt_tokens[i],
             **{col: row.get(col) for col in passthrough},
         }
         c = by_index.get(i)
         if c is None:
-            limit = engine.max_model_len - spec.params.max_tokens
-            base.update(status=TOO_LONG, error=f"prompt has {prompt_tokens[i]} tokens; at most {limit} fit")
+            limit = engine.max_model_len - budgets[i]
+            base.update(
+                status=TOO_LONG,
+                error=f"prompt has {prompt_tokens[i]} tokens; with an output budget of {budgets[i]}, "
+                f"at most {limit} fit",
+            )
         elif c.error is not None:
             base.update(status=ENGINE_ERROR, error=c.error)
         else:
             parsed = spec.task.parse(c, spec.params)
+            if c.finish_reason == "length" and (parsed["status"] != "ok" or spec.task.whole_output):
+                parsed = {
+                    **dict.fromkeys(parsed),
+                    "status": TRUNCATED,
+                    "error": f"the output reached its budget of {budgets[i]} tokens before it ended",
+                }
             base.update(
                 raw_output=c.text,
                 finish_reason=c.finish_reason,

@@ -21,7 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from backforth_spark.config import LLMConfig, OpenAIConfig
-from backforth_spark.engine import Completion, Conversation, GenerationParams, count_chat_tokens
+from backforth_spark.engine import (
+    Completion,
+    Conversation,
+    GenerationParams,
+    count_chat_tokens,
+    per_conversation,
+)
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -63,6 +69,14 @@ class OpenAIEngine:
             "top_p": params.top_p,
             "max_tokens": params.max_tokens,
         }
+        if params.frequency_penalty:
+            body["frequency_penalty"] = params.frequency_penalty
+        if params.presence_penalty:
+            body["presence_penalty"] = params.presence_penalty
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.repetition_penalty != 1.0 and self.cfg.vllm_extensions:
+            body["repetition_penalty"] = params.repetition_penalty  # vLLM's extension
         if params.json_schema and self.cfg.vllm_extensions:
             schema = json.loads(params.json_schema)
             body["structured_outputs"] = {"json": schema, "disable_any_whitespace": True}
@@ -77,12 +91,15 @@ class OpenAIEngine:
             body["structured_outputs"] = {"regex": params.regex}
         return body
 
-    def chat(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
+    def chat(
+        self, conversations: Sequence[Conversation], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[Completion]:
         if not conversations:
             return []
         workers = min(self.cfg.concurrency, len(conversations))
+        each = per_conversation(params, len(conversations))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda c: self._one(c, params), conversations))
+            return list(pool.map(self._one, conversations, each))
 
     def _one(self, conversation: Conversation, params: GenerationParams) -> Completion:
         try:

@@ -134,7 +134,9 @@ def run_pipeline(
 
 
 def format_counts(stage: str, counts: dict[str, Any]) -> str:
-    rest = " ".join(f"{k}={v}" for k, v in counts.items() if k not in ("rows_in", "rows_out"))
+    # the export's analyses go to the summary and MLflow, not the console line
+    shown = {k: v for k, v in counts.items() if not k.startswith(("analysis_", "baseline_analysis_"))}
+    rest = " ".join(f"{k}={v}" for k, v in shown.items() if k not in ("rows_in", "rows_out"))
     return f"{stage:<14} in={counts.get('rows_in')} out={counts.get('rows_out')} {rest}"
 
 

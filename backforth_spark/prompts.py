@@ -171,18 +171,20 @@ def parse_score_choice(raw: str | None) -> Parsed:
     return parse_score(raw)
 
 
-_RES = re.compile(r"\[RES\](.*?)\[/RES\]", re.DOTALL | re.IGNORECASE)
+_OPEN, _CLOSE = "[RES]", "[/RES]"
 
 
 def parse_rewrite(raw: str | None, min_chars: int = 1) -> Parsed:
-    """The text between [RES] and [/RES]."""
+    """The text between the first [RES] and the last [/RES]: a faithful rewrite of a passage that itself
+    contains tag text (a page about this very format) keeps that text whole."""
     if raw is None or not raw.strip():
         return Parsed(EMPTY, error="the model returned no text")
-    match = _RES.search(raw)
-    if not match:
-        why = "[RES] opened but never closed" if "[RES]" in raw.upper() else "no [RES]...[/RES] block"
+    upper = raw.upper()
+    start, end = upper.find(_OPEN), upper.rfind(_CLOSE)
+    if start < 0 or end < start + len(_OPEN):
+        why = "[RES] opened but never closed" if start >= 0 else "no [RES]...[/RES] block"
         return Parsed(PARSE_ERROR, error=why)
-    value = match.group(1).strip()
+    value = raw[start + len(_OPEN) : end].strip()
     if len(value) < min_chars:
         return Parsed(EMPTY, error="the [RES] block is empty")
     if _REFUSAL.match(value):

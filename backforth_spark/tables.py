@@ -160,6 +160,10 @@ class Tables:
         if not self.exists(name):
             self._save(self.spark.createDataFrame([], self.schemas[name]), self.location(name), "ignore")
 
+    def staging_path(self, name: str) -> str:
+        """A folder of this run's staging area (path-based tables), removed with it."""
+        return str(self.root / "_staging" / self.run_id / name)
+
     def _staging_location(self, name: str) -> str:
         if self.catalog_schema:
             return f"{self.catalog_schema}.{self._staging_prefix}{name}"

@@ -115,11 +115,28 @@ class Tracker:
 
             mlflow = self._mlflow
             mlflow.log_table(sample, "samples/pairs.json")
-            for prefix, title, file in (
+            plots = [
                 ("score_", "judge score of exported pairs", "plots/scores.png"),
                 ("response_words_", "response length (words) of exported pairs", "plots/response_words.png"),
-            ):
-                hist = {k[len(prefix) :]: v for k, v in stage_counts.items() if k.startswith(prefix)}
+                ("removed_", "pairs removed, by reason", "plots/removed.png"),
+            ]
+            # one plot per analysis group (lengths, diversity, source copy), and the baseline's
+            groups = {
+                k.rsplit("_", 1)[0] for k in stage_counts if k.startswith(("analysis_", "baseline_analysis_"))
+            }
+            for group in sorted(groups):
+                plots.append((f"{group}_", group.replace("_", " "), f"plots/{group}.png"))
+            for prefix, title, file in plots:
+                hist = {
+                    k[len(prefix) :]: v
+                    for k, v in stage_counts.items()
+                    if k.startswith(prefix)
+                    and isinstance(v, (int, float))
+                    and "_" not in k[len(prefix) :]
+                    or (k.startswith(prefix) and prefix in ("score_", "response_words_", "removed_"))
+                }
+                if not hist:
+                    continue
                 fig, ax = plt.subplots(figsize=(6, 3.5))
                 ax.bar(list(hist), list(hist.values()))
                 ax.set_title(title)

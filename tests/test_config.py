@@ -36,7 +36,9 @@ def test_override_without_equals_sign_is_rejected():
 
 
 def test_passages_must_leave_room_for_the_output():
-    with pytest.raises(ConfigError, match=r"chunk.max_tokens \(1900\) \+ llm.rewrite.sampling.max_tokens"):
+    with pytest.raises(
+        ConfigError, match=r"chunk.max_tokens \(1900\) \+ the output budget .* llm.rewrite.sampling"
+    ):
         check_config(load_config(LOCAL_CONF, ["chunk.max_tokens=1900"]))
 
 

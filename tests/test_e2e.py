@@ -10,14 +10,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from backforth_spark import schemas as s
+from backforth_spark.cli import main
 from backforth_spark.generation import LLM_TASKS
 from backforth_spark.stages import STAGES
-from tests.conftest import LOCAL_CONF, cli, copy_run
+from tests.conftest import LOCAL_CONF, copy_run
 
 pytestmark = pytest.mark.e2e
 
 TABLE = {task.name: task.table for task in LLM_TASKS}
-STATUSES = {"ok", "parse_error", "engine_error", "too_long", "empty", "refused"}
+STATUSES = {"ok", "parse_error", "engine_error", "too_long", "empty", "refused", "truncated"}
 
 
 def _pairs(export_dir: Path) -> list[dict]:
@@ -141,25 +142,61 @@ def test_third_party_logs_go_to_the_log_file_not_the_console(real_run):
         assert noise not in console, noise
 
 
-def test_status_reports_tables_and_llm_stages_as_json(real_run):
-    proc = cli("status", "--config", str(LOCAL_CONF), "--workdir", str(real_run.workdir), "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+def test_status_reports_tables_and_llm_stages_as_json(real_run, spark, capsys):
+    assert (
+        main(["-v", "status", "--config", str(LOCAL_CONF), "--workdir", str(real_run.workdir), "--json"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
     assert report["tables"][s.DOCUMENTS]["rows"] == 11
     bt = report["llm_stages"]["backtranslate"]
     assert bt["done"] == real_run.summary["stages"]["backtranslate"]["rows_out"]
     assert report["last_run"]["run_id"] == real_run.summary["run_id"]
 
 
-def test_a_dry_run_plans_and_changes_nothing(real_run, spark, tmp_path):
+def test_a_dry_run_plans_and_changes_nothing(real_run, spark, tmp_path, capsys):
     work = copy_run(real_run, tmp_path / "work")
     before = sorted(p.name for p in (work / "tables" / s.DOCUMENTS / "_delta_log").iterdir())
-    proc = cli("run", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input", str(real_run.corpus),
-               "--dry-run")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    plan = json.loads(proc.stdout[proc.stdout.index("{") :])
+    args = ["-v", "run", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input", str(real_run.corpus)]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads(out[out.index("{") :])
     assert plan["input_files"]["files"] == 3 and plan["tables"][s.DOCUMENTS] == 11
     # what is still owed: the failed rows, which have attempts left (counted from the table itself)
     failed = real_run.table(spark, TABLE["backtranslate"]).where("status <> 'ok' AND attempts < 3").count()
     assert plan["would_generate"]["backtranslate"] == failed
     assert sorted(p.name for p in (work / "tables" / s.DOCUMENTS / "_delta_log").iterdir()) == before
+
+
+def test_no_exported_response_loops_and_few_rewrites_fail(real_run):
+    from backforth_spark.config import CurateConfig
+    from backforth_spark.curate import repeated_line_share, unique_trigram_share
+
+    gate = CurateConfig()
+    for pair in _pairs(Path(real_run.summary["export"]["path"])):
+        response = pair["messages"][-1]["content"]
+        assert repeated_line_share(response) <= gate.max_repeated_line_share, response
+        assert unique_trigram_share(response) >= gate.min_unique_trigram_share, response
+    rewrite = real_run.summary["stages"]["rewrite"]
+    statuses = {k: v for k, v in rewrite.items() if k.startswith("status_")}
+    print(f"rewrite failure_rate={rewrite['failure_rate']} {statuses}")
+    assert rewrite["failure_rate"] <= 0.05
+
+
+def test_the_card_and_the_mlflow_run_carry_the_analyses(real_run):
+    card = (Path(real_run.summary["export"]["path"]) / "README.md").read_text()
+    for section in ("## Analyses", "### diversity", "### source copy", "### rewritten vs distilled"):
+        assert section in card
+    exp = real_run.summary["stages"]["export"]
+    assert 0.0 <= exp["analysis_two_sample_accuracy"] <= 1.0  # the baseline is on: the figure is reported
+    metrics = (
+        MlflowClient(tracking_uri=real_run.tracking_uri)
+        .get_run(real_run.summary["mlflow_run_id"])
+        .data.metrics
+    )
+    for name in (
+        "export.analysis_diversity_distinct_2",
+        "export.analysis_source_copy_mean",
+        "export.analysis_response_tokens_mean",
+        "export.baseline_analysis_response_words_mean",
+    ):
+        assert name in metrics, name

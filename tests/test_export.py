@@ -20,6 +20,7 @@ ROW = {
     "source": "cc",
     "id": "1",
     "score": 5,
+    "source_copy": 0.75,
 }
 
 
@@ -30,7 +31,7 @@ def test_chat_record_is_trl_messages_with_lineage():
         {"role": "user", "content": "How do I boil pasta?"},
         {"role": "assistant", "content": "Salt the water, boil it, add pasta."},
     ]
-    assert (rec["passage_id"], rec["doc_key"], rec["score"]) == ("p1", "cc/1", 5)
+    assert (rec["passage_id"], rec["doc_key"], rec["score"], rec["source_copy"]) == ("p1", "cc/1", 5, 0.75)
 
 
 def test_alpaca_record_has_instruction_input_output():
@@ -89,6 +90,21 @@ def test_dataset_card_front_matter_names_the_data_files_and_license():
     assert "/x" not in card  # only counts go in the counts table
 
 
+def test_dataset_card_carries_the_analyses_and_the_two_sample_figure():
+    cfg = load_config(LOCAL_CONF)
+    stats = {"rows": 2, "shards": 1, "counts": {}, "scores": {}, "response_words": {}}
+    stats["analysis"] = {
+        "rows": 2,
+        "groups": {"diversity": {"distinct_2": 0.91}, "source_copy": {"mean": 0.62}},
+        "two_sample_accuracy": 0.71,
+    }
+    lineage = {"run_id": "r", "mlflow_run_id": None, "model": "m", "templates": {}, "fingerprints": {},
+               "table_versions": {}, "config": {}}  # fmt: skip
+    card = export.dataset_card("t", stats, lineage, cfg)
+    for text in ("## Analyses", "| distinct_2 | 0.91 |", "### source copy", "**0.71**"):
+        assert text in card
+
+
 def _make_pairs(ctx, n=5):
     texts = [f"Passage {i} says to boil salted water and cook the pasta until tender." for i in range(n)]
     _add_passages(ctx, texts)
@@ -119,7 +135,8 @@ def test_export_loads_with_datasets_and_renders_through_the_chat_template(make_c
     jsonl = datasets.load_dataset("json", data_files=f"{path}/data/*.jsonl", split="train", cache_dir=cache)
     assert parquet.num_rows == jsonl.num_rows == 5
     assert parquet.to_list() == jsonl.to_list()
-    assert sorted(parquet.column_names) == ["doc_key", "id", "messages", "passage_id", "score", "source"]
+    columns = ["doc_key", "id", "messages", "passage_id", "score", "source", "source_copy"]
+    assert sorted(parquet.column_names) == columns
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(ctx.cfg.llm))
     row = parquet[0]
@@ -136,7 +153,7 @@ def test_export_loads_with_datasets_and_renders_through_the_chat_template(make_c
     assert sorted(p.name for p in (Path(again["path"]) / "data").iterdir()) == ["train-00000-of-00001.jsonl"]
     rows = [json.loads(x) for x in (Path(again["path"]) / "data" / "train-00000-of-00001.jsonl").open()]
     assert {tuple(sorted(r)) for r in rows} == {
-        ("doc_key", "id", "input", "instruction", "output", "passage_id", "score", "source")
+        ("doc_key", "id", "input", "instruction", "output", "passage_id", "score", "source", "source_copy")
     }
     loaded = datasets.load_dataset(again["path"], split="train", cache_dir=cache)
     assert loaded.num_rows == 5 and loaded[0]["input"] == ""

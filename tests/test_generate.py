@@ -243,3 +243,135 @@ def test_distill_prompt_is_the_instruction_alone():
     assert spec.template.render(instruction="Why is the sky blue?") == [
         {"role": "user", "content": "Why is the sky blue?"}
     ]
+
+
+class Recording(ScriptedEngine):
+    """Answers with a reply built from the prompt by `answer`, and keeps the parameters of each request."""
+
+    def __init__(self, answer, finish="stop", max_model_len=2048):
+        super().__init__(max_model_len=max_model_len)
+        self.answer, self.finish, self.params = answer, finish, []
+
+    def chat(self, conversations, params):
+        each = [params] * len(conversations) if not isinstance(params, list) else params
+        self.params.extend(each)
+        return [Completion(self.answer(c[-1]["content"]), self.finish, 10, 5) for c in conversations]
+
+
+def test_a_rewrite_budget_follows_its_passage_under_the_cap():
+    cfg = load_config(None)  # the schema defaults: what a real model runs with
+    spec = generation.fingerprints(cfg, "double")["rewrite"]
+    engine = Recording(lambda prompt: "[RES] An answer. [/RES]")
+    batch = _batch("short passage", "a longer passage").assign(
+        instruction="Q?", score=5, passage_tokens=[100, 1000]
+    )
+    generation.run_batch(batch, engine, spec)
+    # 1.5 tokens per passage token + 64, at most sampling.max_tokens (2048)
+    assert [p.max_tokens for p in engine.params] == [214, 1564]
+    assert all(p.regex is None for p in engine.params)  # a real model decodes freely
+
+
+def test_an_output_that_hits_its_budget_is_truncated_not_ok():
+    spec = _spec("distill")  # the whole output is the answer
+    engine = Recording(lambda prompt: "A long answer that was still going", finish="length")
+    out = generation.run_batch(pd.DataFrame({"passage_id": ["p0"], "instruction": ["Q?"]}), engine, spec)
+    assert (out.loc[0, "status"], out.loc[0, "response"]) == ("truncated", None)
+    assert "budget" in out.loc[0, "error"]
+
+
+def test_a_verbatim_rewrite_of_a_full_size_passage_full_of_brackets_and_code_comes_back_whole():
+    """conf/databricks.yaml's sizes (1,024-token passages, a 4,096-token context), the embedded model's
+    tokenizer standing in for Llama's."""
+    from backforth_spark.curate import response_issue
+    from backforth_spark.dataset import to_record
+    from backforth_spark.model import resolve_model
+    from tests.conftest import REPO
+    from udfs.chunking import tokenizer_for
+
+    cfg = load_config(REPO / "conf" / "databricks.yaml", ["llm.model=embedded"])
+    generation.check_config(cfg)
+    model = resolve_model(cfg.llm)
+    tokenizer = tokenizer_for(model)
+    words = [
+        "kettle",
+        "river",
+        "ledger",
+        "violin",
+        "harbor",
+        "meadow",
+        "lantern",
+        "cipher",
+        "orbit",
+        "quartz",
+    ]
+
+    def unit(i: int) -> str:
+        w = words[i % 10] + words[(i * 7 + 3) % 10]
+        return (
+            f"Step {i}: see [the {w} notes](#part-{i}) and cite [{i}]. In Python: `{w} = f(a[{i}], "
+            f'{{"k{i}": [{i}, {i + 1}]}})`; in maths: [{i}, {w}) and {{x | x > {i}}}. He said "don\'t" '
+            f"-- '{w}' [RES] and [/RES] tags in text.\n"
+        )
+
+    passage, i = unit(0), 1
+    while tokenizer.count(passage + unit(i)) <= cfg.chunk.max_tokens:
+        passage, i = passage + unit(i), i + 1
+    n = tokenizer.count(passage)
+    assert cfg.chunk.max_tokens - 100 < n <= cfg.chunk.max_tokens  # a passage of full size
+    spec = generation.fingerprints(cfg, model)["rewrite"]
+    engine = Recording(lambda prompt: "[RES]\n" + passage + "\n[/RES]", max_model_len=cfg.llm.max_model_len)
+    engine.count_prompt_tokens = lambda convs: [
+        len(tokenizer.backend.encode(c[-1]["content"]).ids) + 32 for c in convs
+    ]
+    batch = pd.DataFrame(
+        {"passage_id": ["p"], "passage": [passage], "passage_tokens": [n], "instruction": ["Explain this."],
+         "score": [5]}
+    )  # fmt: skip
+    out = generation.run_batch(batch, engine, spec)
+    [params] = engine.params
+    assert tokenizer.count("[RES]\n" + passage + "\n[/RES]") <= params.max_tokens  # the copy fits its budget
+    assert params.regex is None  # no pattern forbids a character the copy needs
+    assert out.loc[0, "status"] == "ok" and out.loc[0, "response"] == passage.strip()
+    assert response_issue("Explain this.", out.loc[0, "response"], cfg.curate, passage) is None
+    row = {"instruction": "Explain this.", "response": out.loc[0, "response"], "passage_id": "p",
+           "doc_key": "k", "source": "s", "id": "i", "score": 5, "source_copy": 1.0}  # fmt: skip
+    assert to_record(row, cfg.export)["messages"][1]["content"] == passage.strip()
+
+
+def test_a_failure_at_temperature_0_is_not_paid_for_again(make_ctx):
+    ctx = make_ctx("llm.max_attempts=3")
+    _add_passages(ctx, ["alpha text", "beta text"])
+    run_stage(ctx, "backtranslate", lambda: ScriptedEngine())
+    garbage = lambda: ScriptedEngine(reply="no grade at all")  # noqa: E731
+    first = run_stage(ctx, "score", garbage)  # the judge runs at temperature 0 in conf/local.yaml
+    assert (first["generated"], first["status_parse_error"]) == (2, 2)
+    again = run_stage(ctx, "score", lambda: ScriptedEngine(reply='{"reason": "ok", "score": 4}'))
+    assert again["generated"] == 0  # the same prompt and sampling would give the same text
+
+
+def test_a_failure_at_temperature_above_0_is_sampled_again_and_reported(make_ctx):
+    ctx = make_ctx("llm.max_attempts=3")  # backtranslation samples at temperature 1.0 in conf/local.yaml
+    _add_passages(ctx, ["alpha text", "beta text"])
+    first = run_stage(ctx, "backtranslate", lambda: ScriptedEngine(reply="   "))
+    assert first["status_empty"] == 2
+    again = run_stage(ctx, "backtranslate", lambda: ScriptedEngine())
+    assert (again["generated"], again["retried_empty"], again["rows_out"]) == (2, 2, 2)
+
+
+def test_penalties_and_stops_reach_the_request_and_the_fingerprint():
+    from backforth_spark.config import OpenAIConfig
+    from backforth_spark.openai_engine import OpenAIEngine
+
+    base = generation.fingerprints(load_config(None), "m")["rewrite"]
+    tuned = generation.fingerprints(
+        load_config(
+            None, ["llm.rewrite.sampling.repetition_penalty=1.2", "llm.rewrite.sampling.stop=['###']"]
+        ),
+        "m",
+    )["rewrite"]
+    assert tuned.fingerprint != base.fingerprint
+    assert "repetition_penalty" not in base.params.as_json()  # defaults leave old fingerprints as they were
+    body = OpenAIEngine(OpenAIConfig(), "m", 2048).request_body(
+        [{"role": "user", "content": "x"}], tuned.params
+    )
+    assert (body["repetition_penalty"], body["stop"]) == (1.2, ["###"])

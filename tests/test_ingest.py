@@ -29,6 +29,11 @@ def _doc(i, text="Some text.", source="cc"):
         (b'{"id": "1", "text": "caf\xe9"}', ingest.INVALID_UTF8),
         (b'{"id": "1", "text": "  \\n "}', ingest.EMPTY_TEXT),
         (b"   ", ingest.BLANK_LINE),
+        (b'{"id": "1", "text": "lone \\ud800 surrogate"}', ingest.UNENCODABLE_TEXT),  # JSON allows it
+        (b'{"id": "\\udfff", "text": "fine"}', ingest.UNENCODABLE_TEXT),
+        (b'{"id": "1", "text": "ok", "metadata": {"k": "\\ud83d"}}', ingest.UNENCODABLE_TEXT),
+        (b'{"id": true, "text": "a bool is no id"}', ingest.MISSING_ID),
+        (b'{"id": ["a"], "text": "a list is no id"}', ingest.MISSING_ID),
     ],
 )
 def test_bad_lines_are_quarantined_with_a_reason(raw, reason):
@@ -42,6 +47,37 @@ def test_good_line_becomes_a_document_with_url_and_metadata():
     assert parsed.kind == "doc"
     assert (parsed.source, parsed.id, parsed.url) == ("cc", "3", "http://x/3")
     assert json.loads(parsed.metadata) == {"url": "http://x/3"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "doc_id", "text"),
+    [
+        (b'\xef\xbb\xbf{"id": "bom", "text": "after a byte-order mark"}', "bom", "after a byte-order mark"),
+        (b'{"id": 7, "text": "a number id"}', "7", "a number id"),
+        (b'{"id": 7.5, "text": "a float id"}', "7.5", "a float id"),
+        (
+            b'{"id": "nul", "text": "a NUL \\u0000 and \\u0007 controls"}',
+            "nul",
+            "a NUL \x00 and \x07 controls",
+        ),
+        (
+            b'{"id": "pair", "text": "an emoji \\ud83d\\ude00 in escapes"}',
+            "pair",
+            "an emoji \U0001f600 in escapes",
+        ),
+    ],
+)
+def test_odd_but_valid_lines_become_documents(raw, doc_id, text):
+    parsed = ingest.parse_line("f.jsonl", 1, raw, CFG)
+    assert (parsed.kind, parsed.id, parsed.text) == ("doc", doc_id, text)
+
+
+def test_document_keys_are_injective_and_readable():
+    pairs = [("cc/news", "a"), ("cc", "news/a"), ("cc", "news%2Fa"), ("cc%2Fnews", "a"), ("a", "b/c/d")]
+    keys = [ingest.doc_key(source, doc_id) for source, doc_id in pairs]
+    assert len(set(keys)) == len(pairs)  # all of these collided, or could, under "<source>/<id>"
+    assert ingest.doc_key("cc", "a") == "cc/a"
+    assert keys[:2] == ["cc%2Fnews/a", "cc/news%2Fa"]
 
 
 def test_missing_source_gets_the_configured_default():
@@ -83,6 +119,8 @@ def _write_corpus(folder):
     (folder / "part-0.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (folder / "part-1.jsonl.gz").write_bytes(gzip.compress(("\n".join(good[3:]) + "\n").encode()))
     (folder / "notes.txt").write_text("not a Dolma file, must be ignored\n")
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-0.jsonl.crc").write_bytes(b"crc")
     return 3 + len(bad) + 1 + 2
 
 
@@ -93,6 +131,7 @@ def test_ingest_accounts_for_every_line_and_is_idempotent(make_ctx, tmp_path):
     assert counts["lines"] == n_lines == 11
     assert (counts["documents"], counts["quarantined"], counts["repeated_ids"]) == (5, 5, 1)
     assert counts["lines"] == counts["documents"] + counts["quarantined"] + counts["repeated_ids"]
+    assert counts["skipped_files"] == 3  # notes.txt, _SUCCESS and a .crc file: not Dolma data
 
     docs = ctx.tables.read(t.DOCUMENTS)
     declared = struct((*t.DOCUMENTS_COLUMNS, *t.LINEAGE))

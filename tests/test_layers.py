@@ -29,6 +29,7 @@ CORE = {
     "backforth_spark.vllm_engine",
     "backforth_spark.openai_engine",
     "backforth_spark.generation",
+    "backforth_spark.analysis",
 }
 SPARK = {"backforth_spark.tables", "backforth_spark.session", "backforth_spark.context"}
 APP = {

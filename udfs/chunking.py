@@ -39,7 +39,7 @@ class HFTokenizer:
 _TOKENIZERS: dict[str, HFTokenizer] = {}
 
 
-def _tokenizer(model: str) -> HFTokenizer:
+def tokenizer_for(model: str) -> HFTokenizer:
     if model not in _TOKENIZERS:
         _TOKENIZERS[model] = HFTokenizer(model)
     return _TOKENIZERS[model]
@@ -49,7 +49,7 @@ def chunk_documents(
     model: str, cfg: ChunkConfig
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        tokenizer = _tokenizer(model)
+        tokenizer = tokenizer_for(model)
         for batch in batches:
             rows = []
             for key, text in zip(batch["doc_key"], batch["text"], strict=True):

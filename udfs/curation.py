@@ -1,4 +1,4 @@
-"""Python-worker side of `export`: the curation checks on each (instruction, response) pair."""
+"""Python-worker side of `export`: the curation checks and the source-copy rate of each pair."""
 
 from __future__ import annotations
 
@@ -6,20 +6,31 @@ import pandas as pd
 from pyspark.sql.functions import pandas_udf
 
 # type objects, not DDL strings: parsing a string needs a live SparkContext at import
-from pyspark.sql.types import StringType
+from pyspark.sql.types import DoubleType, StringType
 
 from backforth_spark.config import CurateConfig
-from backforth_spark.curate import response_issue
+from backforth_spark.curate import response_issue, source_copy_rate
 
 
 def response_issue_udf(cfg: CurateConfig):
-    """A pandas UDF: the failed check's name per row, or null."""
+    """A pandas UDF over (instruction, response, passage): the failed check's name per row, or null."""
 
     @pandas_udf(StringType())
-    def run(instruction: pd.Series, response: pd.Series) -> pd.Series:
+    def run(instruction: pd.Series, response: pd.Series, passage: pd.Series) -> pd.Series:
         return pd.Series(
-            [response_issue(i or "", r or "", cfg) for i, r in zip(instruction, response, strict=True)],
+            [
+                response_issue(i or "", r or "", cfg, p or "")
+                for i, r, p in zip(instruction, response, passage, strict=True)
+            ],
             dtype=object,
         )
 
     return run
+
+
+@pandas_udf(DoubleType())
+def source_copy_udf(response: pd.Series, passage: pd.Series) -> pd.Series:
+    """The share of each response's word trigrams found in its passage."""
+    return pd.Series(
+        [round(source_copy_rate(r or "", p or ""), 4) for r, p in zip(response, passage, strict=True)]
+    )

@@ -153,15 +153,25 @@ def _near_duplicates(ctx: StageContext, survivors, decided):
         .where("size > 1 AND has_new = 1")
     )
     counts["oversized_buckets"] = buckets.where(F.col("size") > cfg.max_bucket_size).count()
-    # Star edges (bucket centre -> each new member) connect the same documents as all pairs would,
-    # in linear rather than quadratic space, however large a bucket is.
-    edges = (
+    # A bucket up to dedup.pairwise_bucket_size gives every pair with a new member: verification may
+    # drop a pair, and the others must still connect what is similar (a chain of drifting copies shares
+    # buckets with members that are not each other's near duplicates). A larger bucket gives star edges
+    # (its centre -> each new member), linear however large it is; verification can cut a few links there.
+    small = buckets.where(F.col("size") <= cfg.pairwise_bucket_size).select("band", "h")
+    members = bands.join(small, ["band", "h"])
+    a, b = members.alias("a"), members.alias("b")
+    pairs = (
+        a.join(b, ["band", "h"])
+        .where((F.col("a.doc_key") < F.col("b.doc_key")) & ((F.col("a.prio") == 1) | (F.col("b.prio") == 1)))
+        .select(F.col("a.doc_key").alias("src"), F.col("b.doc_key").alias("dst"))
+    )
+    stars = (
         bands.where("prio = 1")
-        .join(buckets, ["band", "h"])
+        .join(buckets.where(F.col("size") > cfg.pairwise_bucket_size), ["band", "h"])
         .where(F.col("doc_key") != F.col("center.doc_key"))
         .select(F.col("center.doc_key").alias("src"), F.col("doc_key").alias("dst"))
-        .distinct()
     )
+    edges = pairs.unionByName(stars).distinct()
     sig = pool.select("doc_key", "signature")
     scored = (
         edges.join(sig.withColumnRenamed("doc_key", "src").withColumnRenamed("signature", "sig_src"), "src")
@@ -184,7 +194,7 @@ def _near_duplicates(ctx: StageContext, survivors, decided):
     counts["candidate_pairs"] = edges.count()
     counts["verified_pairs"] = verified.count()
 
-    labels, rounds = _components(verified, pool.select("doc_key", "prio"), cfg.max_iterations)
+    labels, rounds = _components(ctx, verified, pool.select("doc_key", "prio"), cfg.max_iterations)
     counts["cc_rounds"] = rounds
     near = labels.where((F.col("prio") == 1) & (F.col("label.doc_key") != F.col("doc_key"))).select(
         "doc_key", F.col("label.doc_key").alias("cluster_id")
@@ -203,9 +213,27 @@ def _near_duplicates(ctx: StageContext, survivors, decided):
     return near, counts
 
 
-def _components(edges, nodes, max_rounds: int):
-    """Connected components by min-label propagation. Labels are (prio, doc_key) structs: old
-    representatives (prio 0) keep their own label and win any component they are in."""
+def _checkpoint(ctx: StageContext, df):
+    """Cut the lineage of a round's labels (it grows with every join). On a cluster the checkpoint is
+    reliable (written under the run's staging folder), so a lost executor does not lose it; local mode
+    keeps it on the executors, which live as long as the driver."""
+    sc = ctx.spark.sparkContext
+    if sc.master.startswith("local") or ctx.tables.catalog_schema:
+        return df.localCheckpoint()
+    if sc.getCheckpointDir() is None:
+        sc.setCheckpointDir(ctx.tables.staging_path("checkpoints"))
+    return df.checkpoint()
+
+
+def _components(ctx: StageContext, edges, nodes, max_rounds: int | None):
+    """Connected components by min-label propagation with pointer jumping. Labels are (prio, doc_key)
+    structs: old representatives (prio 0) keep their own label and win any component they are in.
+
+    Each round a new document takes the smallest label among its own and its neighbours', then jumps to
+    the label of the document its label names (pointer jumping). At a fixed point the labels agree across
+    every edge, so a component shares its smallest label. Jumping roughly doubles the distance a label
+    travels per round: rounds grow with the logarithm of a component's size, not with its diameter, so a
+    chain of thousands of drifting near-copies converges in a few dozen rounds."""
     both = edges.select("src", "dst").unionByName(
         edges.select(F.col("dst").alias("src"), F.col("src").alias("dst"))
     )
@@ -213,25 +241,40 @@ def _components(edges, nodes, max_rounds: int):
     labels = nodes.join(touched, "doc_key").select(
         "doc_key", "prio", F.struct("prio", "doc_key").alias("label")
     )
-    for rounds in range(1, max_rounds + 1):
+    labels = _checkpoint(ctx, labels)
+    rounds = 0
+    while True:
+        rounds += 1
         incoming = both.join(labels.select(F.col("doc_key").alias("src"), "label"), "src").select(
-            F.col("dst").alias("doc_key"), "label"
+            F.col("dst").alias("doc_key"), F.col("label").alias("theirs")
         )
+        nearest = incoming.groupBy("doc_key").agg(F.min("theirs").alias("nearest"))
+        stepped = labels.join(nearest, "doc_key", "left").withColumn(
+            "step",
+            F.when((F.col("prio") == 1) & (F.col("nearest") < F.col("label")), F.col("nearest")).otherwise(
+                F.col("label")
+            ),
+        )
+        # pointer jumping: take the label of the document the new label names, when smaller
+        named = labels.select(F.col("doc_key").alias("_named"), F.col("label").alias("jumped"))
         updated = (
-            labels.join(incoming.groupBy("doc_key").agg(F.min("label").alias("nearest")), "doc_key", "left")
+            stepped.join(named, F.col("step.doc_key") == F.col("_named"), "left")
             .withColumn(
                 "new_label",
                 F.when(
-                    (F.col("prio") == 1) & (F.col("nearest") < F.col("label")), F.col("nearest")
-                ).otherwise(F.col("label")),
+                    (F.col("prio") == 1) & F.col("jumped").isNotNull() & (F.col("jumped") < F.col("step")),
+                    F.col("jumped"),
+                ).otherwise(F.col("step")),
             )
             .select("doc_key", "prio", "label", "new_label")
-            .localCheckpoint()  # cut the lineage each round: it grows with every join
         )
+        updated = _checkpoint(ctx, updated)
         changed = updated.where(F.col("new_label") != F.col("label")).count()
         labels = updated.select("doc_key", "prio", F.col("new_label").alias("label"))
         if changed == 0:
             return labels, rounds
-    raise RuntimeError(
-        f"near-dedup components did not converge in {max_rounds} rounds (dedup.max_iterations)"
-    )
+        if max_rounds is not None and rounds >= max_rounds:
+            raise RuntimeError(
+                f"near-dedup components did not converge in {max_rounds} rounds (dedup.max_iterations); "
+                "unset it to run until they do"
+            )

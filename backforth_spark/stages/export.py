@@ -19,11 +19,13 @@ import pyarrow.parquet as pq
 from pyspark.sql import functions as F
 
 from backforth_spark import schemas as s
+from backforth_spark.analysis import analyse, two_sample_accuracy
 from backforth_spark.config import ExportConfig
 from backforth_spark.context import StageContext
 from backforth_spark.dataset import (
     BASELINE_DIR,
     LINEAGE_FIELDS,
+    METRIC_FIELDS,
     PAIRS_DIR,
     WORD_EDGES,
     buckets,
@@ -33,7 +35,8 @@ from backforth_spark.dataset import (
 )
 from backforth_spark.generation import DISTILL, GROUND, REWRITE, SCORE
 from backforth_spark.stages.generate import current_specs
-from udfs.curation import response_issue_udf
+from udfs.chunking import tokenizer_for
+from udfs.curation import response_issue_udf, source_copy_udf
 
 
 def _parquet_schema(cfg: ExportConfig):
@@ -43,6 +46,7 @@ def _parquet_schema(cfg: ExportConfig):
         ("source", pa.string()),
         ("id", pa.string()),
         ("score", pa.int32()),
+        ("source_copy", pa.float64()),
     ]
     if cfg.style == "alpaca":
         head = [("instruction", pa.string()), ("input", pa.string()), ("output", pa.string())]
@@ -106,6 +110,26 @@ def _stats(pairs, counts: dict[str, Any], n_rows: int, cfg: ExportConfig) -> dic
     }
 
 
+# the analyses read at most this many pairs (the first by passage_id): diversity needs every n-gram
+# of the set in memory on the driver
+ANALYSIS_ROWS = 20_000
+
+
+def _analysis(pairs, count_tokens) -> tuple[dict[str, Any], list[str]]:
+    """The analyses of an exported set, and the responses they read."""
+    rows = pairs.select("instruction", "response", "source_copy").limit(ANALYSIS_ROWS).collect()
+    responses = [r["response"] for r in rows]
+    groups = analyse(
+        [r["instruction"] for r in rows], responses, [r["source_copy"] for r in rows], count_tokens
+    )
+    return {"rows": len(rows), "groups": groups}, responses
+
+
+def _flat_analysis(analysis: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The analyses as numeric counts (MLflow metrics): `<prefix>_<group>_<measure>`."""
+    return {f"{prefix}_{g}_{k}": v for g, values in analysis["groups"].items() for k, v in values.items()}
+
+
 def _lineage(ctx: StageContext, specs: dict, stages: list[str], tables: list[str]) -> dict[str, Any]:
     return {
         "run_id": ctx.run_id,
@@ -148,9 +172,11 @@ def run(ctx: StageContext) -> dict[str, int | str]:
     )
     counts["removed_low_score"] = low.count()
 
+    passages = read(s.PASSAGES).select("passage_id", F.col("text").alias("passage"))
+    responses = responses.join(passages, "passage_id", "left")
     # each rewrite gets at most one reason to be left out, checked in this order
     issue = F.when(F.col("status") != "ok", F.concat(F.lit("rewrite_"), F.col("status"))).otherwise(
-        response_issue_udf(cur)("instruction", "response")
+        response_issue_udf(cur)("instruction", "response", "passage")
     )
     if cur.grounding:
         grounded = (
@@ -166,8 +192,9 @@ def run(ctx: StageContext) -> dict[str, int | str]:
             ),
         )
     judged = responses.withColumn("issue", issue).select(
-        "passage_id", "instruction", "response", "score", "issue"
-    )
+        "passage_id", "instruction", "response", "score", "issue",
+        source_copy_udf("response", "passage").alias("source_copy"),
+    )  # fmt: skip
     judged = ctx.tables.stage("export_judged", judged)
     for r in judged.where("issue IS NOT NULL").groupBy("issue").count().collect():
         counts[f"removed_{r['issue']}"] = r["count"]
@@ -179,19 +206,21 @@ def run(ctx: StageContext) -> dict[str, int | str]:
         judged.where("issue IS NULL")
         .join(doc_keys, "passage_id")
         .join(documents, "doc_key")
-        .select(*LINEAGE_FIELDS, "instruction", "response"),
+        .select(*LINEAGE_FIELDS, *METRIC_FIELDS, "instruction", "response"),
     ).orderBy("passage_id")
     out_dir = ctx.cfg.workdir_path / "export"
     record = lambda row: to_record(row, exp)  # noqa: E731
     path = out_dir / PAIRS_DIR
     stats = _stats(pairs, counts, pairs.count(), exp)
+    count_tokens = tokenizer_for(specs[REWRITE.name].model).count
+    stats["analysis"], sample = _analysis(pairs, count_tokens)
     counts["rows_out"] = stats["rows"]
     judged_ok = counts["rows_in"] + counts["removed_low_score"]
     counts["keep_rate"] = round(stats["rows"] / judged_ok, 4) if judged_ok else 0.0
     counts |= {f"score_{k}": v for k, v in stats["scores"].items()}
     counts |= {f"response_words_{k.replace('+', 'plus')}": v for k, v in stats["response_words"].items()}
-    card = dataset_card("backforth-spark pairs", stats, lineage, ctx.cfg)
-    write_dataset(pairs, stats["rows"], path, record, card, exp)
+    counts |= _flat_analysis(stats["analysis"], "analysis")
+    pairs_stats = stats
     counts["path"] = str(path)
 
     if cur.distillation_baseline:
@@ -201,16 +230,30 @@ def run(ctx: StageContext) -> dict[str, int | str]:
             .where((F.col("fingerprint") == specs[DISTILL.name].fingerprint) & (F.col("status") == "ok"))
             .join(read(SCORE.table).where(F.col("fingerprint") == specs[SCORE.name].fingerprint)
                   .select("passage_id", "score"), "passage_id")
+            .join(passages, "passage_id")
+            .withColumn("source_copy", source_copy_udf("response", "passage"))
             .join(doc_keys, "passage_id")
             .join(documents, "doc_key")
-            .select(*LINEAGE_FIELDS, "instruction", "response"),
+            .select(*LINEAGE_FIELDS, *METRIC_FIELDS, "instruction", "response"),
         ).orderBy("passage_id")  # fmt: skip
         base_path = out_dir / BASELINE_DIR
 
         n = baseline.count()
-        stats = _stats(baseline, {"rows_out": n}, n, exp)
+        base_stats = _stats(baseline, {"rows_out": n}, n, exp)
+        base_stats["analysis"], base_sample = _analysis(baseline, count_tokens)
+        # the paper's comparison: rewritten vs distilled responses, side by side
+        accuracy = two_sample_accuracy(sample, base_sample)
+        for analysis in (stats["analysis"], base_stats["analysis"]):
+            analysis["two_sample_accuracy"] = accuracy
+        if accuracy is not None:
+            counts["analysis_two_sample_accuracy"] = accuracy
+        counts |= _flat_analysis(base_stats["analysis"], "baseline_analysis")
+        stats = base_stats
         card = dataset_card("backforth-spark distillation baseline", stats, lineage, ctx.cfg)
         write_dataset(baseline, n, base_path, record, card, exp)
         counts["baseline_pairs"] = n
         counts["baseline_path"] = str(base_path)
+    # written last: with the baseline on, its card carries the comparison too
+    card = dataset_card("backforth-spark pairs", pairs_stats, lineage, ctx.cfg)
+    write_dataset(pairs, pairs_stats["rows"], path, record, card, exp)
     return counts

@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 from backforth_spark import schemas as s
 from backforth_spark.config import OpenAIConfig
 from backforth_spark.context import StageContext
-from backforth_spark.generation import LLMTask, StageSpec, fingerprints
+from backforth_spark.generation import DETERMINISTIC_AT_ZERO, TOO_LONG, LLMTask, StageSpec, fingerprints
 from backforth_spark.model import resolve_model
 from backforth_spark.tables import require_columns, struct, without_lineage
 from udfs.generation import generate
@@ -57,8 +57,12 @@ def stage_inputs(ctx: StageContext, task: LLMTask, specs: dict[str, StageSpec]) 
     frames = []
     if task.reads_passage:
         passages = ctx.tables.read(s.PASSAGES)
-        require_columns(passages, ["passage_id", "text", "status"], s.PASSAGES)
-        frames.append(passages.where("status = 'ok'").select("passage_id", F.col("text").alias("passage")))
+        require_columns(passages, ["passage_id", "text", "n_tokens", "status"], s.PASSAGES)
+        frames.append(
+            passages.where("status = 'ok'").select(
+                "passage_id", F.col("text").alias("passage"), F.col("n_tokens").alias("passage_tokens")
+            )
+        )
     for sel in task.selects:
         upstream = _ok_rows(ctx, by_name[sel.stage], specs[sel.stage])
         require_columns(upstream, list(sel.columns), f"{by_name[sel.stage].table} (for {task.name})")
@@ -71,11 +75,19 @@ def stage_inputs(ctx: StageContext, task: LLMTask, specs: dict[str, StageSpec]) 
     return out
 
 
+def final_statuses(spec: StageSpec) -> list[str]:
+    """Statuses not generated again under the same fingerprint: `ok`, a prompt too long for the context,
+    and at temperature 0 the failures the same prompt and sampling would give again."""
+    deterministic = list(DETERMINISTIC_AT_ZERO) if spec.params.temperature == 0 else []
+    return ["ok", TOO_LONG, *deterministic]
+
+
 def pending(ctx: StageContext, task: LLMTask, candidates: DataFrame, spec: StageSpec) -> DataFrame:
-    """Candidates without an ok row for this fingerprint and with attempts left, plus their tries so far."""
+    """Candidates that can still change: no row with a final status for this fingerprint, attempts left;
+    with their tries so far and the status of the last one (`previous`)."""
     existing = ctx.tables.read(task.table).where(F.col("fingerprint") == spec.fingerprint)
-    done = existing.where("status = 'ok'").select("passage_id")
-    tries = existing.select("passage_id", "attempts")
+    done = existing.where(F.col("status").isin(final_statuses(spec))).select("passage_id")
+    tries = existing.select("passage_id", "attempts", F.col("status").alias("previous"))
     return (
         candidates.join(done, "passage_id", "left_anti")
         .join(tries, "passage_id", "left")
@@ -122,12 +134,16 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     clock = time.perf_counter()
     candidates = stage_inputs(ctx, task, specs)
     n_candidates = candidates.count()
-    todo = pending(ctx, task, candidates, spec).select(*task.input_columns)
+    todo = pending(ctx, task, candidates, spec).select(*task.input_columns, "previous")
     # Freeze what this run owes before any generation starts; `h` spreads it over commit slices.
     todo = ctx.tables.stage(f"{task.name}_todo", todo.withColumn("h", F.abs(F.xxhash64("passage_id"))))
+    retried = {r[0]: r[1] for r in todo.where("previous IS NOT NULL").groupBy("previous").count().collect()}
+    todo = todo.drop("previous")
     n_todo = todo.count()
     slices = -(-n_todo // llm.commit_rows) if llm.commit_rows and n_todo > llm.commit_rows else 1
     counts: dict[str, int | float] = {"rows_in": n_candidates, "generated": n_todo, "commits": 0}
+    # what this run generates again, by the status of the last try (see final_statuses for what is not)
+    counts |= {f"retried_{status}": n for status, n in sorted(retried.items())}
     counts["plan_s"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     gen_s = merge_s = 0.0
     done = 0

@@ -13,7 +13,7 @@ from pyspark.sql import types as T
 from backforth_spark import schemas as s
 from backforth_spark.config import IngestConfig
 from backforth_spark.context import StageContext
-from backforth_spark.dolma import PARSED_COLUMNS
+from backforth_spark.dolma import PARSED_COLUMNS, glob_regex
 from udfs.ingest import parse_files
 
 PARSED_SCHEMA = T.StructType(
@@ -35,6 +35,25 @@ def input_files(spark: SparkSession, cfg: IngestConfig, inputs: list[str] | tupl
         .option("pathGlobFilter", cfg.file_glob)
         .load(list(inputs))
     )
+
+
+def other_files(spark: SparkSession, cfg: IngestConfig, inputs: list[str] | tuple[str, ...]) -> int:
+    """Files under `inputs` that are not Dolma data by name (`_SUCCESS`, `README`, `.crc`, ...): skipped,
+    and counted. Listed with Hadoop's FileSystem, which, unlike Spark's reader, also sees hidden files."""
+    jvm, conf = spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
+    dolma = glob_regex(cfg.file_glob)
+    checksummed = jvm.java.lang.Class.forName("org.apache.hadoop.fs.ChecksumFileSystem")
+    skipped = 0
+    for pattern in inputs:
+        path = jvm.org.apache.hadoop.fs.Path(pattern)
+        fs = path.getFileSystem(conf)
+        if checksummed.isInstance(fs):
+            fs = fs.getRawFileSystem()  # the checksumming wrapper (local files) hides .crc files
+        for status in fs.globStatus(path) or []:
+            files = fs.listFiles(status.getPath(), True)
+            while files.hasNext():
+                skipped += not dolma.match(files.next().getPath().getName())
+    return skipped
 
 
 def run(ctx: StageContext) -> dict[str, int]:
@@ -68,4 +87,5 @@ def run(ctx: StageContext) -> dict[str, int]:
         "documents": new_docs,
         "quarantined": n_quarantined,
         "repeated_ids": n_docs_parsed - new_docs,
+        "skipped_files": other_files(spark, cfg.ingest, ctx.inputs),
     }
