@@ -207,7 +207,7 @@ def test_documents_whose_old_keys_collided_both_reach_the_export(tmp_path, spark
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path / 'work'}", "tracking.enabled=false",
-                                   "chunk.min_words=null", "dedup.threshold=0.95"])  # fmt: skip
+                                   "chunk.min_words=null", "dedup.near=false"])  # fmt: skip
     summary = run_pipeline(cfg, [str(tmp_path / "in")], select(None, cfg), echo=lambda _: None,
                            engine_factory=StageAware)  # fmt: skip
     assert summary["error"] is None, summary["error"]
@@ -218,3 +218,18 @@ def test_documents_whose_old_keys_collided_both_reach_the_export(tmp_path, spark
         ("cc", "news/a", "cc/news%2Fa"),
         ("cc/news", "a", "cc%2Fnews/a"),
     ]
+
+
+def test_a_refresh_with_nothing_new_does_no_llm_work_and_says_so(real_run, tmp_path, capsys):
+    work = copy_run(real_run, tmp_path / "work")
+    summary = tmp_path / "summary.json"
+    chosen = ("curate.grounding=true", "curate.distillation_baseline=true", "curate.min_grounding=1",
+              "llm.max_attempts=1", "tracking.enabled=false")  # fmt: skip
+    settings = [x for st in chosen for x in ("--set", st)]
+    code = main(["-v", "refresh", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input",
+                 str(real_run.corpus), "--summary-json", str(summary), *settings])  # fmt: skip
+    assert code == 0
+    assert "no LLM work: nothing new to generate (new documents: 0)" in capsys.readouterr().out
+    result = json.loads(summary.read_text())
+    assert all(result["stages"][task.name]["generated"] == 0 for task in LLM_TASKS)
+    assert result["export"]["pairs"] == real_run.summary["export"]["pairs"]

@@ -1,7 +1,7 @@
 """One real Spark standalone cluster (master and worker started here, the worker offering two `gpu`
 addresses through a discovery script): the whole pipeline submitted with `spark-submit --py-files` from a
 folder outside the repo, the real vLLM CPU engine in the executors, each LLM task pinned to its own GPU
-address; then the scheduled refresh job, which finds nothing new."""
+address. (A refresh with nothing new: tests/test_cli.py; every jobs/ wrapper: test_cli.py too.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from backforth_spark import schemas as s
 from backforth_spark.generation import LLM_TASKS
 from backforth_spark.stages import STAGES
 from backforth_spark.standalone import standalone_cluster
@@ -59,17 +58,13 @@ def submitted(tmp_path_factory):
     cwd.mkdir()
     with standalone_cluster(root / "cluster", cores=2, memory="8g", gpus=2) as cluster:
         full = _submit("pipeline", cluster, pyfiles, workdir, cwd, "--input", str(DOLMA_SAMPLE))
-        # nothing new: the scheduled refresh does no LLM work (max_attempts=1: failed rows stay failed)
-        refresh = _submit("refresh", cluster, pyfiles, workdir, cwd, "--input", str(DOLMA_SAMPLE),
-                          "--set", "llm.max_attempts=1")  # fmt: skip
         state = cluster.state()
-    return {"full": full, "refresh": refresh, "apps": state["completedapps"] + state["activeapps"],
-            "workdir": workdir}  # fmt: skip
+    return {"full": full, "apps": state["completedapps"] + state["activeapps"], "workdir": workdir}
 
 
-def test_both_jobs_went_through_the_standalone_master(submitted):
-    assert len(submitted["apps"]) == 2
-    assert submitted["full"]["error"] is None and submitted["refresh"]["error"] is None
+def test_the_job_went_through_the_standalone_master(submitted):
+    assert len(submitted["apps"]) == 1
+    assert submitted["full"]["error"] is None
 
 
 def test_every_stage_ran_in_the_submitted_pipeline(submitted):
@@ -99,11 +94,3 @@ def test_the_export_is_whole(submitted):
     export_dir = Path(submitted["full"]["export"]["path"])
     n = sum(1 for f in export_dir.glob("data/*.jsonl") for _ in f.open())
     assert n == submitted["full"]["export"]["pairs"] > 0 and (export_dir / "README.md").exists()
-
-
-def test_a_refresh_with_nothing_new_does_no_llm_work(submitted, spark):
-    refresh = submitted["refresh"]
-    assert "no LLM work: nothing new to generate" in refresh["stdout"]
-    assert all(refresh["stages"][t.name]["generated"] == 0 for t in LLM_TASKS[:3])
-    docs = spark.read.format("delta").load(str(submitted["workdir"] / "tables" / s.DOCUMENTS))
-    assert docs.count() == 10
