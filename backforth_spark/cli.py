@@ -125,6 +125,8 @@ def _quiet_third_parties(cfg: Config, verbose: bool) -> Path | None:
     )
     os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(vllm_config))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # MLflow gives its loggers a console handler of their own unless told not to: let them reach the file
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     return path
 
 
