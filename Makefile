@@ -5,7 +5,8 @@ WORKDIR ?= .backforth
 
 N ?= 25000
 
-.PHONY: setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-components clean
+.PHONY: setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-components \
+	bench-big-docs bench-big-file bench-injection clean
 
 setup:
 	bash scripts/setup.sh
@@ -38,6 +39,15 @@ bench-llm: setup
 
 bench-components: setup
 	$(PY) benchmarks/components.py
+
+bench-big-docs: setup
+	$(PY) benchmarks/big_documents.py --sizes-mb 10 50
+
+bench-big-file: setup
+	$(PY) benchmarks/big_file.py --gb 1.5
+
+bench-injection: setup
+	$(PY) benchmarks/injection.py --templates v1 v2
 
 bench-dedup: setup
 	.tools/venv/bin/uv sync --frozen --extra cpu --extra convert --group bench --quiet

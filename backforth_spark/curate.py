@@ -33,8 +33,10 @@ _AIMED_AT_MODELS = re.compile(
     r"\b(?:ignore|disregard|forget)\s+(?:all\s+|any\s+)?(?:the\s+)?(?:previous|prior|above|earlier)\s+"
     r"(?:instructions?|prompts?|rules)|\b(?:you\s+are\s+now|act\s+as)\s+(?:an?\s+)?(?:AI|assistant|language\s+model|"
     r"chatbot|DAN)\b|\b(?:system\s+prompt|as\s+an\s+AI\s+language\s+model)\b|"
-    r"\b(?:give|assign|rate|score)\s+(?:this|it)\s+(?:a\s+)?(?:score|rating|grade)\s+of\b",
-    re.IGNORECASE,
+    r"\b(?:give|assign|rate|score)\s+(?:this|it)\s+(?:a\s+)?(?:score|rating|grade)\s+of\b|"
+    # a line that grades the text itself, as a judge's output would ("Score: 5", "Rating: 5/5")
+    r"^\s*(?:score|rating|grade)\s*[:=]\s*[1-5](?:\s*/\s*5)?\s*$",
+    re.IGNORECASE | re.MULTILINE,
 )
 
 

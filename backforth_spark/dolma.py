@@ -13,7 +13,9 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
+
+import zstandard
 
 from backforth_spark.config import IngestConfig
 
@@ -68,15 +70,16 @@ class ParsedLine:
         return {c: getattr(self, c) for c in PARSED_COLUMNS}
 
 
-def open_lines(path: str, data: bytes) -> Iterator[bytes]:
-    """Yield the raw lines of a Dolma file's bytes, decompressing by extension, streaming."""
-    raw: io.BufferedIOBase = io.BytesIO(data)
+def open_lines(path: str, data: bytes | BinaryIO) -> Iterator[bytes]:
+    """Yield the raw lines of a Dolma file (its bytes, or a binary stream read as it goes),
+    decompressing by extension: memory holds one line and the codec's buffers, whatever the file's size."""
+    raw: BinaryIO = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     if path.endswith(".gz"):
         raw = gzip.GzipFile(fileobj=raw)
     elif path.endswith(".zst"):
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        raw = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+    elif not isinstance(raw, io.BytesIO):
+        # Arrow's streams claim io.BufferedIOBase but cannot read lines: a buffered reader over them can
         raw = io.BufferedReader(raw)
     for line in raw:
         yield line.rstrip(b"\r\n")
@@ -174,8 +177,10 @@ def parse_line(path: str, line_number: int, raw: bytes, cfg: IngestConfig) -> Pa
     )
 
 
-def parse_file(path: str, data: bytes, cfg: IngestConfig) -> Iterator[ParsedLine]:
-    """All lines of one file, numbered from 1. A file that cannot be decompressed is one quarantine row."""
+def parse_file(path: str, data: bytes | BinaryIO, cfg: IngestConfig) -> Iterator[ParsedLine]:
+    """All lines of one file (its bytes or a stream), numbered from 1. A file that cannot be read to its
+    end (cut short, corrupt) keeps the lines read before the damage, then one quarantine row saying
+    where reading stopped."""
     line_number = 0
     try:
         for line_number, raw in enumerate(open_lines(path, data), start=1):  # noqa: B007

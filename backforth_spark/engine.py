@@ -1,4 +1,4 @@
-"""The engine protocol and its types: chat conversations in, completions out.
+"""The engine protocol and its types: chat conversations (or raw prompts) in, completions out.
 
 Two engines implement it: `vllm_engine.VLLMEngine` (vLLM in-process) and `openai_engine.OpenAIEngine`
 (any OpenAI-compatible server). The factory that picks one lives where engines are built, in the
@@ -14,6 +14,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 Conversation = list[dict[str, str]]
+Prompt = Conversation | str  # a chat conversation, or raw text sent without the chat template
+
+
+class FatalEngineError(RuntimeError):
+    """A failure no row of the stage can get past (e.g. the server refused the API key): the stage stops
+    at once and marks no row, instead of recording the same error on every row."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,9 @@ class Engine(Protocol):
     model: str
     max_model_len: int
 
-    def count_prompt_tokens(self, conversations: Sequence[Conversation]) -> list[int]:
-        """Tokens of each conversation after the chat template, generation prompt included."""
+    def count_prompt_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
+        """Tokens of each prompt as the model sees it: a conversation after the chat template,
+        generation prompt included; raw text as the tokenizer encodes it."""
         ...
 
     def chat(
@@ -75,11 +82,25 @@ class Engine(Protocol):
         output budget follows each input). May raise; callers isolate failures."""
         ...
 
+    def complete(
+        self, prompts: Sequence[str], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[Completion]:
+        """As `chat`, for raw prompts sent without the chat template (completion templates)."""
+        ...
 
-def count_chat_tokens(tokenizer, conversations: Sequence[Conversation]) -> list[int]:
-    """Tokens of each conversation after the model's chat template, generation prompt included."""
+    def close(self) -> None:
+        """Release what the engine holds (a loaded model, GPU memory, connections)."""
+        ...
+
+
+def count_tokens(tokenizer, prompts: Sequence[Prompt]) -> list[int]:
+    """Tokens of each prompt: a conversation after the model's chat template, generation prompt
+    included; raw text with the special tokens the engine adds to it (a BOS, for many models)."""
     counts = []
-    for conv in conversations:
+    for conv in prompts:
+        if isinstance(conv, str):
+            counts.append(len(tokenizer(conv)["input_ids"]))
+            continue
         out = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
         # recent transformers return a BatchEncoding here, whose len() is its number of keys
         ids = out["input_ids"] if isinstance(out, Mapping) else out

@@ -23,7 +23,8 @@ import pandas as pd
 
 from backforth_spark import prompts
 from backforth_spark.config import Config, ConfigError
-from backforth_spark.engine import Completion, Engine, GenerationParams
+from backforth_spark.engine import Completion, Engine, FatalEngineError, GenerationParams
+from backforth_spark.model import resolve_model
 from backforth_spark.schemas import GENERATION_COLUMNS, LINEAGE, PASSAGES, Column
 from backforth_spark.text import stable_hash
 
@@ -228,12 +229,16 @@ def stage_spec(cfg: Config, task: LLMTask, model: str, upstream_fingerprint: str
     return StageSpec(task, template, params, model, fingerprint[:16], budget)
 
 
-def fingerprints(cfg: Config, model: str, tasks: Sequence[LLMTask] = LLM_TASKS) -> dict[str, StageSpec]:
-    """The stage specs, each fingerprint chained to its upstream stage's (tasks in pipeline order)."""
+def fingerprints(
+    cfg: Config, model: str | None = None, tasks: Sequence[LLMTask] = LLM_TASKS
+) -> dict[str, StageSpec]:
+    """The stage specs, each fingerprint chained to its upstream stage's (tasks in pipeline order).
+    Each stage runs its own model (`llm.<stage>.model`, else `llm.model`) unless `model` names one for all."""
     specs: dict[str, StageSpec] = {}
     for task in tasks:
         upstream = specs[task.upstream].fingerprint if task.upstream else ""
-        specs[task.name] = stage_spec(cfg, task, model, upstream)
+        stage_model = model or resolve_model(cfg.llm.for_stage(task.name))
+        specs[task.name] = stage_spec(cfg, task, stage_model, upstream)
     return specs
 
 
@@ -253,10 +258,10 @@ def check_config(cfg: Config, tasks: Sequence[LLMTask] = LLM_TASKS) -> None:
         try:
             stage_cfg = cfg.llm.stage(task.name)
             template = prompts.load_template(stage_cfg.template)
-        except (ConfigError, FileNotFoundError) as exc:
+        except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
             problems.append(f"llm.{task.name}: {exc}")
             continue
-        missing = template.fields - set(task.input_columns)
+        missing = template.data_fields - set(task.input_columns)
         if missing:
             problems.append(
                 f"llm.{task.name}.template {template.name!r} uses {sorted(missing)}; "
@@ -274,10 +279,16 @@ def check_config(cfg: Config, tasks: Sequence[LLMTask] = LLM_TASKS) -> None:
                 if sampling.output_per_input_token
                 else f"llm.{task.name}.sampling.max_tokens"
             )
-            if cfg.chunk.max_tokens + need >= cfg.llm.max_model_len:
+            context = cfg.llm.for_stage(task.name).max_model_len
+            context_key = (
+                f"llm.{task.name}.engine_settings.max_model_len"
+                if stage_cfg.engine_settings.max_model_len
+                else "llm.max_model_len"
+            )
+            if cfg.chunk.max_tokens + need >= context:
                 problems.append(
                     f"chunk.max_tokens ({cfg.chunk.max_tokens}) + the output budget of such a passage "
-                    f"({need}, from {key}) must stay below llm.max_model_len ({cfg.llm.max_model_len})"
+                    f"({need}, from {key}) must stay below {context_key} ({context})"
                 )
             if sampling.output_per_input_token and need > sampling.max_tokens:
                 problems.append(
@@ -312,15 +323,24 @@ def _int_or_none(value) -> int | None:
     return None if value is None or pd.isna(value) else int(value)
 
 
-def _chat_isolating_failures(engine: Engine, convs: list, params: list[GenerationParams]) -> list[Completion]:
-    """One engine call for the batch; if it fails, retry one by one so a bad prompt fails alone."""
+def _generate_isolating_failures(
+    call: Callable[[list, list[GenerationParams]], list[Completion]],
+    prompts_: list,
+    params: list[GenerationParams],
+) -> list[Completion]:
+    """One engine call for the batch; if it fails, retry one by one so a bad prompt fails alone. A fatal
+    engine error (no prompt can succeed) is raised: the stage stops and no row is marked."""
     try:
-        return engine.chat(convs, params)
+        return call(prompts_, params)
+    except FatalEngineError:
+        raise
     except Exception:
         out = []
-        for conv, p in zip(convs, params, strict=True):
+        for conv, p in zip(prompts_, params, strict=True):
             try:
-                out.extend(engine.chat([conv], [p]))
+                out.extend(call([conv], [p]))
+            except FatalEngineError:
+                raise
             except Exception as exc:
                 out.append(Completion(None, None, None, None, error=f"{type(exc).__name__}: {exc}"[:2000]))
         return out
@@ -333,7 +353,7 @@ def run_batch(
     on model output or engine errors (they become statuses). `device` is recorded on every row."""
     n = len(batch)
     records = batch.to_dict("records")
-    convs = [spec.template.render(**{f: str(row[f]) for f in spec.template.fields}) for row in records]
+    convs = [spec.template.render(**{f: str(row[f]) for f in spec.template.data_fields}) for row in records]
     prompt_tokens = engine.count_prompt_tokens(convs)
     budgets = [spec.max_tokens(_int_or_none(row.get("passage_tokens"))) for row in records]
     # A prompt that cannot fit with its output is never sent: vLLM would reject the whole batch.
@@ -341,7 +361,9 @@ def run_batch(
     to_send = [i for i in range(n) if fits[i]]
     params = [_within_budget(spec.params, budgets[i]) for i in to_send]
     started = time.perf_counter()
-    completions = _chat_isolating_failures(engine, [convs[i] for i in to_send], params) if to_send else []
+    # a completion template's prompt is raw text; a chat template's goes through the model's chat template
+    call = engine.complete if spec.template.kind == prompts.COMPLETION else engine.chat
+    completions = _generate_isolating_failures(call, [convs[i] for i in to_send], params) if to_send else []
     latency = time.perf_counter() - started
     by_index = dict(zip(to_send, completions, strict=True))
     sent_params = dict(zip(to_send, params, strict=True))

@@ -13,6 +13,7 @@ it goes only into the Authorization header, never into logs, errors, MLflow or t
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,18 +25,25 @@ from backforth_spark.config import LLMConfig, OpenAIConfig
 from backforth_spark.engine import (
     Completion,
     Conversation,
+    FatalEngineError,
     GenerationParams,
-    count_chat_tokens,
+    Prompt,
+    count_tokens,
     per_conversation,
 )
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+REFUSED_CREDENTIALS = frozenset({401, 403})
 
 
 class HTTPError(Exception):
     def __init__(self, status: int | None, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class CredentialsRefused(FatalEngineError):
+    """The server refused the API key (401/403): no request of the stage can succeed."""
 
 
 @dataclass
@@ -52,19 +60,20 @@ class OpenAIEngine:
 
     # -- token counting ---------------------------------------------------------------------------
 
-    def count_prompt_tokens(self, conversations: Sequence[Conversation]) -> list[int]:
+    def count_prompt_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model)
-        return count_chat_tokens(self._tokenizer, conversations)
+        return count_tokens(self._tokenizer, prompts)
 
     # -- generation -------------------------------------------------------------------------------
 
-    def request_body(self, conversation: Conversation, params: GenerationParams) -> dict:
+    def request_body(self, prompt: Prompt, params: GenerationParams) -> dict:
+        """The body of a chat-completions request (a conversation) or a completions request (raw text)."""
         body: dict = {
             "model": self.cfg.served_model or self.model,
-            "messages": conversation,
+            **({"prompt": prompt} if isinstance(prompt, str) else {"messages": prompt}),
             "temperature": params.temperature,
             "top_p": params.top_p,
             "max_tokens": params.max_tokens,
@@ -94,23 +103,53 @@ class OpenAIEngine:
     def chat(
         self, conversations: Sequence[Conversation], params: GenerationParams | Sequence[GenerationParams]
     ) -> list[Completion]:
-        if not conversations:
-            return []
-        workers = min(self.cfg.concurrency, len(conversations))
-        each = per_conversation(params, len(conversations))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(self._one, conversations, each))
+        return self._all(conversations, params)
 
-    def _one(self, conversation: Conversation, params: GenerationParams) -> Completion:
+    def complete(
+        self, prompts: Sequence[str], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[Completion]:
+        return self._all(prompts, params)
+
+    def close(self) -> None:
+        """Nothing to release: each request opens and closes its own connection."""
+
+    def _all(
+        self, prompts: Sequence[Prompt], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[Completion]:
+        if not prompts:
+            return []
+        refused = threading.Event()  # once the key is refused, no further request is sent
+
+        def one(prompt: Prompt, p: GenerationParams) -> Completion:
+            if refused.is_set():
+                raise CredentialsRefused("the server refused the API key")
+            try:
+                return self._one(prompt, p)
+            except CredentialsRefused:
+                refused.set()
+                raise
+
+        pool = ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(prompts)))
         try:
-            reply = self._post_with_retries("/chat/completions", self.request_body(conversation, params))
+            return list(pool.map(one, prompts, per_conversation(params, len(prompts))))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _one(self, prompt: Prompt, params: GenerationParams) -> Completion:
+        path = "/completions" if isinstance(prompt, str) else "/chat/completions"
+        try:
+            reply = self._post_with_retries(path, self.request_body(prompt, params))
         except HTTPError as exc:
+            if exc.status in REFUSED_CREDENTIALS:
+                # every other request would be refused too: stop the stage, mark no row
+                raise CredentialsRefused(str(exc)) from None
             return Completion(None, None, None, None, error=str(exc))
         try:
             choice = reply["choices"][0]
             usage = reply.get("usage") or {}
+            text = choice["text"] if isinstance(prompt, str) else choice["message"].get("content")
             return Completion(
-                text=choice["message"].get("content"),
+                text=text,
                 finish_reason=choice.get("finish_reason"),
                 prompt_tokens=usage.get("prompt_tokens"),
                 completion_tokens=usage.get("completion_tokens"),

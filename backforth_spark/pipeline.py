@@ -46,9 +46,14 @@ def preflight(
     model. Raises ValueError (ConfigError) or FileNotFoundError (ModelNotFoundError) saying what to fix."""
     if any(st.name == "ingest" for st in stages) and not inputs:
         raise ValueError("the ingest stage needs --input (Dolma files, folders or globs)")
-    check_config(cfg, llm_tasks(pipeline))
-    if any(st.llm is not None or st.name in _NEEDS_MODEL for st in stages):
-        resolve_model(cfg.llm)  # a model that was never pulled: one clear error, before Spark starts
+    tasks = llm_tasks(pipeline)
+    check_config(cfg, tasks)
+    # a model that was never pulled: one clear error, before Spark starts
+    if any(st.name in _NEEDS_MODEL for st in stages):
+        resolve_model(cfg.llm)
+    if any(st.llm is not None or st.name == "export" for st in stages):
+        for task in tasks:
+            resolve_model(cfg.llm.for_stage(task.name))
 
 
 def context_for(
@@ -86,7 +91,8 @@ def run_pipeline(
     templates = {}
     if any(st.llm is not None or st.name == "export" for st in stages):
         specs = current_specs(ctx)
-        params["model"] = next(iter(specs.values())).model
+        params["model"] = resolve_model(cfg.llm)
+        params |= {f"model.{name}": spec.model for name, spec in specs.items()}
         params |= {f"template_hash.{name}": spec.template.hash for name, spec in specs.items()}
         templates = {name: template_source(cfg.llm.stage(name).template) for name in specs}
     tracker.start(run_id, params, templates)
@@ -125,12 +131,26 @@ def run_pipeline(
         summary["failed_stage"] = None
     except Exception as exc:
         log.exception("stage %s failed", summary["failed_stage"])
-        summary["error"] = f"{type(exc).__name__}: {exc}"
+        summary["error"] = error_line(exc)
     finally:
         tables.drop_staging()
         tracker.end(ok)
         summary["tracking_error"] = tracker.error
     return summary
+
+
+def error_line(exc: BaseException) -> str:
+    """One line saying what failed. A Python worker's failure reaches the driver as Spark's wrapper
+    around the worker's traceback: its own exception line is what says why."""
+    text = str(exc)
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if "Traceback (most recent call last):" in lines[i]:
+            # frames are indented; the exception's line is the first one after them that is not
+            cause = next((ln for ln in lines[i + 1 :] if ln.strip() and not ln.startswith(" ")), None)
+            if cause:
+                return cause.strip()
+    return f"{type(exc).__name__}: {text}"
 
 
 def format_counts(stage: str, counts: dict[str, Any]) -> str:

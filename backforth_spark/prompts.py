@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,23 +25,55 @@ EMPTY = "empty"
 REFUSED = "refused"
 
 
+CHAT, COMPLETION = "chat", "completion"
+# A placeholder no stage provides: each rendering fills it with a random marker (a fresh one per prompt,
+# found in none of the inserted text), so text from the web cannot close or imitate the lines that
+# fence it in.
+FENCE = "fence"
+
+
+def new_fence(values: Iterable[str]) -> str:
+    """A marker line for one prompt that occurs in none of `values`."""
+    while True:
+        marker = f"<<<{secrets.token_hex(8)}>>>"
+        if not any(marker[3:-3] in v for v in values):
+            return marker
+
+
 @dataclass(frozen=True)
 class Template:
+    """A prompt. `chat` (the default): system and user messages, sent through the model's chat template.
+    `completion`: `user` is the whole raw prompt, sent as is (a base or backward model fine-tuned on its
+    own prompt format, as the paper's backtranslation model was)."""
+
     name: str
     user: str
     system: str | None = None
     structured_regex: str | None = None
     fields: frozenset[str] = field(default_factory=frozenset)
+    kind: str = CHAT
 
     @property
     def hash(self) -> str:
-        return stable_hash(self.system or "", self.user, self.structured_regex or "")[:16]
+        # the kind joins the hash only when not chat: every chat template keeps the hash it had
+        kind = () if self.kind == CHAT else (self.kind,)
+        return stable_hash(*kind, self.system or "", self.user, self.structured_regex or "")[:16]
 
-    def render(self, **values: str) -> list[dict[str, str]]:
-        """Chat messages for one example. Values are inserted verbatim (braces in them are safe)."""
+    @property
+    def data_fields(self) -> frozenset[str]:
+        """The placeholders the stage's inputs fill (the fence is drawn at rendering)."""
+        return self.fields - {FENCE}
+
+    def render(self, **values: str) -> list[dict[str, str]] | str:
+        """Chat messages (or, for a completion template, the prompt text) for one example. Values are
+        inserted verbatim (braces in them are safe); a `{fence}` not given is drawn for this prompt."""
+        if FENCE in self.fields and FENCE not in values:
+            values = {**values, FENCE: new_fence(values.values())}
         missing = self.fields - values.keys()
         if missing:
             raise KeyError(f"template {self.name} needs {sorted(missing)}")
+        if self.kind == COMPLETION:
+            return self.user.format_map(values)
         messages = []
         if self.system:
             messages.append({"role": "system", "content": self.system.format_map(values)})
@@ -67,16 +101,25 @@ def load_template(name_or_path: str) -> Template:
     """A template by name (a file in backforth_spark/prompts/) or by path to a YAML file."""
     name, text = template_source(name_or_path)
     data = yaml.safe_load(text)
+    kind = data.get("kind", CHAT)
+    if kind not in (CHAT, COMPLETION):
+        raise ValueError(f"template {name!r}: kind must be {CHAT!r} or {COMPLETION!r}, not {kind!r}")
+    if kind == COMPLETION and ("prompt" not in data or "user" in data or "system" in data):
+        raise ValueError(f"template {name!r}: a completion template has a `prompt` and no messages")
+    if kind == CHAT and "user" not in data:
+        raise ValueError(f"template {name!r}: a chat template needs a `user` message")
+    body = data["prompt"] if kind == COMPLETION else data["user"]
     fields = set()
-    for part in (data.get("system"), data["user"]):
+    for part in (data.get("system"), body):
         if part:
             fields |= {f for _, f, _, _ in string.Formatter().parse(part) if f}
     return Template(
         name=name,
-        user=data["user"],
+        user=body,
         system=data.get("system"),
         structured_regex=data.get("structured_regex"),
         fields=frozenset(fields),
+        kind=kind,
     )
 
 

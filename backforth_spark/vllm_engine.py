@@ -3,8 +3,10 @@ the library (and the driver) never needs them."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import sys
 from collections.abc import Sequence
 
 from backforth_spark.config import LLMConfig
@@ -12,7 +14,8 @@ from backforth_spark.engine import (
     Completion,
     Conversation,
     GenerationParams,
-    count_chat_tokens,
+    Prompt,
+    count_tokens,
     per_conversation,
 )
 
@@ -26,26 +29,50 @@ class VLLMEngine:
         self.model = model
         self.max_model_len = max_model_len
 
-    def count_prompt_tokens(self, conversations: Sequence[Conversation]) -> list[int]:
-        return count_chat_tokens(self._tokenizer, conversations)
+    def count_prompt_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
+        return count_tokens(self._tokenizer, prompts)
 
     def chat(
         self, conversations: Sequence[Conversation], params: GenerationParams | Sequence[GenerationParams]
     ) -> list[Completion]:
         sampling = [sampling_params(p) for p in per_conversation(params, len(conversations))]
-        outputs = self._llm.chat(list(conversations), sampling, use_tqdm=False)
-        completions = []
-        for out in outputs:
-            first = out.outputs[0]
-            completions.append(
-                Completion(
-                    text=first.text,
-                    finish_reason=first.finish_reason,
-                    prompt_tokens=len(out.prompt_token_ids or []),
-                    completion_tokens=len(first.token_ids),
-                )
+        return _completions(self._llm.chat(list(conversations), sampling, use_tqdm=False))
+
+    def complete(
+        self, prompts: Sequence[str], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[Completion]:
+        sampling = [sampling_params(p) for p in per_conversation(params, len(prompts))]
+        return _completions(self._llm.generate(list(prompts), sampling, use_tqdm=False))
+
+    def close(self) -> None:
+        """Shut the engine core down and drop the model, so its memory (GPU memory too) is free for
+        the next engine this worker builds."""
+        if self._llm is None:
+            return
+        # In-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0): its shutdown tears down the model
+        # executor and vLLM's distributed state, which a second engine in this process would otherwise
+        # find already initialised.
+        self._llm.llm_engine.engine_core.shutdown()
+        self._llm = None
+        gc.collect()
+        torch = sys.modules.get("torch")  # loaded with vLLM
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _completions(outputs) -> list[Completion]:
+    completions = []
+    for out in outputs:
+        first = out.outputs[0]
+        completions.append(
+            Completion(
+                text=first.text,
+                finish_reason=first.finish_reason,
+                prompt_tokens=len(out.prompt_token_ids or []),
+                completion_tokens=len(first.token_ids),
             )
-        return completions
+        )
+    return completions
 
 
 def sampling_params(params: GenerationParams):

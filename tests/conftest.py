@@ -7,6 +7,7 @@ import pytest
 
 from backforth_spark.config import Config, load_config
 from backforth_spark.context import StageContext
+from backforth_spark.model import resolve_model
 from backforth_spark.tables import Tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,9 +76,12 @@ def add_documents(ctx: StageContext, docs: list[tuple[str, str]], representative
 
 # ---- one real pipeline run that many tests read ------------------------------------------------------
 
+import contextlib  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -94,10 +98,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (SQLite store, artifacts proxied), for the session."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store under `root`, artifacts proxied): (url, process)."""
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += [
@@ -107,13 +110,16 @@ def mlflow_server(tmp_path_factory):
         str(root / "art"),
     ]
     log = (root / "server.log").open("w")
-    proc = subprocess.Popen([*cmd, "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    # its own process group: the server forks workers, and stopping it must stop them too
+    proc = subprocess.Popen(
+        [*cmd, "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
             urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
+            return url, proc
         except OSError as exc:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
@@ -121,9 +127,21 @@ def mlflow_server(tmp_path_factory):
                     f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}"
                 ) from exc
             time.sleep(1)
-    yield url
-    proc.terminate()
+
+
+def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a process started with start_new_session=True, and everything it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` for the session."""
+    url, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield url
+    stop_process_group(proc)
 
 
 def write_corpus(folder: Path) -> int:
@@ -172,37 +190,139 @@ class RealRun:
     stdout: str
     stderr: str
     tracking_uri: str
+    events: Path  # Spark's event log
 
     def table(self, spark, name: str):
         return spark.read.format("delta").load(str(self.workdir / "tables" / name))
 
+
+# A second model for backtranslate (as a backward model would be): the default model's files under
+# another path, a distinct model to the pipeline (its own fingerprint, rows and engine), so the real run
+# crosses a model change between stages and each worker releases one engine to build the next.
+STAND_IN_BACKWARD = Path(load_config(LOCAL_CONF).llm.model_cache_dir).expanduser() / "backward-stand-in"
 
 # every stage, ground and distill included, on the real engine and model
 REAL_RUN_SETTINGS = (
     "curate.grounding=true",
     "curate.min_grounding=1",
     "curate.distillation_baseline=true",
+    f"llm.backtranslate.model={STAND_IN_BACKWARD}",
 )
 
 
+def link_stand_in_backward() -> Path:
+    """The stand-in backward model: a link to the pulled default model's folder."""
+    if not STAND_IN_BACKWARD.exists():
+        STAND_IN_BACKWARD.unlink(missing_ok=True)  # a link left dangling by a moved cache
+        STAND_IN_BACKWARD.symlink_to(resolve_model(load_config(LOCAL_CONF).llm), target_is_directory=True)
+    return STAND_IN_BACKWARD
+
+
+# the key `vllm_server` requires; the real run sends it and tests search for it in all it left
+API_KEY = "sk-test-do-not-log-0123456789"
+
+
+@dataclass(frozen=True)
+class VLLMServer:
+    url: str  # up to and including /v1
+    model: str  # the local model folder it serves (as "smollm2")
+    log: Path
+
+
+def _start_vllm_server(log: Path) -> tuple[subprocess.Popen, str, str]:
+    """`vllm serve` (CPU build) with the default model on 127.0.0.1, requiring API_KEY, started in the
+    background: (process, base URL, model folder)."""
+    model = resolve_model(load_config(LOCAL_CONF).llm)
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": API_KEY}
+    # the module, not the `vllm serve` script: that asks for the distribution "vllm", and the CPU
+    # build is installed as "vllm-cpu"
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+        "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
+        "--served-model-name", "smollm2",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}", model
+
+
+def _wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    stop_process_group(proc, signal.SIGKILL)
+    pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="session")
-def real_run(tmp_path_factory, mlflow_server) -> RealRun:
-    """`backforth run` of every stage on the sample (plus bad lines and a copy), real vLLM CPU engine and
-    default model, tracked to a real MLflow server. Tests read it; tests that write copy it first."""
-    root = tmp_path_factory.mktemp("real-run")
-    n_lines = write_corpus(root / "in")
-    summary_path = root / "summary.json"
-    settings = [
-        x for s in (*REAL_RUN_SETTINGS, f"tracking.tracking_uri={mlflow_server}") for x in ("--set", s)
-    ]
-    proc = cli(
-        "run", "--config", str(LOCAL_CONF), "--workdir", str(root / "work"), "--input", str(root / "in"),
-        "--summary-json", str(summary_path), *settings,
+def vllm_server_starting(tmp_path_factory):
+    """The server's process, started and not yet waited for (the real run starts beside it)."""
+    log = tmp_path_factory.mktemp("vllm") / "serve.log"
+    proc, base, model = _start_vllm_server(log)
+    yield proc, base, model, log
+    stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_server_starting) -> VLLMServer:
+    """`vllm serve` (CPU build) with the default model on 127.0.0.1, requiring API_KEY, up."""
+    proc, base, model, log = vllm_server_starting
+    _wait_healthy(proc, base, log)
+    return VLLMServer(base + "/v1", model, log)
+
+
+def served(server: VLLMServer, stage: str, key_env: str = "BACKFORTH_TEST_KEY") -> tuple[str, ...]:
+    """Settings that send one LLM stage to `server` (its engine settings), the key read from `key_env`."""
+    prefix = f"llm.{stage}.engine_settings"
+    return (
+        f"{prefix}.engine=openai", f"{prefix}.openai.base_url={server.url}",
+        f"{prefix}.openai.served_model=smollm2", f"{prefix}.openai.api_key_env={key_env}",
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory, mlflow_server, vllm_server_starting) -> RealRun:
+    """`backforth run` of every stage on the sample (plus bad lines and a copy), tracked to a real MLflow
+    server, Spark's event log on. The real vLLM CPU engine in the Python workers runs a stand-in backward
+    model for backtranslate and the default model for score, rewrite and ground; distill goes to
+    `vllm serve` with an API key (each stage its own model and engine). Tests read it; tests that write
+    copy it first."""
+    root = tmp_path_factory.mktemp("real-run")
+    link_stand_in_backward()
+    n_lines = write_corpus(root / "in")
+    (root / "events").mkdir()
+    summary_path = root / "summary.json"
+    # the server loads beside the run: distill, the stage it serves, comes last, minutes later
+    server_proc, base, model, server_log = vllm_server_starting
+    server = VLLMServer(base + "/v1", model, server_log)
+    chosen = (
+        *REAL_RUN_SETTINGS, f"tracking.tracking_uri={mlflow_server}", *served(server, "distill"),
+        "spark.conf.spark.eventLog.enabled=true", f"spark.conf.spark.eventLog.dir={root / 'events'}",
+    )  # fmt: skip
+    run = subprocess.Popen(
+        [sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(LOCAL_CONF),
+         "--workdir", str(root / "work"), "--input", str(root / "in"), "--summary-json", str(summary_path),
+         *[x for s in chosen for x in ("--set", s)]],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "BACKFORTH_TEST_KEY": API_KEY},
+    )  # fmt: skip
+    try:
+        _wait_healthy(server_proc, base, server_log)
+    except BaseException:
+        run.kill()
+        raise
+    stdout, stderr = run.communicate(timeout=1800)
+    proc = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return RealRun(
         root / "work", root / "in", n_lines, json.loads(summary_path.read_text()), proc.stdout, proc.stderr,
-        mlflow_server,
+        mlflow_server, root / "events",
     )  # fmt: skip
 
 

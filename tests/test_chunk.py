@@ -177,3 +177,45 @@ def test_real_tokenizer_passages_fit_when_tokenised_alone():
     for p in passages:
         alone = tokenizer.count(p.text)
         assert alone <= 48 and abs(alone - p.n_tokens) <= 2
+
+
+# ---- big documents in bounded memory ------------------------------------------------------------------
+
+
+class RecordingTokenizer(WordTokenizer):
+    """Records the length of every text it tokenises."""
+
+    def __init__(self):
+        self.lengths = []
+
+    def token_spans(self, text):
+        self.lengths.append(len(text))
+        return super().token_spans(text)
+
+
+def test_segments_cut_at_the_coarsest_boundary_and_cover_the_text():
+    text = ("word " * 30 + "\n\n") * 40 + "x" * 500  # paragraphs of 152 characters, then one long word
+    parts = chunk.segments(text, size=1000)
+    assert parts[0][0] == 0 and parts[-1][1] == len(text)
+    assert all(b == c for (_, b), (c, _) in zip(parts, parts[1:], strict=False))  # no gap, no overlap
+    assert all(b - a <= 1000 for a, b in parts)
+    assert all(text[b - 2 : b] == "\n\n" for _, b in parts[:-2])  # blank lines were there to cut at
+
+
+def test_a_document_far_larger_than_a_segment_is_tokenised_a_segment_at_a_time():
+    paragraph = "alpha beta gamma delta epsilon " * 20 + "\n\n"
+    text = paragraph * 4000  # about 2.5 MB
+    tokenizer = RecordingTokenizer()
+    passages = chunk.chunk_document(text, tokenizer, ChunkConfig(max_tokens=300, min_tokens=1))
+    assert max(tokenizer.lengths) <= chunk.SEGMENT_CHARS
+    # every passage is a verbatim slice within the limit, and together they hold every word
+    assert all(p.status == "ok" and p.n_tokens <= 300 for p in passages)
+    assert sum(len(p.text.split()) for p in passages) == len(text.split())
+    assert [p.index for p in passages] == list(range(len(passages)))
+
+
+def test_truncating_a_big_document_tokenises_only_its_first_segment():
+    text = ("alpha beta gamma " * 50 + "\n\n") * 3000
+    tokenizer = RecordingTokenizer()
+    [first] = chunk.chunk_document(text, tokenizer, ChunkConfig(max_tokens=100, too_long="truncate"))
+    assert first.truncated and first.n_tokens <= 100 and len(tokenizer.lengths) == 1

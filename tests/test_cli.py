@@ -5,6 +5,7 @@ record alone."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -22,7 +23,7 @@ from backforth_spark.generation import LLM_TASKS, SCORE, LLMTask, _answer
 from backforth_spark.model import EMBEDDED_NAME, fetch_wheel
 from backforth_spark.pipeline import run_pipeline
 from backforth_spark.stages import STAGES, llm_stage, select
-from tests.conftest import LOCAL_CONF, cli, copy_run
+from tests.conftest import LOCAL_CONF, REAL_RUN_SETTINGS, cli, copy_run
 from tests.test_generate import ScriptedEngine
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -75,7 +76,7 @@ def test_zero_pairs_when_every_pair_is_below_the_threshold(real_run, spark, tmp_
     work = copy_run(real_run, tmp_path / "work")
     # a new judge (its top_p is in the fingerprint) that grades everything 1, and the paper's threshold
     cfg = load_config(LOCAL_CONF, [f"workdir={work}", "llm.score.sampling.top_p=0.95", "curate.min_score=2",
-                                   "tracking.enabled=false"])  # fmt: skip
+                                   "tracking.enabled=false", *REAL_RUN_SETTINGS])  # fmt: skip
     judge = lambda: ScriptedEngine(reply='{"reason": "weak", "score": 1}')  # noqa: E731
     summary = run_pipeline(
         cfg, [], select("score,rewrite,export", cfg), echo=lambda _: None, engine_factory=judge
@@ -146,7 +147,7 @@ def test_a_toy_llm_stage_added_by_its_record_runs_through_the_pipeline(real_run,
     cfg = load_config(
         LOCAL_CONF,
         [f"workdir={work}", f"llm.extra_stages.keywords.template={template}",
-         "llm.extra_stages.keywords.structured=none", "tracking.enabled=false"],
+         "llm.extra_stages.keywords.structured=none", "tracking.enabled=false", *REAL_RUN_SETTINGS],
     )  # fmt: skip
     stages = select("keywords", cfg, pipeline)
     engine = lambda: ScriptedEngine(reply="pasta, water, salt")  # noqa: E731
@@ -176,6 +177,13 @@ def test_every_job_wrapper_runs_a_declared_stage():
         assert expected in text, stem
 
 
+def fenced(prompt: str) -> list[str]:
+    """The blocks of a prompt between pairs of its fence lines (a random marker, as the templates draw)."""
+    marker = re.search(r"^<<<[0-9a-f]{16}>>>$", prompt, re.M).group(0)
+    parts = prompt.split(f"\n{marker}\n")
+    return [parts[i] for i in range(1, len(parts), 2)]
+
+
 class StageAware(ScriptedEngine):
     """Answers each LLM stage as a good model would: an instruction, a top grade, a faithful rewrite (the
     passage copied from the prompt), a distilled answer."""
@@ -187,7 +195,7 @@ class StageAware(ScriptedEngine):
             if p.json_schema or "Score: N" in prompt:
                 reply = '{"reason": "a complete answer", "score": 5}'
             elif "[RES]" in prompt:
-                reply = "[RES] " + prompt.split('"""')[3].strip() + " [/RES]"
+                reply = "[RES] " + fenced(prompt)[1] + " [/RES]"  # the draft, the second fenced block
             else:
                 reply = "How do I keep a sourdough starter healthy between bakes?"
             out.append(Completion(reply, "stop", 10, 5))
@@ -223,8 +231,7 @@ def test_documents_whose_old_keys_collided_both_reach_the_export(tmp_path, spark
 def test_a_refresh_with_nothing_new_does_no_llm_work_and_says_so(real_run, tmp_path, capsys):
     work = copy_run(real_run, tmp_path / "work")
     summary = tmp_path / "summary.json"
-    chosen = ("curate.grounding=true", "curate.distillation_baseline=true", "curate.min_grounding=1",
-              "llm.max_attempts=1", "tracking.enabled=false")  # fmt: skip
+    chosen = (*REAL_RUN_SETTINGS, "llm.max_attempts=1", "tracking.enabled=false")
     settings = [x for st in chosen for x in ("--set", st)]
     code = main(["-v", "refresh", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input",
                  str(real_run.corpus), "--summary-json", str(summary), *settings])  # fmt: skip

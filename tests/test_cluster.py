@@ -1,14 +1,20 @@
 """One real Spark standalone cluster (master and worker started here, the worker offering two `gpu`
 addresses through a discovery script): the whole pipeline submitted with `spark-submit --py-files` from a
 folder outside the repo, the real vLLM CPU engine in the executors, each LLM task pinned to its own GPU
-address. (A refresh with nothing new: tests/test_cli.py; every jobs/ wrapper: test_cli.py too.)"""
+address. A Python worker is killed in the middle of the backtranslate stage: Spark retries its task
+and the run finishes with one row per key. (A refresh with nothing new: tests/test_cli.py; every jobs/
+wrapper: test_cli.py too.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +26,8 @@ from backforth_spark.standalone import standalone_cluster
 from tests.conftest import DOLMA_SAMPLE, LOCAL_CONF, REPO
 
 pytestmark = pytest.mark.e2e
+
+DOCS = 6
 
 
 def _submit(job: str, cluster, pyfiles: Path, workdir: Path, cwd: Path, *extra: str) -> dict:
@@ -42,9 +50,52 @@ def _submit(job: str, cluster, pyfiles: Path, workdir: Path, cwd: Path, *extra: 
         "--set", "llm.rewrite.sampling.max_tokens=160", "--set", "llm.backtranslate.sampling.max_tokens=64",
     ]  # fmt: skip
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
-    run = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=1500)
-    assert run.returncode == 0, f"{job}: {run.stderr[-4000:]}"
-    return {"stdout": run.stdout, **json.loads(summary.read_text())}
+    with subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as run:
+        killer = threading.Thread(
+            target=_kill_a_worker_during_backtranslate, args=(workdir, run), daemon=True
+        )
+        killer.start()
+        stdout, stderr = run.communicate(timeout=1500)
+        killer.join(timeout=5)
+    assert run.returncode == 0, f"{job}: {stderr[-4000:]}"
+    logs = stderr + "".join(p.read_text() for p in (workdir / "logs").glob("*.log"))
+    return {"stdout": stdout, "logs": logs, "killed": KILLED[:], **json.loads(summary.read_text())}
+
+
+KILLED: list[int] = []
+
+
+def _python_workers() -> dict[int, int]:
+    """pid -> resident KiB of each forked PySpark worker (a pyspark.daemon process whose parent is one)."""
+    procs = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if not d.name.isdigit() or b"pyspark.daemon" not in (d / "cmdline").read_bytes():
+                continue
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            rss = re.search(r"VmRSS:\s+(\d+)", (d / "status").read_text())
+        except OSError:
+            continue
+        procs[int(d.name)] = (ppid, int(rss.group(1)) if rss else 0)
+    return {pid: rss for pid, (ppid, rss) in procs.items() if ppid in procs}
+
+
+def _kill_a_worker_during_backtranslate(workdir: Path, run: subprocess.Popen) -> None:
+    """Once the backtranslate stage has frozen its inputs, SIGKILL the busiest Python worker: the task it
+    ran fails and Spark retries it elsewhere."""
+    staging = workdir / "tables" / "_staging"
+    while run.poll() is None:
+        if any(staging.glob("*/backtranslate_todo")):
+            time.sleep(3)  # its tasks are loading the engine or generating by now
+            workers = _python_workers()
+            if workers:
+                pid = max(workers, key=workers.get)
+                os.kill(pid, signal.SIGKILL)
+                KILLED.append(pid)
+                return
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +107,13 @@ def submitted(tmp_path_factory):
     pyfiles = build(root / "dist" / "backforth_spark.zip")
     workdir, cwd = root / "work", root / "cwd"  # not the repo: the code comes from the zip
     cwd.mkdir()
+    # the first DOCS documents of the sample: the mechanics, not the volume
+    sample = root / "in"
+    sample.mkdir()
+    lines = [x for f in sorted(DOLMA_SAMPLE.glob("*.jsonl")) for x in f.read_text().splitlines() if x.strip()]
+    (sample / "sample.jsonl").write_text("\n".join(lines[:DOCS]) + "\n")
     with standalone_cluster(root / "cluster", cores=2, memory="8g", gpus=2) as cluster:
-        full = _submit("pipeline", cluster, pyfiles, workdir, cwd, "--input", str(DOLMA_SAMPLE))
+        full = _submit("pipeline", cluster, pyfiles, workdir, cwd, "--input", str(sample))
         state = cluster.state()
     return {"full": full, "apps": state["completedapps"] + state["activeapps"], "workdir": workdir}
 
@@ -67,13 +123,29 @@ def test_the_job_went_through_the_standalone_master(submitted):
     assert submitted["full"]["error"] is None
 
 
+def test_a_python_worker_killed_during_an_llm_stage_costs_a_task_retry_not_the_run(submitted):
+    # the kill landed in backtranslate; Spark re-ran that task and the stage owes nothing
+    assert len(submitted["full"]["killed"]) == 1
+    assert "Python worker exited unexpectedly" in submitted["full"]["logs"]  # the task it ran failed
+    back = submitted["full"]["stages"]["backtranslate"]
+    assert back["generated"] == DOCS and back["rows_out"] + back.get("status_parse_error", 0) <= DOCS
+
+
 def test_every_stage_ran_in_the_submitted_pipeline(submitted):
     stages = submitted["full"]["stages"]
     assert list(stages) == [st.name for st in STAGES if st.enabled_by is None]
-    assert stages["ingest"]["rows_out"] == 10
-    assert stages["chunk"]["rows_out"] == 10  # one passage per document
-    assert stages["backtranslate"]["generated"] == 10
+    assert stages["ingest"]["rows_out"] == DOCS
+    assert stages["chunk"]["rows_out"] == DOCS  # one passage per document
+    assert stages["backtranslate"]["generated"] == DOCS
     assert stages["score"]["rows_in"] == stages["backtranslate"]["rows_out"] > 0
+
+
+def test_each_llm_stage_reports_its_accelerator_seconds(submitted):
+    for name in ("backtranslate", "score", "rewrite"):
+        counts = submitted["full"]["stages"][name]
+        # one GPU per task: accelerator-seconds are the tasks' own seconds
+        assert counts["accelerator_s"] == counts["engine_task_s"] > 0, name
+        assert counts["tokens_per_accelerator_s"] == round(counts["tokens_out"] / counts["accelerator_s"], 1)
 
 
 def test_llm_tasks_each_saw_their_own_gpu(submitted, spark):

@@ -2,7 +2,7 @@ import pytest
 
 from backforth_spark.config import ConfigError, load_config
 from backforth_spark.generation import check_config
-from tests.conftest import LOCAL_CONF
+from tests.conftest import LOCAL_CONF, REPO
 
 
 def test_local_config_loads_with_dotted_override():
@@ -45,7 +45,7 @@ def test_passages_must_leave_room_for_the_output():
 def test_flat_params_use_dotted_keys():
     flat = load_config(LOCAL_CONF).flat()
     assert flat["chunk.max_tokens"] == 512
-    assert flat["llm.rewrite.template"] == "rewrite_v1"
+    assert flat["llm.rewrite.template"] == "rewrite_v2"
 
 
 def test_spark_conf_override_keeps_the_dotted_spark_key():
@@ -89,3 +89,53 @@ def test_vllm_options_reach_the_engine_arguments_only_when_set():
     assert tuned["max_num_seqs"] == 64 and tuned["enable_prefix_caching"] is True
     spec = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
     assert tuned["speculative_config"] == spec
+
+
+def test_a_stage_names_its_own_model_and_engine_settings():
+    cfg = load_config(
+        LOCAL_CONF,
+        ["llm.rewrite.model=/models/big", "llm.rewrite.engine_settings.tensor_parallel_size=4",
+         "llm.score.engine_settings.engine=openai", "llm.score.engine_settings.openai.base_url=http://judge/v1",
+         "llm.openai.concurrency=3"],
+    )  # fmt: skip
+    rewrite = cfg.llm.for_stage("rewrite")
+    assert (rewrite.model, rewrite.tensor_parallel_size, rewrite.max_model_len) == ("/models/big", 4, 2048)
+    score = cfg.llm.for_stage("score")
+    # only the keys the stage gives replace llm.openai's
+    assert (score.engine, score.openai.base_url, score.openai.concurrency) == ("openai", "http://judge/v1", 3)
+    assert (score.model, cfg.llm.for_stage("backtranslate").model) == ("embedded", "embedded")
+    assert cfg.llm.engine == "vllm" and cfg.llm.tensor_parallel_size == 1
+
+
+def test_stages_without_their_own_settings_share_one_engine():
+    llm = load_config(LOCAL_CONF, ["llm.rewrite.model=/models/big"]).llm
+    identities = {
+        name: llm.for_stage(name).engine_identity() for name in ("backtranslate", "score", "rewrite")
+    }
+    assert identities["backtranslate"] == identities["score"] != identities["rewrite"]
+
+
+def test_config_files_are_laid_over_one_another_in_order(tmp_path):
+    over = tmp_path / "over.yaml"
+    over.write_text("chunk:\n  max_tokens: 256\nllm:\n  score:\n    model: /models/judge\n")
+    cfg = load_config([LOCAL_CONF, over], ["chunk.min_tokens=8"])
+    assert (cfg.chunk.max_tokens, cfg.chunk.min_tokens, cfg.chunk.max_passages_per_doc) == (256, 8, 3)
+    assert cfg.llm.score.model == "/models/judge" and cfg.llm.score.structured == "json"
+
+
+def test_the_backward_model_example_gives_each_step_its_model():
+    from backforth_spark.generation import fingerprints
+
+    cfg = load_config([REPO / "conf" / "databricks.yaml", REPO / "conf" / "examples" / "backward_model.yaml"])
+    check_config(cfg)
+    specs = fingerprints(cfg)
+    assert specs["backtranslate"].template.kind == "completion"
+    assert specs["backtranslate"].model.endswith("backward-8b")
+    assert specs["score"].model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert specs["rewrite"].model == "meta-llama/Llama-3.1-70B-Instruct"
+    assert cfg.llm.for_stage("rewrite").tensor_parallel_size == 4
+
+
+def test_a_stage_with_its_own_context_is_checked_against_it():
+    with pytest.raises(ConfigError, match=r"llm\.rewrite\.engine_settings\.max_model_len \(1024\)"):
+        check_config(load_config(LOCAL_CONF, ["llm.rewrite.engine_settings.max_model_len=1024"]))

@@ -13,10 +13,11 @@ from backforth_spark import schemas as s
 from backforth_spark.cli import main
 from backforth_spark.generation import LLM_TASKS
 from backforth_spark.stages import STAGES
-from tests.conftest import LOCAL_CONF, copy_run
+from tests.conftest import API_KEY, LOCAL_CONF, REAL_RUN_SETTINGS, STAND_IN_BACKWARD, copy_run
 
 pytestmark = pytest.mark.e2e
 
+MODEL_CACHE = STAND_IN_BACKWARD.parent
 TABLE = {task.name: task.table for task in LLM_TASKS}
 STATUSES = {"ok", "parse_error", "engine_error", "too_long", "empty", "refused", "truncated"}
 
@@ -68,7 +69,9 @@ def test_llm_tables_have_one_row_per_key_and_every_failure_says_why(real_run, sp
     assert df.count() == df.select("passage_id", "fingerprint").distinct().count() > 0
     assert {r["status"] for r in df.select("status").distinct().collect()} <= STATUSES
     assert df.where("status <> 'ok' AND error IS NULL").count() == 0
-    assert [r["model"] for r in df.select("model").distinct().collect()][0].endswith("SmolLM2-135M-Instruct")
+    # each stage's own model: the stand-in backward model for backtranslate, llm.model for the rest
+    model = STAND_IN_BACKWARD if stage == "backtranslate" else MODEL_CACHE / "SmolLM2-135M-Instruct"
+    assert [r["model"] for r in df.select("model").distinct().collect()] == [str(model)]
 
 
 def test_the_judge_graded_every_pair_through_json_structured_outputs(real_run, spark):
@@ -115,6 +118,8 @@ def test_the_run_reached_the_mlflow_server_with_a_nested_run_per_stage(real_run)
     assert run.info.status == "FINISHED" and run.info.run_name == real_run.summary["run_id"]
     assert run.data.params["chunk.max_tokens"] == "512"
     assert run.data.params["model"].endswith("SmolLM2-135M-Instruct")
+    assert run.data.params["model.backtranslate"] == str(STAND_IN_BACKWARD)
+    assert run.data.params["model.score"] == run.data.params["model"]
     assert run.data.metrics["ingest.rows_in"] == real_run.n_lines
     assert run.data.metrics["export.rows_out"] == real_run.summary["export"]["pairs"]
     assert run.data.metrics["backtranslate.tokens_out"] > 0
@@ -133,6 +138,40 @@ def test_the_run_reached_the_mlflow_server_with_a_nested_run_per_stage(real_run)
     assert {"samples/pairs.json", "plots/scores.png", "export/pairs/README.md"} <= artifacts
 
 
+def test_the_served_stage_went_through_the_server_with_the_key(real_run, vllm_server):
+    assert real_run.summary["stages"]["distill"]["generated"] > 0
+    assert (
+        vllm_server.log.read_text().count('POST /v1/chat/completions HTTP/1.1" 200')
+        >= (real_run.summary["stages"]["distill"]["generated"])
+    )
+
+
+def _files_holding(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_the_api_key_is_nowhere_the_run_left(real_run, spark, tmp_path):
+    """The key the served stage sent: not on the console, in the logs, the tables (files and rows), the
+    export, the summary, Spark's event log, or the MLflow run's params, tags and artifacts."""
+    needle = API_KEY.encode()
+    assert API_KEY not in real_run.stdout + real_run.stderr
+    assert (real_run.workdir / "logs" / "backforth.log").exists() and list(real_run.events.iterdir())
+    assert _files_holding(real_run.workdir, needle) == [] and _files_holding(real_run.events, needle) == []
+    assert API_KEY not in json.dumps(real_run.summary)
+    for table in real_run.summary["tables"].values():
+        # file bytes may be compressed: the rows themselves, as text
+        assert all(API_KEY not in str(r.asDict()) for r in spark.read.format("delta").load(table).collect())
+    client = MlflowClient(tracking_uri=real_run.tracking_uri)
+    parent = client.get_run(real_run.summary["mlflow_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    for run in (parent, *children):
+        assert API_KEY not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+    artifacts = Path(client.download_artifacts(parent.info.run_id, "", str(tmp_path)))
+    assert list(artifacts.rglob("*.md")) and _files_holding(artifacts, needle) == []
+
+
 def test_third_party_logs_go_to_the_log_file_not_the_console(real_run):
     log_file = real_run.workdir / "logs" / "backforth.log"
     assert f"logs: {log_file}" in real_run.stdout
@@ -144,9 +183,9 @@ def test_third_party_logs_go_to_the_log_file_not_the_console(real_run):
 
 
 def test_status_reports_tables_and_llm_stages_as_json(real_run, spark, capsys):
-    assert (
-        main(["-v", "status", "--config", str(LOCAL_CONF), "--workdir", str(real_run.workdir), "--json"]) == 0
-    )
+    same = [x for st in REAL_RUN_SETTINGS for x in ("--set", st)]  # the run's models: its fingerprints
+    args = ["-v", "status", "--config", str(LOCAL_CONF), "--workdir", str(real_run.workdir), "--json", *same]
+    assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tables"][s.DOCUMENTS]["rows"] == 11
     bt = report["llm_stages"]["backtranslate"]
@@ -157,7 +196,8 @@ def test_status_reports_tables_and_llm_stages_as_json(real_run, spark, capsys):
 def test_a_dry_run_plans_and_changes_nothing(real_run, spark, tmp_path, capsys):
     work = copy_run(real_run, tmp_path / "work")
     before = sorted(p.name for p in (work / "tables" / s.DOCUMENTS / "_delta_log").iterdir())
-    args = ["-v", "run", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input", str(real_run.corpus)]
+    args = ["-v", "run", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input", str(real_run.corpus),
+            *[x for st in REAL_RUN_SETTINGS for x in ("--set", st)]]  # fmt: skip
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     plan = json.loads(out[out.index("{") :])

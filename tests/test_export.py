@@ -4,6 +4,7 @@ rendered through the model's chat template."""
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from backforth_spark import dataset as export
@@ -157,3 +158,42 @@ def test_export_loads_with_datasets_and_renders_through_the_chat_template(make_c
     }
     loaded = datasets.load_dataset(again["path"], split="train", cache_dir=cache)
     assert loaded.num_rows == 5 and loaded[0]["input"] == ""
+
+
+class Killed(BaseException):
+    """A kill: no `except Exception` catches it."""
+
+
+def test_a_run_that_died_inside_the_export_swap_leaves_the_last_export_and_a_rerun_completes(
+    spark, tmp_path, monkeypatch
+):
+    import os
+
+    from backforth_spark.config import ExportConfig
+    from backforth_spark.stages import export as export_stage
+
+    cfg = ExportConfig(formats=["jsonl"])
+    out = tmp_path / "pairs"
+    rows = lambda n: spark.createDataFrame([(i,) for i in range(n)], "i int")  # noqa: E731
+    export_stage.write_dataset(rows(2), 2, out, lambda r: r, "# v1\n", cfg)
+
+    real_replace, calls = os.replace, []
+
+    def dies_between_the_renames(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old export moved aside, the new one not yet in place
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export_stage.os, "replace", dies_between_the_renames)
+    with pytest.raises(Killed):
+        export_stage.write_dataset(rows(3), 3, out, lambda r: r, "# v2\n", cfg)
+    monkeypatch.setattr(export_stage.os, "replace", real_replace)
+    assert not out.exists()
+
+    export_stage.recover_swap(out)  # what the next export does first
+    assert (out / "README.md").read_text() == "# v1\n"
+    export_stage.write_dataset(rows(3), 3, out, lambda r: r, "# v2\n", cfg)
+    lines = [json.loads(x) for f in sorted(out.glob("data/*.jsonl")) for x in f.open()]
+    assert sorted(r["i"] for r in lines) == [0, 1, 2] and (out / "README.md").read_text() == "# v2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]  # no .tmp or .old left

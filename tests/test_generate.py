@@ -51,6 +51,13 @@ class ScriptedEngine:
             raise RuntimeError("engine fell over")
         return [Completion(self.reply, "stop", 10, 5) for _ in conversations]
 
+    def complete(self, prompts, params):
+        self.raw_prompts = list(prompts)
+        return [Completion(self.reply, "stop", 10, 5) for _ in prompts]
+
+    def close(self):
+        self.closed = True
+
 
 def _spec(stage):
     return generation.fingerprints(load_config(LOCAL_CONF), "double")[stage]
@@ -114,7 +121,7 @@ def test_rerun_retries_only_failed_rows_and_never_duplicates(make_ctx):
     first = run_stage(ctx, "backtranslate", lambda: ScriptedEngine(fail_on="BOOM"))
     assert (first["generated"], first["status_ok"], first["status_engine_error"]) == (4, 2, 2)
 
-    second = run_stage(ctx, "backtranslate", lambda: ScriptedEngine(fail_on="two"))
+    second = run_stage(ctx, "backtranslate", lambda: ScriptedEngine(fail_on="BOOM two"))
     assert second["generated"] == 2  # only the failed rows went back to the engine
     rows = {r["passage_id"]: r for r in ctx.tables.read(INSTRUCTIONS).collect()}
     assert len(rows) == 4
@@ -154,6 +161,11 @@ def test_a_stage_cut_into_slices_logs_its_progress_and_counts_tokens(make_ctx, c
     assert "output tokens/s" in progress[0]
     # the double reports 10 prompt and 5 completion tokens per row
     assert (counts["tokens_in"], counts["tokens_out"], counts["failure_rate"]) == (50, 25, 0.0)
+    # the tasks' own wall time is summed; local mode gives tasks no GPU, so no accelerator time
+    assert counts["engine_task_s"] > 0 and (counts["accelerator_s"], counts["tokens_per_accelerator_s"]) == (
+        0,
+        0,
+    )
 
 
 def test_score_stage_reads_only_ok_instructions_of_the_current_fingerprint(make_ctx):
@@ -375,3 +387,97 @@ def test_penalties_and_stops_reach_the_request_and_the_fingerprint():
         [{"role": "user", "content": "x"}], tuned.params
     )
     assert (body["repetition_penalty"], body["stop"]) == (1.2, ["###"])
+
+
+# ---- a model per stage, completion templates, engines held one at a time ------------------------------
+
+
+def test_a_completion_template_sends_its_raw_prompt_through_complete():
+    cfg = load_config(LOCAL_CONF, ["llm.backtranslate.template=backtranslate_backward_v1"])
+    spec = generation.fingerprints(cfg, "double")["backtranslate"]
+    engine = ScriptedEngine(reply="How do I boil pasta?")  # the stop string ends it there
+    engine.count_prompt_tokens = lambda prompts: [len(p.split()) for p in prompts]
+    out = generation.run_batch(_batch("Boil water, add pasta."), engine, spec)
+    assert engine.calls == []  # never through the chat template
+    assert engine.raw_prompts == [
+        "Below is an answer written by an assistant. Write the request it answers.\n\n"
+        "### Answer:\nBoil water, add pasta.\n\n### Request:"
+    ]
+    assert (out.loc[0, "status"], out.loc[0, "instruction"]) == ("ok", "How do I boil pasta?")
+
+
+def test_each_stage_runs_its_own_model_and_the_fingerprints_follow():
+    cfg = load_config(
+        LOCAL_CONF, ["llm.backtranslate.model=/models/backward", "llm.rewrite.model=/models/big"]
+    )
+    specs = generation.fingerprints(cfg)
+    assert specs["backtranslate"].model == "/models/backward" and specs["rewrite"].model == "/models/big"
+    assert specs["score"].model == specs["ground"].model == specs["distill"].model
+    assert specs["score"].model.endswith("SmolLM2-135M-Instruct")
+    same = generation.fingerprints(load_config(LOCAL_CONF, ["llm.rewrite.model=/models/big"]))
+    # a new backtranslation model regenerates its stage and every stage chained after it
+    assert all(specs[name].fingerprint != same[name].fingerprint for name in specs)
+
+
+class Closable:
+    built: list = []
+
+    def __init__(self, cfg, model, api_key=None):
+        self.model, self.closed = model, False
+        Closable.built.append(self)
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_worker_holds_one_engine_and_releases_it_for_another_model(monkeypatch):
+    from udfs import generation as worker
+
+    monkeypatch.setattr(worker, "create_engine", Closable)
+    monkeypatch.setattr(worker, "_HELD", {})
+    Closable.built = []
+    llm = load_config(LOCAL_CONF, ["llm.backtranslate.model=/models/backward"]).llm
+    back = worker.held_engine(llm.for_stage("backtranslate"), "/models/backward", None)
+    again = worker.held_engine(llm.for_stage("backtranslate"), "/models/backward", None)
+    score = worker.held_engine(llm.for_stage("score"), "/models/default", None)
+    rewrite = worker.held_engine(llm.for_stage("rewrite"), "/models/default", None)
+    assert again is back and rewrite is score  # same model and engine settings: the held engine
+    assert back.closed and not score.closed and len(Closable.built) == 2
+    # other engine settings for the same model: another engine, the held one released first
+    wide = llm.for_stage("score").model_copy(update={"max_model_len": 4096})
+    assert worker.held_engine(wide, "/models/default", None) is not score and score.closed
+    worker.release_engine()
+    assert all(e.closed for e in Closable.built) and worker._HELD == {}
+
+
+def test_a_fatal_engine_error_stops_the_batch_and_marks_no_row():
+    from backforth_spark.engine import FatalEngineError
+
+    class Refusing(ScriptedEngine):
+        def chat(self, conversations, params):
+            raise FatalEngineError("HTTP 401 from /chat/completions: bad key")
+
+    with pytest.raises(FatalEngineError, match="401"):
+        generation.run_batch(_batch("a text", "another"), Refusing(), _spec("backtranslate"))
+
+
+class DiesOnSecondCall(ScriptedEngine):
+    """Answers its first call, then is dead: every later call raises (a crashed engine process)."""
+
+    def chat(self, conversations, params):
+        self.calls.append(len(conversations))
+        if len(self.calls) > 1:
+            raise RuntimeError("EngineDeadError: the engine core process died")
+        return [Completion(self.reply, "stop", 10, 5) for _ in conversations]
+
+
+def test_an_engine_dying_mid_stage_costs_its_batch_and_the_rest_commits(make_ctx):
+    ctx = make_ctx("llm.num_partitions=1", "llm.batch_size=2", "llm.max_attempts=2")
+    _add_passages(ctx, [f"text {i}" for i in range(6)])
+    first = run_stage(ctx, "backtranslate", DiesOnSecondCall)
+    # batch 1 answered; batch 2 hit the dead engine (engine_error, each row tried alone too); batch 3
+    # went to a new engine
+    assert (first["generated"], first["status_ok"], first["status_engine_error"]) == (6, 4, 2)
+    second = run_stage(ctx, "backtranslate", ScriptedEngine)
+    assert (second["generated"], second["status_ok"]) == (2, 6)
+    assert ctx.tables.read(INSTRUCTIONS).count() == 6

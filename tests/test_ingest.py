@@ -172,3 +172,39 @@ def test_a_10_mb_document_goes_through(make_ctx, tmp_path):
 def test_ingest_without_inputs_is_a_clear_error(make_ctx):
     with pytest.raises(ValueError, match="input"):
         ingest_stage.run(make_ctx())
+
+
+# ---- files of any size: streamed by the Python workers, never held whole ------------------------------
+
+
+def test_a_file_is_streamed_from_its_uri_line_by_line(tmp_path):
+    from udfs.ingest import open_input
+
+    path = tmp_path / "a.jsonl.gz"
+    path.write_bytes(gzip.compress(("\n".join(_doc(i) for i in range(3)) + "\n").encode()))
+    for uri in (str(path), path.as_uri(), f"file:{path}"):  # a path, file:///..., Spark's file:/...
+        with open_input(uri) as stream:
+            parsed = list(ingest.parse_file(str(path), stream, CFG))
+        assert [(p.id, p.line_number) for p in parsed] == [("0", 1), ("1", 2), ("2", 3)], uri
+
+
+def test_a_file_gone_since_it_was_listed_is_one_quarantine_row(tmp_path):
+    import pandas as pd
+
+    from udfs.ingest import parse_files
+
+    [out] = parse_files(CFG)(iter([pd.DataFrame({"path": [f"file:{tmp_path / 'gone.jsonl'}"]})]))
+    assert list(out["kind"]) == ["quarantine"] and list(out["reason"]) == [ingest.UNREADABLE_FILE]
+
+
+def test_the_biggest_files_go_to_different_partitions(spark, tmp_path):
+    from backforth_spark.stages.ingest import spread_files
+
+    listing = spark.createDataFrame(
+        [(f"file:/f{i}", size) for i, size in enumerate([10, 5_000, 7, 9_000, 8, 6_000])],
+        "path string, length long",
+    )
+    parts = spread_files(spark, listing).rdd.glom().map(lambda rows: [r.path for r in rows]).collect()
+    assert sorted(p for part in parts for p in part) == [f"file:/f{i}" for i in range(6)]
+    biggest = {"file:/f1", "file:/f3", "file:/f5"}
+    assert all(len(biggest & set(part)) <= 1 for part in parts)

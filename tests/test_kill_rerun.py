@@ -72,3 +72,53 @@ def test_killed_generation_resumes_without_duplicates_or_regeneration(real_run, 
     assert after.select("passage_id").distinct().count() == total == after.count()
     # rows committed before the kill kept their original run: they were not generated again
     assert kept <= {(r["passage_id"], r["run_id"]) for r in after.collect()}
+
+
+# ---- a kill inside a CPU stage between its commits, then a rerun ----------------------------------
+
+
+class Killed(BaseException):
+    """A kill: no `except Exception` catches it, no stage code after it runs."""
+
+
+def _contents(tables, name):
+    df = tables.read(name).drop("run_id", "written_at")
+    return sorted(tuple(r) for r in df.collect())
+
+
+def test_a_kill_inside_ingest_dedup_or_chunk_then_a_rerun_ends_as_the_real_run(
+    real_run, spark, tmp_path, monkeypatch
+):
+    """On the shared run's input, each stage is killed before one of its table commits (ingest and dedup
+    between their two tables' commits, chunk before its only one), then rerun; the next stage reads what
+    the rerun left. Every table ends row for row as the shared run's, which was never killed."""
+    from dataclasses import replace
+
+    from backforth_spark.config import load_config
+    from backforth_spark.context import StageContext
+    from backforth_spark.stages import chunk, dedup, ingest
+    from backforth_spark.tables import Tables
+
+    cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path}"])
+    inputs = (str(real_run.corpus),)
+    killed = StageContext(spark, cfg, Tables(spark, tmp_path / "tables", "k1"), "k1", inputs=inputs)
+    rerun = replace(killed, tables=Tables(spark, tmp_path / "tables", "k2"), run_id="k2")
+    reference = Tables(spark, real_run.workdir / "tables")
+    commits = {"n": 0, "kill_at": 0}
+    real_merge = Tables.merge_insert_new
+
+    def dies_at_a_commit(self, name, df, keys):
+        if self.run_id == "k1":  # only the run that gets killed
+            commits["n"] += 1
+            if commits["n"] == commits["kill_at"]:
+                raise Killed
+        return real_merge(self, name, df, keys)
+
+    monkeypatch.setattr(Tables, "merge_insert_new", dies_at_a_commit)
+    for stage, kill_at in ((ingest, 2), (dedup, 2), (chunk, 1)):
+        commits.update(n=0, kill_at=kill_at)
+        with pytest.raises(Killed):
+            stage.run(killed)
+        stage.run(rerun)
+    for name in (s.DOCUMENTS, s.QUARANTINE, s.DEDUP, s.MINHASH, s.PASSAGES):
+        assert _contents(rerun.tables, name) == _contents(reference, name), name

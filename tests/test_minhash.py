@@ -48,3 +48,47 @@ def test_same_seed_same_signature_and_bands():
 def test_band_probability_is_steep_around_the_threshold():
     assert minhash.candidate_probability(0.85, 14, 8) > 0.98
     assert minhash.candidate_probability(0.5, 14, 8) < 0.06
+
+
+def _reference_signature(text: str, n: int, a, b) -> list[int]:
+    """MinHash by the definition, in Python integers: crc32 of each word n-gram, then per permutation the
+    minimum of ((a*x mod 2^64) + b mod 2^64) mod (2^61 - 1), low 32 bits (the uint64 wrap is part of the
+    hash family)."""
+    import zlib
+
+    words = text.split()
+    grams = {zlib.crc32(" ".join(words[i : i + n]).encode()) for i in range(len(words) - n + 1)}
+    m64, p = 1 << 64, (1 << 61) - 1
+    return [min(((((int(ai) * x) % m64 + int(bi)) % m64) % p) & 0xFFFFFFFF for x in grams) for ai, bi in
+            zip(a, b, strict=True)]  # fmt: skip
+
+
+def test_the_sliced_signature_is_minhash_by_the_definition():
+    a, b = minhash.permutations(16, seed=5)
+    text = normalise(_text(300, seed=4))
+    expected = _reference_signature(text, 5, a, b)
+    for size in (1, 7, 4096):  # one shingle per slice, uneven slices, one slice
+        sliced = minhash.signature_of_slices(minhash.shingle_hash_slices(text, 5, size), a, b)
+        assert sliced.tolist() == expected, size
+    assert minhash.text_signature(text, 5, a, b).tolist() == expected
+
+
+def test_a_big_document_of_unique_text_is_signed_in_bounded_memory():
+    import tracemalloc
+
+    rng = random.Random(7)
+    text = " ".join(f"u{rng.getrandbits(40)}" for _ in range(300_000))  # 4 MB, every shingle new
+    a, b = minhash.permutations(112, seed=1)
+    tracemalloc.start()
+    minhash.text_signature(text, 5, a, b)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # all shingles x permutations at once would be 300k x 112 x 8 bytes = 269 MB
+    assert peak < 16 * 2**20, peak
+
+
+def test_exact_jaccard_of_sorted_arrays_is_the_set_jaccard():
+    x, y = normalise(_text(200, seed=1)), normalise(edit_words(_text(200, seed=1), 0.1, random.Random(2)))
+    sx, sy = minhash.shingle_set(x, 5), minhash.shingle_set(y, 5)
+    expected = len(sx & sy) / len(sx | sy)
+    assert minhash.jaccard_of_arrays(minhash.shingle_hashes(x, 5), minhash.shingle_hashes(y, 5)) == expected

@@ -6,11 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
@@ -19,12 +15,13 @@ import pytest
 from backforth_spark import generation
 from backforth_spark.config import OpenAIConfig, load_config
 from backforth_spark.engine import GenerationParams
-from backforth_spark.model import resolve_model
-from backforth_spark.openai_engine import OpenAIEngine
+from backforth_spark.openai_engine import CredentialsRefused, OpenAIEngine
+from backforth_spark.pipeline import run_pipeline
+from backforth_spark.stages import select
 from backforth_spark.stages.generate import resolve_api_key
-from tests.conftest import LOCAL_CONF
+from tests.conftest import API_KEY, LOCAL_CONF, REAL_RUN_SETTINGS, copy_run, served
 
-SECRET = "sk-test-do-not-log-0123456789"
+SECRET = API_KEY
 PARAMS = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=8)
 REPLY = {
     "choices": [{"message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
@@ -125,47 +122,30 @@ def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
     assert resolve_api_key(OpenAIConfig(api_key_env="BACKFORTH_UNSET_KEY")) is None
 
 
+def test_a_raw_prompt_goes_to_the_completions_endpoint(scripted_server):
+    Scripted.script = [(200, {"choices": [{"text": " How do I?", "finish_reason": "stop"}], "usage": {}})]
+    [c] = _engine(scripted_server).complete(["### Answer:\nBoil it.\n\n### Request:"], PARAMS)
+    assert (c.text, c.finish_reason, c.error) == (" How do I?", "stop", None)
+    [seen] = Scripted.seen
+    assert seen["path"] == "/v1/completions" and "messages" not in seen["body"]
+    assert seen["body"]["prompt"] == "### Answer:\nBoil it.\n\n### Request:"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_stops_at_once_without_a_retry_or_the_key(scripted_server, status):
+    Scripted.script = [(status, {"error": "invalid api key"})] * 3
+    with pytest.raises(CredentialsRefused) as info:
+        _engine(scripted_server, concurrency=1).chat([CONV, CONV, CONV], PARAMS)
+    assert f"HTTP {status}" in str(info.value) and SECRET not in str(info.value)
+    assert len(Scripted.seen) == 1  # the first refusal ends the call: no retries, no further requests
+
+
 # ---- the real server --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory):
-    """`vllm serve` (CPU build) with the default model on 127.0.0.1, requiring an API key."""
-    model = resolve_model(load_config(LOCAL_CONF).llm)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("vllm") / "serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": SECRET}
-    # the module, not the `vllm serve` script: that asks for the distribution "vllm", and the CPU
-    # build is installed as "vllm-cpu"
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
-        "--served-model-name", "smollm2",
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        else:
-            proc.kill()
-            pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-3000:]}")
-        yield base + "/v1", model
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 @pytest.mark.e2e
 def test_stages_run_against_a_real_vllm_server(vllm_server, make_ctx, monkeypatch):
-    base_url, model = vllm_server
+    base_url, model = vllm_server.url, vllm_server.model
     monkeypatch.setenv("BACKFORTH_TEST_KEY", SECRET)
     overrides = [
         "llm.engine=openai",
@@ -194,12 +174,29 @@ def test_stages_run_against_a_real_vllm_server(vllm_server, make_ctx, monkeypatc
     assert list(scored["status"]) == ["ok", "ok"] and scored["score"].between(1, 5).all()
     assert all(json.loads(r)["score"] in range(1, 6) for r in scored["raw_output"])
 
-    # the same through Spark: the stage resolves the key on the driver and ships it to the workers
-    ctx = make_ctx(*overrides)
-    from tests.test_generate import INSTRUCTIONS, _add_passages, run_stage
+    # a completion template (a backward model's raw prompt) through the server's completions endpoint
+    backward = load_config(LOCAL_CONF, [*overrides, "llm.backtranslate.template=backtranslate_backward_v1",
+                                        "llm.backtranslate.structured=none"])  # fmt: skip
+    spec = generation.fingerprints(backward, model)["backtranslate"]
+    raw = generation.run_batch(batch.iloc[:2], engine, spec)
+    assert raw["raw_output"].notna().all() and (raw["completion_tokens"] > 0).all()
+    assert set(raw["status"]) <= {"ok", "truncated", "parse_error", "empty", "refused"}
 
-    _add_passages(ctx, passages[:2])
-    counts = run_stage(ctx, "backtranslate", None)
-    assert (counts["generated"], counts["rows_out"]) == (2, 2)
-    rows = ctx.tables.read(INSTRUCTIONS).collect()
-    assert {r["model"] for r in rows} == {model} and all(SECRET not in str(r.asDict()) for r in rows)
+
+@pytest.mark.e2e
+def test_a_refused_key_stops_the_stage_with_one_line_and_marks_no_row(real_run, vllm_server, tmp_path, spark):
+    work = copy_run(real_run, tmp_path / "work")
+    # a new distill fingerprint (its top_p) sent to the server with a key it refuses
+    chosen = [f"workdir={work}", *REAL_RUN_SETTINGS, *served(vllm_server, "distill", "BACKFORTH_BAD_KEY"),
+              "llm.distill.sampling.top_p=0.8", "tracking.enabled=false"]  # fmt: skip
+    cfg = load_config(LOCAL_CONF, chosen)
+    os.environ["BACKFORTH_BAD_KEY"] = "sk-wrong-key"
+    try:
+        result = run_pipeline(cfg, [], select("distill", cfg), echo=lambda _: None)
+    finally:
+        del os.environ["BACKFORTH_BAD_KEY"]
+    assert result["failed_stage"] == "distill" and "\n" not in result["error"]
+    assert "CredentialsRefused: HTTP 401" in result["error"] and "sk-wrong-key" not in result["error"]
+    fingerprint = generation.fingerprints(cfg)["distill"].fingerprint
+    rows = spark.read.format("delta").load(str(work / "tables" / "distillations"))
+    assert rows.count() > 0 and rows.where(f"fingerprint = '{fingerprint}'").count() == 0

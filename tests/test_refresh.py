@@ -107,7 +107,7 @@ def test_a_refresh_after_a_new_file_generates_only_for_it(real_run, tmp_path, sp
     from pyspark.sql import functions as F
 
     from backforth_spark.generation import LLM_TASKS
-    from tests.conftest import LOCAL_CONF, cli, copy_run
+    from tests.conftest import LOCAL_CONF, REAL_RUN_SETTINGS, cli, copy_run
 
     work = copy_run(real_run, tmp_path / "work")
     corpus = tmp_path / "in"
@@ -120,8 +120,9 @@ def test_a_refresh_after_a_new_file_generates_only_for_it(real_run, tmp_path, sp
         return {tuple(r) for r in df.select("passage_id", "run_id", "raw_output").collect()}
 
     before = {task.name: ok_rows(task) for task in LLM_TASKS}
-    settings = [x for st in ("curate.min_score=2",
-                             "tracking.enabled=false") for x in ("--set", st)]  # fmt: skip
+    # the real run's models (its backtranslate model too), a higher threshold, only the paper's stages
+    chosen = (*REAL_RUN_SETTINGS, "curate.grounding=false", "curate.distillation_baseline=false")
+    settings = [x for st in (*chosen, "curate.min_score=2", "tracking.enabled=false") for x in ("--set", st)]
 
     def refresh(name):
         proc = cli("refresh", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input", str(corpus),

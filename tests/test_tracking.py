@@ -1,5 +1,7 @@
 """MLflow lineage against a real `mlflow server` on 127.0.0.1, and a tracking failure that loses no data."""
 
+import signal
+
 import pandas as pd
 
 from backforth_spark import schemas as s
@@ -8,7 +10,7 @@ from backforth_spark.pipeline import run_pipeline
 from backforth_spark.stages import select
 from backforth_spark.tables import Tables
 from backforth_spark.tracking import Tracker, metrics_of
-from tests.conftest import DOLMA_SAMPLE, LOCAL_CONF, free_port
+from tests.conftest import DOLMA_SAMPLE, LOCAL_CONF, free_port, start_mlflow_server, stop_process_group
 
 
 def test_metrics_are_the_numeric_counts_prefixed_with_the_stage():
@@ -56,3 +58,28 @@ def test_an_unreachable_tracking_server_loses_no_pipeline_data(spark, tmp_path, 
     assert summary["tracking_error"].startswith("MLflow start failed")
     assert summary["stages"]["ingest"]["rows_out"] == 10
     assert Tables(spark, tmp_path / "tables").read(s.DOCUMENTS).count() == 10
+
+
+def test_a_tracking_server_lost_mid_run_loses_no_data_and_says_so(spark, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    url, server = start_mlflow_server(tmp_path / "mlflow")
+    cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path / 'work'}", f"tracking.tracking_uri={url}"])
+    opened = Tracker.start
+
+    def start_then_lose_the_server(self, *args):
+        opened(self, *args)  # the run is open on the server; then the server goes away
+        stop_process_group(server, signal.SIGKILL)
+
+    monkeypatch.setattr(Tracker, "start", start_then_lose_the_server)
+    try:
+        summary = run_pipeline(cfg, [str(DOLMA_SAMPLE)], select("ingest", cfg), echo=lambda _: None)
+    finally:
+        if server.poll() is None:
+            stop_process_group(server, signal.SIGKILL)
+    # the stage ran and committed; tracking stopped at the first call after the loss and said so
+    assert summary["run_id"] and summary["mlflow_run_id"]
+    assert summary["error"] is None and summary["failed_stage"] is None
+    assert summary["tracking_error"].startswith("MLflow logging stage ingest failed")
+    assert summary["stages"]["ingest"]["rows_out"] == 10
+    assert Tables(spark, tmp_path / "work" / "tables").read(s.DOCUMENTS).count() == 10

@@ -2,24 +2,30 @@
 
 Engine lifecycle: the first task a Python worker runs for an LLM stage pins the worker to the GPU(s)
 Spark assigned that task (`CUDA_VISIBLE_DEVICES`, set before vLLM or torch is imported), then builds
-the engine and keeps it in a module-level cache. Spark reuses Python workers across tasks and stages,
-so later tasks on that worker reuse the loaded model instead of loading it again.
+the engine and holds it. Spark reuses Python workers across tasks and stages, so later tasks on that
+worker reuse the loaded model instead of loading it again. A worker holds one engine at a time: a stage
+that runs another model (or other engine settings) closes the held engine first, freeing its memory.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import pandas as pd
+from pyspark import Accumulator
 
 from backforth_spark.config import LLMConfig
 from backforth_spark.engine import Engine
-from backforth_spark.generation import StageSpec, run_batch
+from backforth_spark.generation import ENGINE_ERROR, TOO_LONG, StageSpec, run_batch
 from backforth_spark.openai_engine import OpenAIEngine
 from backforth_spark.vllm_engine import create_vllm_engine
 
-_ENGINES: dict[tuple, Engine] = {}
+# at most one entry: the engine of the last LLM stage this worker ran, by what it was built from
+_HELD: dict[tuple, Engine] = {}
+# the devices CUDA was pinned to: CUDA reads the variable once, so a worker never moves
+_PINNED: list[str] = []
 
 
 def assigned_gpus() -> list[str]:
@@ -40,8 +46,9 @@ def pin_gpus(addresses: list[str]) -> str | None:
     if not addresses:
         return os.environ.get("CUDA_VISIBLE_DEVICES") or None
     label = ",".join(addresses)
-    if not _ENGINES:
+    if not _PINNED:
         os.environ["CUDA_VISIBLE_DEVICES"] = label
+        _PINNED.append(label)
     return os.environ.get("CUDA_VISIBLE_DEVICES", label)
 
 
@@ -53,15 +60,24 @@ def create_engine(cfg: LLMConfig, model: str, api_key: str | None = None) -> Eng
     return create_vllm_engine(cfg, model)
 
 
-def _engine(cfg: LLMConfig, model: str, api_key: str | None) -> Engine:
-    # the whole LLM config: any engine option (or key) changing means another engine
-    key = (model, cfg.model_dump_json(), api_key)
-    if key not in _ENGINES:
+def held_engine(cfg: LLMConfig, model: str, api_key: str | None) -> Engine:
+    """The engine for (model, engine settings, key): the one this worker holds, or a new one built after
+    the held one is released."""
+    key = (model, cfg.engine_identity(), api_key)
+    if key not in _HELD:
+        release_engine()
         if cfg.cpu_threads and cfg.engine == "vllm":
             # read by OpenMP when torch loads, which happens inside create_engine
             os.environ["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
-        _ENGINES[key] = create_engine(cfg, model, api_key)
-    return _ENGINES[key]
+        _HELD[key] = create_engine(cfg, model, api_key)
+    return _HELD[key]
+
+
+def release_engine() -> None:
+    """Close the engine this worker holds, if any (its model and GPU memory go with it)."""
+    while _HELD:
+        _, engine = _HELD.popitem()
+        engine.close()
 
 
 def generate(
@@ -69,14 +85,37 @@ def generate(
     cfg: LLMConfig,
     engine_factory: Callable[[], Engine] | None = None,
     api_key: str | None = None,
+    task_seconds: Accumulator | None = None,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """The mapInPandas function for one stage. `engine_factory` replaces vLLM (failure injection)."""
+    """The mapInPandas function for one stage. `engine_factory` replaces vLLM (failure injection);
+    `task_seconds` (a Spark accumulator) sums each task's wall time, engine loading included."""
+
+    def fresh_engine() -> Engine:
+        if engine_factory:
+            return engine_factory()
+        release_engine()
+        return held_engine(cfg, spec.model, api_key)
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        started = time.perf_counter()
+        try:
+            yield from generate_all(batches)
+        finally:
+            if task_seconds is not None:
+                task_seconds.add(time.perf_counter() - started)
+
+    def generate_all(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         device = pin_gpus(assigned_gpus())
-        engine = engine_factory() if engine_factory else _engine(cfg, spec.model, api_key)
+        engine = engine_factory() if engine_factory else held_engine(cfg, spec.model, api_key)
         for batch in batches:
             for start in range(0, len(batch), cfg.batch_size):
-                yield run_batch(batch.iloc[start : start + cfg.batch_size], engine, spec, device)
+                out = run_batch(batch.iloc[start : start + cfg.batch_size], engine, spec, device)
+                yield out
+                sent = out[out["status"] != TOO_LONG]
+                if len(sent) and (sent["status"] == ENGINE_ERROR).all():
+                    # every prompt failed, one by one too: the engine itself is likely gone (its
+                    # process died, its server went away). Those rows are engine_error, retried on the
+                    # next run; the next batch gets a new engine instead of failing the same way.
+                    engine = fresh_engine()
 
     return run

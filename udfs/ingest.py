@@ -1,27 +1,58 @@
-"""Python-worker side of `ingest`: file bytes in, parsed lines out."""
+"""Python-worker side of `ingest`: file paths in, parsed lines out, each file streamed as it is read."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 import pandas as pd
+import pyarrow.fs as pafs
 
 from backforth_spark.config import IngestConfig
-from backforth_spark.dolma import PARSED_COLUMNS, parse_file
+from backforth_spark.dolma import PARSED_COLUMNS, UNREADABLE_FILE, ParsedLine, parse_file
 
 # Flush a batch to Spark after this many rows or characters of text, whichever first,
 # so one huge file never sits in a Python worker as a single DataFrame.
 _MAX_ROWS = 2_000
 _MAX_CHARS = 64 * 1024 * 1024
+_READ_BUFFER = 1 << 20
+
+
+def open_input(uri: str) -> BinaryIO:
+    """A stream of the file at `uri`, read as it is consumed: local paths and `file:` URIs, and the
+    filesystems Arrow knows (s3, gs, hdfs, abfs). Spark's `s3a://` is Arrow's `s3://`; `dbfs:/` is read
+    through the /dbfs mount Databricks clusters have."""
+    if uri.startswith("dbfs:/"):
+        uri = "/dbfs/" + uri.removeprefix("dbfs:/").lstrip("/")
+    elif uri.startswith(("s3a://", "s3n://")):
+        uri = "s3://" + uri.split("://", 1)[1]
+    if uri.startswith("/"):
+        fs, path = pafs.LocalFileSystem(), uri
+    else:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    return fs.open_input_stream(path, compression=None, buffer_size=_READ_BUFFER)
+
+
+def _lines_of(path: str, cfg: IngestConfig) -> Iterator[ParsedLine]:
+    try:
+        stream = open_input(path)
+    except Exception as exc:  # gone since it was listed, no permission, a filesystem Arrow cannot open
+        yield ParsedLine("quarantine", path, 1, reason=UNREADABLE_FILE, detail=f"{type(exc).__name__}: {exc}")
+        return
+    with stream:
+        yield from parse_file(path, stream, cfg)
 
 
 def parse_files(cfg: IngestConfig) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas: (path) -> parsed lines. Each file is streamed line by line, so neither its size nor
+    Spark's 2 GB value limit bounds it."""
+
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         rows: list[dict] = []
         chars = 0
         for batch in batches:
-            for path, content in zip(batch["path"], batch["content"], strict=True):
-                for parsed in parse_file(path, bytes(content), cfg):
+            for path in batch["path"]:
+                for parsed in _lines_of(path, cfg):
                     rows.append(parsed.as_row())
                     chars += len(parsed.text or "")
                     if len(rows) >= _MAX_ROWS or chars >= _MAX_CHARS:

@@ -13,7 +13,7 @@ from pyspark.sql.types import DoubleType, StringType
 
 from backforth_spark import minhash
 from backforth_spark.config import DedupConfig
-from backforth_spark.text import norm_hash, normalise
+from backforth_spark.text import norm_hash, normalise, normalised_pieces
 
 
 @pandas_udf(StringType())
@@ -27,10 +27,8 @@ def signatures(cfg: DedupConfig) -> Callable[[Iterator[pd.DataFrame]], Iterator[
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         a, b = minhash.permutations(cfg.bands * cfg.rows, cfg.seed)
         for batch in batches:
-            sigs = [
-                minhash.signature(minhash.shingle_hashes(normalise(t), cfg.ngram), a, b)
-                for t in batch["text"]
-            ]
+            # normalised a piece at a time: a page of any size is signed in bounded memory
+            sigs = [minhash.text_signature(normalised_pieces(t), cfg.ngram, a, b) for t in batch["text"]]
             yield pd.DataFrame(
                 {
                     "doc_key": batch["doc_key"],
@@ -59,8 +57,8 @@ def exact_jaccard(ngram: int):
     def run(text_a: pd.Series, text_b: pd.Series) -> pd.Series:
         return pd.Series(
             [
-                minhash.jaccard(
-                    minhash.shingle_set(normalise(x), ngram), minhash.shingle_set(normalise(y), ngram)
+                minhash.jaccard_of_arrays(
+                    minhash.shingle_hashes(normalise(x), ngram), minhash.shingle_hashes(normalise(y), ngram)
                 )
                 for x, y in zip(text_a, text_b, strict=True)
             ]

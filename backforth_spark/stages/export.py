@@ -56,12 +56,21 @@ def _parquet_schema(cfg: ExportConfig):
     return pa.schema(head + lineage)
 
 
+def recover_swap(out_dir: Path) -> None:
+    """Put back the previous export if a run died between the swap's two renames (out_dir moved aside,
+    the new one not yet in place): readers see the last whole export until this run's replaces it."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if not out_dir.exists() and old.exists():
+        os.replace(old, out_dir)
+
+
 def write_dataset(
     rows, n_rows: int, out_dir: Path, record: Callable[[dict], dict], card: str, cfg: ExportConfig
 ) -> None:
     """Stream `rows` (a staged DataFrame of `n_rows` rows) into shard files under out_dir/data and `card`
     into out_dir/README.md. Written into a temporary folder and swapped in, so a
     reader never sees half an export; partition by partition, so the driver never holds the whole set."""
+    recover_swap(out_dir)
     names = shard_names(n_rows, cfg.shard_rows)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,10 +16,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from backforth_spark import schemas as s
-from backforth_spark.config import OpenAIConfig
+from backforth_spark.config import LLMConfig, OpenAIConfig
 from backforth_spark.context import StageContext
 from backforth_spark.generation import DETERMINISTIC_AT_ZERO, TOO_LONG, LLMTask, StageSpec, fingerprints
-from backforth_spark.model import resolve_model
 from backforth_spark.tables import require_columns, struct, without_lineage
 from udfs.generation import generate
 
@@ -42,7 +41,7 @@ def resolve_api_key(cfg: OpenAIConfig, spark=None) -> str | None:
 
 def current_specs(ctx: StageContext) -> dict[str, StageSpec]:
     """The spec (template, sampling, fingerprint) of every LLM stage of this pipeline."""
-    return fingerprints(ctx.cfg, resolve_model(ctx.cfg.llm), ctx.llm_tasks)
+    return fingerprints(ctx.cfg, tasks=ctx.llm_tasks)
 
 
 def _ok_rows(ctx: StageContext, task: LLMTask, spec: StageSpec) -> DataFrame:
@@ -100,20 +99,19 @@ def _on_cluster(ctx: StageContext) -> bool:
     return not ctx.spark.sparkContext.master.startswith("local")
 
 
-def _task_slots(ctx: StageContext) -> int:
+def _task_slots(ctx: StageContext, llm: LLMConfig) -> int:
     """How many LLM tasks can run at once: executor cores over cpus_per_task (set cpus_per_task so
     that this equals the GPUs, e.g. 8 cores and 2 GPUs per executor: cpus_per_task=4)."""
     cores = ctx.spark.sparkContext.defaultParallelism
-    per_task = ctx.cfg.llm.cpus_per_task if _on_cluster(ctx) else 1
+    per_task = llm.cpus_per_task if _on_cluster(ctx) else 1
     return max(1, cores // per_task)
 
 
-def llm_resource_profile(ctx: StageContext):
+def llm_resource_profile(ctx: StageContext, llm: LLMConfig):
     """The stage-level resource profile of LLM tasks (GPUs and CPUs per task), or None in local mode,
     where Spark refuses profiles. CPU stages keep the default profile."""
     if not _on_cluster(ctx):
         return None
-    llm = ctx.cfg.llm
     requests = TaskResourceRequests().cpus(llm.cpus_per_task)
     if llm.gpus_per_task > 0:
         if ctx.spark.sparkContext.getConf().get("spark.executor.resource.gpu.amount") is None:
@@ -128,7 +126,7 @@ def llm_resource_profile(ctx: StageContext):
 
 def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     """Run one LLM stage over what it still owes; returns its counts."""
-    llm = ctx.cfg.llm
+    llm = ctx.cfg.llm.for_stage(task.name)  # the stage's own model and engine settings
     specs = current_specs(ctx)
     spec = specs[task.name]
     clock = time.perf_counter()
@@ -147,11 +145,12 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     counts["plan_s"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     gen_s = merge_s = 0.0
     done = 0
+    task_seconds = ctx.spark.sparkContext.accumulator(0.0)
     if n_todo:
         api_key = resolve_api_key(llm.openai, ctx.spark) if llm.engine == "openai" else None
-        worker = generate(spec, llm, ctx.engine_factory, api_key)
-        profile = llm_resource_profile(ctx)
-        parts = llm.num_partitions or _task_slots(ctx) * llm.partitions_per_slot
+        worker = generate(spec, llm, ctx.engine_factory, api_key, task_seconds)
+        profile = llm_resource_profile(ctx, llm)
+        parts = llm.num_partitions or _task_slots(ctx, llm) * llm.partitions_per_slot
         schema = without_lineage(struct(task.columns))
         for k in range(slices):
             part = todo.where(F.col("h") % slices == k).drop("h")
@@ -198,6 +197,13 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     # tokens of the rows this run generated; per second of the generating Spark jobs
     counts["tokens_in"], counts["tokens_out"] = tokens_in, tokens_out
     counts["tokens_per_s"] = round(tokens_out / gen_s, 1) if gen_s else 0.0
+    # what the run cost: the tasks' wall time (engine loading included) x the GPUs each task held
+    gpus = llm.gpus_per_task if _on_cluster(ctx) else 0.0
+    counts["engine_task_s"] = round(task_seconds.value, 1)
+    counts["accelerator_s"] = round(task_seconds.value * gpus, 1)
+    counts["tokens_per_accelerator_s"] = (
+        round(tokens_out / counts["accelerator_s"], 1) if counts["accelerator_s"] else 0.0
+    )
     if task.judge:
         hist = current.where("status = 'ok'").groupBy("score").count().collect()
         counts.update({f"score_{r['score']}": r["count"] for r in sorted(hist, key=lambda r: r["score"])})

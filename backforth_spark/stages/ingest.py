@@ -37,6 +37,19 @@ def input_files(spark: SparkSession, cfg: IngestConfig, inputs: list[str] | tupl
     )
 
 
+def spread_files(spark: SparkSession, listing: DataFrame) -> DataFrame:
+    """The listed files' paths, largest first dealt round-robin over partitions (one file each, up to
+    four per core), so big files run side by side. Only the listing is read here: the Python workers
+    stream each file themselves (udfs/ingest.open_input), so a file is bounded by neither executor
+    memory nor Spark's 2 GB value limit."""
+    files = sorted(((r["path"], r["length"]) for r in listing.select("path", "length").collect()),
+                   key=lambda f: -f[1])  # fmt: skip
+    parts = max(1, min(len(files), spark.sparkContext.defaultParallelism * 4))
+    dealt = spark.sparkContext.parallelize(list(enumerate(f[0] for f in files)), parts)
+    dealt = dealt.partitionBy(parts, lambda i: i % parts).map(lambda kv: (kv[1],))
+    return spark.createDataFrame(dealt, "path string")
+
+
 def other_files(spark: SparkSession, cfg: IngestConfig, inputs: list[str] | tuple[str, ...]) -> int:
     """Files under `inputs` that are not Dolma data by name (`_SUCCESS`, `README`, `.crc`, ...): skipped,
     and counted. Listed with Hadoop's FileSystem, which, unlike Spark's reader, also sees hidden files."""
@@ -59,9 +72,7 @@ def other_files(spark: SparkSession, cfg: IngestConfig, inputs: list[str] | tupl
 def run(ctx: StageContext) -> dict[str, int]:
     """Read Dolma files into `documents` and `quarantine`; returns the stage counts."""
     spark, cfg = ctx.spark, ctx.cfg
-    files = input_files(spark, cfg.ingest, ctx.inputs).select("path", "content")
-    # binaryFile partitions are bounded by spark.sql.files.maxPartitionBytes, so one Arrow batch
-    # holds at most about that much compressed input.
+    files = spread_files(spark, input_files(spark, cfg.ingest, ctx.inputs))
     parsed = files.mapInPandas(parse_files(cfg.ingest), PARSED_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         lineage = [F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")]
