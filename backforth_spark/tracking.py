@@ -11,6 +11,7 @@ failure is recorded in the summary and logging stops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -52,6 +53,10 @@ class Tracker:
         except Exception as exc:
             self.error = f"MLflow {what} failed: {type(exc).__name__}: {exc}"
             log.warning("%s; pipeline data is committed, tracking stops here", self.error)
+            # Forget the runs left open: MLflow ends the active run at interpreter exit, and against a
+            # lost server its retries held the process for minutes after the work was done.
+            with contextlib.suppress(Exception):
+                self._mlflow.tracking.fluent._active_run_stack.get().clear()
             self._mlflow = None
             return None
 

@@ -207,6 +207,8 @@ REAL_RUN_SETTINGS = (
     "curate.min_grounding=1",
     "curate.distillation_baseline=true",
     f"llm.backtranslate.model={STAND_IN_BACKWARD}",
+    # two passages per document (the demo keeps three): every behaviour, a third less generation
+    "chunk.max_passages_per_doc=2",
 )
 
 

@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 
 from backforth_spark import schemas as s
 from backforth_spark.generation import BACKTRANSLATE
-from tests.conftest import LOCAL_CONF, REPO, copy_run
+from tests.conftest import LOCAL_CONF, REAL_RUN_SETTINGS, REPO, copy_run
 
 # another backtranslation fingerprint than the shared run's: every passage is owed again
 NEW_FINGERPRINT = "llm.backtranslate.sampling.max_tokens=64"
@@ -99,7 +99,7 @@ def test_a_kill_inside_ingest_dedup_or_chunk_then_a_rerun_ends_as_the_real_run(
     from backforth_spark.stages import chunk, dedup, ingest
     from backforth_spark.tables import Tables
 
-    cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path}"])
+    cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path}", *REAL_RUN_SETTINGS])  # the run's chunking too
     inputs = (str(real_run.corpus),)
     killed = StageContext(spark, cfg, Tables(spark, tmp_path / "tables", "k1"), "k1", inputs=inputs)
     rerun = replace(killed, tables=Tables(spark, tmp_path / "tables", "k2"), run_id="k2")
