@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +40,10 @@ class Tokenizer(Protocol):
 
     def token_spans(self, text: str) -> Sequence[tuple[int, int]]:
         """(start, end) character offsets of each token of `text`, in order."""
+        ...
+
+    def token_spans_batch(self, texts: Sequence[str]) -> list[Sequence[tuple[int, int]]]:
+        """`token_spans` of each text, in one call (fast tokenizers amortise their per-call cost)."""
         ...
 
 
@@ -197,12 +201,19 @@ def segments(text: str, size: int = SEGMENT_CHARS) -> list[tuple[int, int]]:
 
 
 def _segment_spans(
-    text: str, a: int, b: int, tokenizer: Tokenizer, cfg: ChunkConfig, whole: bool
+    text: str,
+    a: int,
+    b: int,
+    tokenizer: Tokenizer,
+    cfg: ChunkConfig,
+    whole: bool,
+    spans: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[list[tuple[int, int, int]], int]:
     """(passage spans with their token counts, the segment's tokens) of text[a:b], offsets in `text`.
-    A `whole` document within `chunk.max_tokens` is one passage."""
+    A `whole` document within `chunk.max_tokens` is one passage. `spans`: the segment's token offsets,
+    when already known."""
     piece = text[a:b]
-    tokens = _Tokens(tokenizer.token_spans(piece))
+    tokens = _Tokens(tokenizer.token_spans(piece) if spans is None else spans)
     total = len(tokens.starts)
     if whole and total <= cfg.max_tokens:
         lo, hi = _strip(piece, 0, len(piece))
@@ -213,14 +224,19 @@ def _segment_spans(
     return [(a + lo, a + hi, tokens.count(lo, hi)) for lo, hi in spans], total
 
 
-def chunk_document(text: str, tokenizer: Tokenizer, cfg: ChunkConfig) -> list[Passage]:
+def chunk_document(
+    text: str, tokenizer: Tokenizer, cfg: ChunkConfig, token_spans: Sequence[tuple[int, int]] | None = None
+) -> list[Passage]:
     """Split one document into passages according to `cfg`; never returns an empty list.
-    `n_tokens` counts the document's own tokens that fall in the passage."""
+    `n_tokens` counts the document's own tokens that fall in the passage. `token_spans`: the text's
+    token offsets, when already known (only for a text of one segment)."""
     parts = segments(text)
+    if token_spans is not None and len(parts) > 1:
+        raise ValueError("token_spans can be given only for a text of one segment")
     spans: list[tuple[int, int, int]] = []
     total = 0
     for a, b in parts:
-        found, n = _segment_spans(text, a, b, tokenizer, cfg, whole=len(parts) == 1)
+        found, n = _segment_spans(text, a, b, tokenizer, cfg, len(parts) == 1, token_spans)
         spans += found
         total += n
         if cfg.too_long == "truncate" and spans and total > cfg.max_tokens:
@@ -243,6 +259,21 @@ def chunk_document(text: str, tokenizer: Tokenizer, cfg: ChunkConfig) -> list[Pa
         else:
             out.append(Passage(i, piece, n, OK, truncated))
     return out
+
+
+# Documents tokenised per batch call: enough to amortise the call, few enough that their token offsets
+# (about 1,000 Python tuples per 5 KB page) stay a few MB
+TOKENISE_BATCH = 64
+
+
+def chunk_texts(texts: Sequence[str], tokenizer: Tokenizer, cfg: ChunkConfig) -> Iterator[list[Passage]]:
+    """`chunk_document` of each text, in order; texts of one segment are tokenised a batch at a time."""
+    for i in range(0, len(texts), TOKENISE_BATCH):
+        batch = texts[i : i + TOKENISE_BATCH]
+        single = [t for t in batch if len(t) <= SEGMENT_CHARS]
+        known = iter(tokenizer.token_spans_batch(single))
+        for text in batch:
+            yield chunk_document(text, tokenizer, cfg, next(known) if len(text) <= SEGMENT_CHARS else None)
 
 
 def passage_id(doc_key: str, index: int) -> str:

@@ -107,15 +107,17 @@ def run_pipeline(
         "error": None,
         "failed_stage": None,
         "reads": {},  # the tables each stage actually read (its record declares them too)
+        "phases": {},  # per stage: seconds of each timed Spark action (Tables.timed), summed by phase
     }
     ok = False
     try:
         for stage in stages:
             summary["failed_stage"] = stage.name
             reads = {name: (tables.dataset_source(name), tables.version(name)) for name in stage.reads}
-            started, mark = time.perf_counter(), len(tables.read_log)
+            started, mark, phase_mark = time.perf_counter(), len(tables.read_log), len(tables.phase_log)
             counts = stage.run(ctx)
             summary["reads"][stage.name] = sorted(set(tables.read_log[mark:]))
+            summary["phases"][stage.name] = phase_seconds(tables.phase_log[phase_mark:])
             counts["wall_s"] = round(time.perf_counter() - started, 2)
             summary["stages"][stage.name] = counts
             # committed to Delta above; only then tracked, so a tracking failure loses no data
@@ -137,6 +139,14 @@ def run_pipeline(
         tracker.end(ok)
         summary["tracking_error"] = tracker.error
     return summary
+
+
+def phase_seconds(log: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """Seconds per phase, summed over repeats (a MERGE retried, a loop's rounds), in first-seen order."""
+    out: dict[str, float] = {}
+    for phase, seconds in log:
+        out[phase] = round(out.get(phase, 0.0) + seconds, 2)
+    return out
 
 
 def error_line(exc: BaseException) -> str:

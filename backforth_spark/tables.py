@@ -11,7 +11,8 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,8 @@ class Tables:
     schemas: Mapping[str, T.StructType] = field(default_factory=table_schemas)
     # names of the tables read through this object, in order (checked against the stage records)
     read_log: list[str] = field(default_factory=list, compare=False, repr=False)
+    # (phase, seconds) of each Spark action run through this object, in order: the stages' breakdown
+    phase_log: list[tuple[str, float]] = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def from_config(
@@ -173,10 +176,21 @@ class Tables:
     def _staging_prefix(self) -> str:
         return "_staging_" + "".join(c if c.isalnum() else "_" for c in self.run_id).lower() + "_"
 
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Record the wall time of the Spark work inside as `phase` in `phase_log`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_log.append((phase, time.perf_counter() - started))
+
     def stage(self, name: str, df: DataFrame) -> DataFrame:
-        """Materialise `df` in a staging Delta table (overwritten each time) and read it back."""
+        """Materialise `df` in a staging Delta table (overwritten each time) and read it back. Timed as
+        `stage <name>`: everything lazy upstream of `df` runs here."""
         where = self._staging_location(name)
-        self._save(df, where, "overwrite")
+        with self.timed(f"stage {name}"):
+            self._save(df, where, "overwrite")
         return self.spark.table(where) if self.catalog_schema else self.spark.read.format("delta").load(where)
 
     def _merge(self, name: str, df: DataFrame, keys: list[str]):
@@ -200,7 +214,8 @@ class Tables:
         snapshot and try again. The MERGEs are keyed, so a retry never duplicates a row."""
         for attempt in range(self.merge_retries + 1):
             try:
-                metrics = build().execute().first()
+                with self.timed(f"merge {name}"):
+                    metrics = build().execute().first()
                 return metrics.asDict() if metrics is not None else {}
             except _CONFLICTS as exc:
                 if attempt == self.merge_retries:

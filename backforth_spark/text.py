@@ -58,10 +58,27 @@ def stable_hash(*parts: str) -> str:
     return h.hexdigest()
 
 
+class NormHashing:
+    """`norm_hash` computed over the normalised pieces as they pass, so one normalisation can feed both
+    the exact-duplicate hash and the MinHash shingles: iterate `pieces(text)`, then read `hexdigest()`."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.blake2b(digest_size=16)
+
+    def pieces(self, text: str) -> Iterator[str]:
+        for i, piece in enumerate(normalised_pieces(text)):
+            self._h.update((" " + piece if i else piece).encode("utf-8"))
+            yield piece
+
+    def hexdigest(self) -> str:
+        h = self._h.copy()
+        h.update(b"\x1f")  # as stable_hash ends each part
+        return h.hexdigest()
+
+
 def norm_hash(text: str) -> str:
     """`stable_hash(normalise(text))`, hashed a piece at a time."""
-    h = hashlib.blake2b(digest_size=16)
-    for i, piece in enumerate(normalised_pieces(text)):
-        h.update((" " + piece if i else piece).encode("utf-8"))
-    h.update(b"\x1f")
-    return h.hexdigest()
+    hashing = NormHashing()
+    for _ in hashing.pieces(text):
+        pass
+    return hashing.hexdigest()

@@ -9,11 +9,14 @@ near-duplicates: copies with 2% of their words edited), then times
   datatrove: MinhashDedupSignature -> Buckets -> Cluster -> Filter, 14 buckets x 8 hashes, 5-grams,
              2 local workers.
 Ours runs on a Spark standalone cluster started on this machine (one worker, 2 cores), so the driver is
-a process of its own, as on a real cluster; `--local` runs it in local[2] instead, where one JVM is both
-driver and executor. Prints both wall times, the ratio ours/datatrove, documents per second, the peak
-resident memory of our driver (the CLI's Python process plus its JVM) and, for reference, of the
-executor side (the worker, its executor JVM and Python workers). Last line:
-RESULT n_docs=... ours_s=... datatrove_s=... ratio=... peak_driver_mib=...
+a process of its own, as on a real cluster, and in local[2], where one JVM is both driver and executor
+(`--modes` picks). Prints the wall times, the ratios ours/datatrove, documents per second, the peak
+resident memory of our driver (the CLI's Python process plus its JVM) and of the executor side (the
+worker, its executor JVM and Python workers), and where our time went: each stage's timed Spark actions
+(the summary's `phases`) beside the floor of the same work done without Spark in this process (per-document
+time on a sample x N / 2 cores). Last line:
+RESULT n_docs=... ours_standalone_s=... ours_local_s=... datatrove_s=... ratio_standalone=...
+ratio_local=... floor_s=...
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -174,13 +178,107 @@ def run_datatrove(input_dir: Path, workdir: Path) -> tuple[float, int]:
     return seconds, kept
 
 
+# Floors: the same work without Spark, in this process, on a sample of the corpus; a floor for N
+# documents is the sample's per-document time x N / CORES (the cluster has this many cores).
+CORES = 2
+FLOOR_SAMPLE = 3000
+
+
+def measure_floors(input_dir: Path, n_docs: int) -> dict[str, float]:
+    """Seconds each phase would take for n_docs on CORES cores with nothing but the library doing it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from backforth_spark import minhash
+    from backforth_spark.chunking import chunk_texts
+    from backforth_spark.config import load_config
+    from backforth_spark.model import resolve_model
+    from backforth_spark.text import NormHashing
+    from udfs.chunking import HFTokenizer
+
+    # a floor is per core: the tokenizer's batch call must not spread over both cores here
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    cfg = load_config(REPO / "conf" / "local.yaml", ["chunk.max_passages_per_doc=null"])
+    files = sorted(input_dir.glob("*.jsonl.gz"))
+    floors: dict[str, float] = {}
+
+    def timed(phase: str, work, count: int) -> None:
+        started = time.perf_counter()
+        work()
+        floors[phase] = (time.perf_counter() - started) / count * n_docs / CORES
+
+    docs: list[dict] = []
+
+    def parse() -> None:  # gzip + json: stdlib only
+        for f in files:
+            with gzip.open(f, "rt", encoding="utf-8") as lines:
+                for line in lines:
+                    docs.append(json.loads(line))
+                    if len(docs) >= FLOOR_SAMPLE:
+                        return
+
+    started = time.perf_counter()
+    parse()
+    floors["read and parse (gzip + json)"] = (time.perf_counter() - started) / len(docs) * n_docs / CORES
+    texts = [d["text"] for d in docs]
+    a, b = minhash.permutations(cfg.dedup.bands * cfg.dedup.rows, cfg.dedup.seed)
+
+    def sign() -> None:
+        for t in texts:
+            hashing = NormHashing()
+            minhash.band_hashes(minhash.text_signature(hashing.pieces(t), cfg.dedup.ngram, a, b), 14, 8)
+            hashing.hexdigest()
+
+    timed("normalise, hash, MinHash (our core, no Spark)", sign, len(texts))
+    backend = HFTokenizer(resolve_model(cfg.llm)).backend
+    timed(
+        "tokenise (tokenizer batch API, offsets)",
+        lambda: [e.offsets for e in backend.encode_batch(texts, add_special_tokens=False)],
+        len(texts),
+    )
+    tokenizer = HFTokenizer(resolve_model(cfg.llm))
+    timed(
+        "tokenise + split (our core, no Spark)",
+        lambda: list(chunk_texts(texts, tokenizer, cfg.chunk)),
+        len(texts),
+    )
+    table = pa.Table.from_pylist([{k: d[k] for k in ("id", "text", "source", "added")} for d in docs])
+    out = input_dir.parent / "floor.parquet"
+    timed("write documents (pyarrow Parquet)", lambda: pq.write_table(table, out), len(docs))
+    return floors
+
+
+# our phases (Tables.timed, per stage) matched with the floor of the same work
+FLOOR_OF = {
+    ("ingest", "read and parse"): "read and parse (gzip + json)",
+    ("ingest", "merge documents"): "write documents (pyarrow Parquet)",
+    ("dedup", "stage minhash_signatures"): "normalise, hash, MinHash (our core, no Spark)",
+    ("chunk", "merge passages"): "tokenise + split (our core, no Spark)",
+}
+
+
+def print_breakdown(summary: dict, floors: dict[str, float]) -> None:
+    print(f"  {'stage':<7} {'phase':<28} {'ours s':>8} {'floor s':>8}  floor")
+    for stage, phases in summary["phases"].items():
+        for phase, seconds in phases.items():
+            floor_name = FLOOR_OF.get((stage, phase))
+            floor = f"{floors[floor_name]:8.1f}  {floor_name}" if floor_name else f"{'':8}"
+            print(f"  {stage:<7} {phase:<28} {seconds:8.1f} {floor}")
+        other = summary["stages"][stage]["wall_s"] - sum(phases.values())
+        print(f"  {stage:<7} {'(planning, listing, other)':<28} {other:8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=25_000)
     parser.add_argument("--workdir", default="/tmp/backforth-bench-dedup")
     parser.add_argument("--skip-datatrove", action="store_true")
     parser.add_argument(
-        "--local", action="store_true", help="run ours in local[2], not on a standalone cluster"
+        "--modes",
+        nargs="+",
+        choices=["standalone", "local"],
+        default=["standalone", "local"],
+        help="run ours on a standalone cluster, in local[2], or both (one after the other)",
     )
     args = parser.parse_args()
 
@@ -188,29 +286,35 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     planted = build_corpus(args.docs, root / "input")
     print(f"corpus: {args.docs} documents, {planted} planted near-copies, in {root / 'input'}")
+    floors = measure_floors(root / "input", args.docs)
+    print(f"floors for {args.docs} documents on {CORES} cores (no Spark; per-document time x N / cores):")
+    for name, seconds in floors.items():
+        print(f"  {name:<48} {seconds:8.1f} s")
 
-    ours_s, peak, executors, summary = run_ours(root / "input", root / "ours", args.local)
-    stages = summary["stages"]
-    d = stages["dedup"]
-    print(
-        f"ours:      {ours_s:8.1f} s  {args.docs / ours_s:7.1f} docs/s  peak driver {peak:.0f} MiB  "
-        f"peak executor side {executors:.0f} MiB  ({'local[2]' if args.local else 'standalone, 2 cores'})"
-    )
-    print(
-        f"           ingest {stages['ingest']['wall_s']} s, dedup {d['wall_s']} s, chunk "
-        f"{stages['chunk']['wall_s']} s; exact={d['exact_duplicates']} near={d['near_duplicates']} "
-        f"kept={d['rows_out']} passages={stages['chunk']['rows_out']}"
-    )
+    ours: dict[str, float] = {}
+    for mode in args.modes:
+        seconds, peak, executors, summary = run_ours(root / "input", root / f"ours-{mode}", mode == "local")
+        ours[mode] = seconds
+        stages = summary["stages"]
+        d = stages["dedup"]
+        print(
+            f"ours ({mode}): {seconds:8.1f} s  {args.docs / seconds:7.1f} docs/s  "
+            f"peak driver {peak:.0f} MiB  peak executor side {executors:.0f} MiB"
+        )
+        print(
+            f"           ingest {stages['ingest']['wall_s']} s, dedup {d['wall_s']} s, chunk "
+            f"{stages['chunk']['wall_s']} s; exact={d['exact_duplicates']} near={d['near_duplicates']} "
+            f"kept={d['rows_out']} passages={stages['chunk']['rows_out']}"
+        )
+        print_breakdown(summary, floors)
     dt_s = float("nan")
     if not args.skip_datatrove:
         dt_s, kept = run_datatrove(root / "input", root / "datatrove")
         print(f"datatrove: {dt_s:8.1f} s  {args.docs / dt_s:7.1f} docs/s  kept={kept}")
-    ratio = ours_s / dt_s
-    print(f"ratio ours/datatrove: {ratio:.2f}")
-    print(
-        f"RESULT n_docs={args.docs} ours_s={ours_s:.1f} datatrove_s={dt_s:.1f} ratio={ratio:.2f} "
-        f"peak_driver_mib={peak:.0f}"
-    )
+    ratios = " ".join(f"ratio_{mode}={seconds / dt_s:.2f}" for mode, seconds in ours.items())
+    times = " ".join(f"ours_{mode}_s={seconds:.1f}" for mode, seconds in ours.items())
+    floor_s = sum(floors.values())
+    print(f"RESULT n_docs={args.docs} {times} datatrove_s={dt_s:.1f} {ratios} floor_s={floor_s:.1f}")
 
 
 if __name__ == "__main__":

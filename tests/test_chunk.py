@@ -18,6 +18,9 @@ class WordTokenizer:
     def token_spans(self, text):
         return [m.span() for m in re.finditer(r"\S+", text)]
 
+    def token_spans_batch(self, texts):
+        return [self.token_spans(t) for t in texts]
+
 
 W = WordTokenizer()
 
@@ -177,6 +180,21 @@ def test_real_tokenizer_passages_fit_when_tokenised_alone():
     for p in passages:
         alone = tokenizer.count(p.text)
         assert alone <= 48 and abs(alone - p.n_tokens) <= 2
+
+
+def test_batched_chunking_gives_each_document_what_chunking_it_alone_gives():
+    from backforth_spark.config import load_config
+    from backforth_spark.model import resolve_model
+    from udfs.chunking import HFTokenizer
+
+    texts = [json.loads(line)["text"] for f in sorted(DOLMA_SAMPLE.glob("*.jsonl")) for line in f.open()]
+    # more texts than one tokeniser batch, and one of several segments among them
+    texts = (texts * 8)[: chunk.TOKENISE_BATCH + 5] + [("long paragraph " * 40 + "\n\n") * 500]
+    tokenizer = HFTokenizer(resolve_model(load_config(REPO / "conf" / "local.yaml").llm))
+    cfg = ChunkConfig(max_tokens=64, min_tokens=1)
+    batched = list(chunk.chunk_texts(texts, tokenizer, cfg))
+    assert batched == [chunk.chunk_document(t, tokenizer, cfg) for t in texts]
+    assert len(batched[-1]) > 100  # the long text was split too
 
 
 # ---- big documents in bounded memory ------------------------------------------------------------------

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pandas as pd
 
-from backforth_spark.chunking import chunk_document, passage_id
+from backforth_spark.chunking import chunk_texts, passage_id
 from backforth_spark.config import ChunkConfig
 from backforth_spark.schemas import PASSAGES_COLUMNS, names
 
@@ -30,6 +30,9 @@ class HFTokenizer:
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         return self.backend.encode(text, add_special_tokens=False).offsets
 
+    def token_spans_batch(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        return [e.offsets for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
     def count(self, text: str) -> int:
         """Tokens of `text` encoded on its own."""
         return len(self.backend.encode(text, add_special_tokens=False).ids)
@@ -52,8 +55,9 @@ def chunk_documents(
         tokenizer = tokenizer_for(model)
         for batch in batches:
             rows = []
-            for key, text in zip(batch["doc_key"], batch["text"], strict=True):
-                for p in chunk_document(text, tokenizer, cfg):
+            chunked = chunk_texts(batch["text"].tolist(), tokenizer, cfg)
+            for key, passages in zip(batch["doc_key"], chunked, strict=True):
+                for p in passages:
                     rows.append(
                         {
                             "passage_id": passage_id(key, p.index),

@@ -13,7 +13,7 @@ from pyspark.sql.types import DoubleType, StringType
 
 from backforth_spark import minhash
 from backforth_spark.config import DedupConfig
-from backforth_spark.text import norm_hash, normalise, normalised_pieces
+from backforth_spark.text import NormHashing, norm_hash, normalise
 
 
 @pandas_udf(StringType())
@@ -21,17 +21,24 @@ def norm_hash_udf(text: pd.Series) -> pd.Series:
     return text.map(norm_hash)
 
 
-def signatures(cfg: DedupConfig) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """mapInPandas: (doc_key, text) -> (doc_key, signature, bands)."""
+def hashes_and_signatures(cfg: DedupConfig) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas: (doc_key, url, text) -> (doc_key, url, norm_hash, signature, bands). The text is
+    normalised once, a piece at a time, for both the exact hash and the shingles (bounded memory for a
+    page of any size)."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         a, b = minhash.permutations(cfg.bands * cfg.rows, cfg.seed)
         for batch in batches:
-            # normalised a piece at a time: a page of any size is signed in bounded memory
-            sigs = [minhash.text_signature(normalised_pieces(t), cfg.ngram, a, b) for t in batch["text"]]
+            hashes, sigs = [], []
+            for text in batch["text"]:
+                hashing = NormHashing()
+                sigs.append(minhash.text_signature(hashing.pieces(text), cfg.ngram, a, b))
+                hashes.append(hashing.hexdigest())
             yield pd.DataFrame(
                 {
                     "doc_key": batch["doc_key"],
+                    "url": batch["url"],
+                    "norm_hash": hashes,
                     "signature": [s.astype("<u4").tobytes() for s in sigs],
                     "bands": [minhash.band_hashes(s, cfg.bands, cfg.rows) for s in sigs],
                 }

@@ -20,9 +20,14 @@ from pyspark.sql import functions as F
 from backforth_spark import schemas as s
 from backforth_spark.context import StageContext
 from backforth_spark.tables import require_columns, struct
-from udfs.text import estimated_jaccard_udf, exact_jaccard, norm_hash_udf, signatures
+from udfs.text import estimated_jaccard_udf, exact_jaccard, hashes_and_signatures, norm_hash_udf
 
-SIGNATURE_SCHEMA = struct(s.MINHASH_COLUMNS)
+# the new documents with their exact hash and MinHash signature (computed together, before any dedup)
+NEW_SCHEMA = struct(
+    [c for c in s.DOCUMENTS_COLUMNS if c[0] in ("doc_key", "url")]
+    + [c for c in s.DEDUP_COLUMNS if c[0] == "norm_hash"]
+    + [c for c in s.MINHASH_COLUMNS if c[0] in ("signature", "bands")]
+)
 
 REPRESENTATIVE, EXACT, URL, NEAR = "representative", "exact", "url", "near"
 
@@ -34,11 +39,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     require_columns(docs, ["doc_key", "text", "url"], s.DOCUMENTS)
     decided = ctx.tables.read(s.DEDUP)
     old_reps = decided.where("is_representative").select("doc_key", "norm_hash")
-    new = (
-        docs.join(decided.select("doc_key"), "doc_key", "left_anti")
-        .select("doc_key", "url", norm_hash_udf("text").alias("norm_hash"))
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
+    undecided = docs.join(decided.select("doc_key"), "doc_key", "left_anti")
+    if cfg.near:
+        # one pass over the text: the exact hash and the MinHash signature from one normalisation
+        new = undecided.select("doc_key", "url", "text").mapInPandas(hashes_and_signatures(cfg), NEW_SCHEMA)
+    else:
+        new = undecided.select("doc_key", "url", norm_hash_udf("text").alias("norm_hash"))
+    new = new.persist(StorageLevel.MEMORY_AND_DISK)
     counts: dict[str, Any] = {}
 
     # 1. exact: an old representative with the same hash wins, else the smallest new key
@@ -64,7 +71,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     # 3. near: MinHash LSH among the survivors and the old representatives
     if cfg.near:
-        near, near_counts = _near_duplicates(ctx, survivors, decided)
+        near, near_counts = _near_duplicates(ctx, survivors, new, decided)
         counts.update(near_counts)
         dups.append(_decisions(near, NEAR, None))
         survivors = survivors.join(near.select("doc_key"), "doc_key", "left_anti")
@@ -94,7 +101,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     staged = ctx.tables.stage(s.DEDUP, decisions)
     ctx.tables.merge_insert_new(s.DEDUP, staged, ["doc_key"])
-    by_reason = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
+    with ctx.tables.timed("count decisions"):
+        by_reason = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
     new.unpersist()
     # every new document gets exactly one decision, so the decisions count the input too
     counts["rows_in"] = sum(by_reason.values())
@@ -118,22 +126,25 @@ def _decisions(df, reason: str, similarity: float | None):
     )
 
 
-def _near_duplicates(ctx: StageContext, survivors, decided):
+def _near_duplicates(ctx: StageContext, survivors, new, decided):
     """New documents that are near duplicates: (doc_key, norm_hash, cluster_id, similarity), and counts.
-    `survivors` are the new documents left after exact and URL dedup (doc_key, norm_hash)."""
+    `survivors` are the new documents left after exact and URL dedup (doc_key, norm_hash); `new` carries
+    every new document's signature and bands."""
     cfg = ctx.cfg.dedup
     docs = ctx.tables.read(s.DOCUMENTS)
-    # signatures only for documents that have none yet
-    todo = survivors.select("doc_key").join(
-        ctx.tables.read(s.MINHASH).select("doc_key"), "doc_key", "left_anti"
+    # signatures kept for the survivors that have none stored yet
+    sigs = (
+        survivors.select("doc_key")
+        .join(ctx.tables.read(s.MINHASH).select("doc_key"), "doc_key", "left_anti")
+        .join(new.select("doc_key", "signature", "bands"), "doc_key")
     )
-    sigs = todo.join(docs.select("doc_key", "text"), "doc_key").mapInPandas(signatures(cfg), SIGNATURE_SCHEMA)
     staged = ctx.tables.stage(
         s.MINHASH,
         sigs.select("*", F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")),
     )
     ctx.tables.merge_insert_new(s.MINHASH, staged, ["doc_key"])
-    counts: dict[str, Any] = {"signatures_computed": staged.count()}
+    with ctx.tables.timed("count signatures"):
+        counts: dict[str, Any] = {"signatures_computed": staged.count()}
 
     # the pool: old representatives (priority 0) and the new survivors (priority 1)
     pool = (
@@ -152,7 +163,8 @@ def _near_duplicates(ctx: StageContext, survivors, decided):
         )
         .where("size > 1 AND has_new = 1")
     )
-    counts["oversized_buckets"] = buckets.where(F.col("size") > cfg.max_bucket_size).count()
+    with ctx.tables.timed("band and group"):
+        counts["oversized_buckets"] = buckets.where(F.col("size") > cfg.max_bucket_size).count()
     # A bucket up to dedup.pairwise_bucket_size gives every pair with a new member: verification may
     # drop a pair, and the others must still connect what is similar (a chain of drifting copies shares
     # buckets with members that are not each other's near duplicates). A larger bucket gives star edges
@@ -184,17 +196,21 @@ def _near_duplicates(ctx: StageContext, survivors, decided):
         scored = (
             scored.join(text.withColumnRenamed("doc_key", "src").withColumnRenamed("text", "t_src"), "src")
             .join(text.withColumnRenamed("doc_key", "dst").withColumnRenamed("text", "t_dst"), "dst")
-            .withColumn("jaccard", exact_jaccard(cfg.ngram)("t_src", "t_dst"))
-            .where(F.col("jaccard") >= cfg.threshold)
-            .drop("t_src", "t_dst", "jaccard")
+            .withColumn("passed", exact_jaccard(cfg.ngram)("t_src", "t_dst") >= cfg.threshold)
+            .drop("t_src", "t_dst")
         )
     else:
-        scored = scored.where(F.col("similarity") >= cfg.threshold)
-    verified = ctx.tables.stage("dedup_edges", scored.select("src", "dst", "similarity"))
-    counts["candidate_pairs"] = edges.count()
-    counts["verified_pairs"] = verified.count()
+        scored = scored.withColumn("passed", F.col("similarity") >= cfg.threshold)
+    # every candidate staged with its verdict: the counts read the staged rows, not the pairs again
+    candidates = ctx.tables.stage("dedup_edges", scored.select("src", "dst", "similarity", "passed"))
+    with ctx.tables.timed("count pairs"):
+        verdicts = {r["passed"]: r["count"] for r in candidates.groupBy("passed").count().collect()}
+    counts["candidate_pairs"] = sum(verdicts.values())
+    counts["verified_pairs"] = verdicts.get(True, 0)
+    verified = candidates.where("passed").select("src", "dst", "similarity")
 
-    labels, rounds = _components(ctx, verified, pool.select("doc_key", "prio"), cfg.max_iterations)
+    with ctx.tables.timed("components"):
+        labels, rounds = _components(ctx, verified, pool.select("doc_key", "prio"), cfg.max_iterations)
     counts["cc_rounds"] = rounds
     near = labels.where((F.col("prio") == 1) & (F.col("label.doc_key") != F.col("doc_key"))).select(
         "doc_key", F.col("label.doc_key").alias("cluster_id")

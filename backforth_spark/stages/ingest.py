@@ -84,7 +84,9 @@ def run(ctx: StageContext) -> dict[str, int]:
             .select(*s.names(s.DOCUMENTS_COLUMNS), *lineage)
         )
         quarantine = parsed.where("kind = 'quarantine'").select(*s.names(s.QUARANTINE_COLUMNS), *lineage)
-        counts = {r["kind"]: r["n"] for r in parsed.groupBy("kind").agg(F.count("*").alias("n")).collect()}
+        with ctx.tables.timed("read and parse"):
+            kinds = parsed.groupBy("kind").agg(F.count("*").alias("n")).collect()
+        counts = {r["kind"]: r["n"] for r in kinds}
         n_docs_parsed, n_quarantined = counts.get("doc", 0), counts.get("quarantine", 0)
         # the MERGE's own count: right even when a concurrent run inserts into the table too
         new_docs = ctx.tables.merge_insert_new(s.DOCUMENTS, docs, ["doc_key"])
