@@ -115,6 +115,8 @@ def run_pipeline(
             summary["failed_stage"] = stage.name
             reads = {name: (tables.dataset_source(name), tables.version(name)) for name in stage.reads}
             started, mark, phase_mark = time.perf_counter(), len(tables.read_log), len(tables.phase_log)
+            # the stage's Spark jobs carry its name (Spark UI, event log: what each stage read)
+            ctx.spark.sparkContext.setJobGroup(stage.name, f"backforth stage {stage.name}")
             counts = stage.run(ctx)
             summary["reads"][stage.name] = sorted(set(tables.read_log[mark:]))
             summary["phases"][stage.name] = phase_seconds(tables.phase_log[phase_mark:])
@@ -135,6 +137,8 @@ def run_pipeline(
         log.exception("stage %s failed", summary["failed_stage"])
         summary["error"] = error_line(exc)
     finally:
+        ctx.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+        ctx.spark.sparkContext.setLocalProperty("spark.job.description", None)
         tables.drop_staging()
         tracker.end(ok)
         summary["tracking_error"] = tracker.error

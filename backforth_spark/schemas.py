@@ -13,6 +13,7 @@ QUARANTINE = "quarantine"
 DEDUP = "dedup_decisions"
 MINHASH = "minhash_signatures"
 PASSAGES = "passages"
+INPUT_FILES = "input_files"
 
 # Lineage columns carried by every row a stage writes.
 LINEAGE: tuple[Column, ...] = (("run_id", "string", False), ("written_at", "timestamp", False))
@@ -29,6 +30,14 @@ DOCUMENTS_COLUMNS: tuple[Column, ...] = (
     ("url", "string", True),
     ("input_file", "string", False),
     ("line_number", "bigint", False),
+)
+
+# The Dolma files ingest has read through (no unreadable part): a refresh reads only files not listed
+# here, or listed with another size or modification time.
+INPUT_FILES_COLUMNS: tuple[Column, ...] = (
+    ("input_file", "string", False),
+    ("length", "bigint", False),
+    ("modified_ms", "bigint", False),  # the file's modification time, epoch milliseconds
 )
 
 QUARANTINE_COLUMNS: tuple[Column, ...] = (
@@ -88,6 +97,7 @@ GENERATION_COLUMNS: tuple[Column, ...] = (
 CORE_TABLES: dict[str, tuple[Column, ...]] = {
     DOCUMENTS: DOCUMENTS_COLUMNS,
     QUARANTINE: QUARANTINE_COLUMNS,
+    INPUT_FILES: INPUT_FILES_COLUMNS,
     DEDUP: DEDUP_COLUMNS,
     MINHASH: MINHASH_COLUMNS,
     PASSAGES: PASSAGES_COLUMNS,

@@ -19,6 +19,7 @@ from pathlib import Path
 from delta import exceptions as delta_errors
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from backforth_spark.generation import LLM_TASKS, LLMTask
@@ -184,6 +185,17 @@ class Tables:
             yield
         finally:
             self.phase_log.append((phase, time.perf_counter() - started))
+
+    def rows_for_keys(self, name: str, keys: DataFrame, key: str = "doc_key") -> DataFrame:
+        """The rows of table `name` whose `key` is among `keys` (a one-column DataFrame). Finds the runs
+        that wrote them from the key and run_id columns alone, then reads only those runs' rows: each
+        commit writes files of its own run_id, so Delta's file statistics skip every other file, and a
+        refresh reads its few pending rows, not the whole table's text."""
+        table = self.read(name)
+        with self.timed(f"find {name} rows"):
+            runs = table.select(key, "run_id").join(keys, key, "left_semi").select("run_id").distinct()
+            run_ids = [r["run_id"] for r in runs.collect()]
+        return table.where(F.col("run_id").isin(run_ids)).join(keys, key, "left_semi")
 
     def stage(self, name: str, df: DataFrame) -> DataFrame:
         """Materialise `df` in a staging Delta table (overwritten each time) and read it back. Timed as

@@ -1,19 +1,23 @@
-"""Throughput of an LLM stage through Spark against vLLM's `LLM.chat` called directly.
+"""Throughput of the three LLM stages through Spark against vLLM's `LLM.chat` called directly.
 
     make bench-llm N=256     # or: .venv/bin/python benchmarks/llm_stage.py --prompts 256 [--config ...]
 
-The same N distinct backtranslation prompts (passages of the Dolma sample chunked to `chunk.max_tokens`,
-then word-rotated copies of them up to N) go through
-  (a) direct: `vllm.LLM(...)` built with the stage's engine arguments, then one `LLM.chat` over all N;
-  (b) stage:  our `backtranslate` stage in Spark (`generate.run`), reading the N passages from Delta and
-      MERGEing its rows, with one LLM task per slot (`llm.num_partitions`, default 1 here).
-Both clocks include building the engine (importing vLLM and torch, loading the model); the stage's
-excludes starting the Spark session, which a pipeline pays once for all its stages. Passages are
-tokenised by the parent, so neither side has torch imported before its clock starts. Each side runs
-in its own process, after a one-prompt warm-up run, so that neither pays alone for a cold page cache.
-Prints output tokens per second of
-both and the ratio; nothing in it is CPU-specific, so it runs unchanged on a GPU machine. Last line:
-RESULT n_prompts=... direct_tok_s=... stage_tok_s=... ratio=...
+N distinct passages (the Dolma sample chunked to `chunk.max_tokens`, then word-rotated copies up to N)
+go through
+  (a) stage:  our backtranslate, score and rewrite stages in Spark (`generate.run`, one after the
+      other, as a pipeline runs them), reading from Delta and MERGEing their rows, one LLM task per
+      slot (`llm.num_partitions=1` here), each stage with its own engine settings from the config
+      (rewrite's n-gram speculative decoding, when set);
+  (b) direct: one `vllm.LLM(...)` built with the base engine arguments (no per-stage speedups), then
+      one `LLM.chat` per stage over exactly the inputs that stage saw (recorded by the stage run),
+      rendered by the same templates, with the same sampling and per-row output budgets.
+Backtranslate's clocks include building the engine on both sides (importing vLLM and torch, loading
+the model); score and rewrite on the direct side are the `LLM.chat` call alone, while the stage side's
+include everything the stage does (planning, Delta reads and MERGEs, and, when rewrite's engine
+settings differ, closing the held engine and building another). Each side runs in its own process,
+after a one-prompt warm-up run, so neither pays alone for a cold page cache. Prints output tokens per
+second of both, per stage, and the ratios; nothing in it is CPU-specific. Last line:
+RESULT n_prompts=... backtranslate=... score=... rewrite=... (ratios stage/direct)
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from backforth_spark.config import Config, load_config  # noqa: E402
 
 
-def passages(cfg: Config, n: int) -> list[str]:
+def passages(cfg: Config, n: int) -> list[tuple[str, int]]:
     """N distinct passage-sized texts: every passage of the sample, then copies with their words
     rotated. Distinct, so vLLM's prefix cache cannot reuse one prompt's work for a repeat of it (it
     would, by chance, more or less in either side's order)."""
@@ -49,60 +53,82 @@ def passages(cfg: Config, n: int) -> list[str]:
     out = []
     for i in range(n):
         words, k = pool[i % len(pool)].split(" "), i // len(pool)
-        out.append(" ".join(words[k % len(words) :] + words[: k % len(words)]))
+        text = " ".join(words[k % len(words) :] + words[: k % len(words)])
+        out.append((text, tokenizer.count(text)))  # rewrite's output budget follows the passage's size
     return out
 
 
-def direct(cfg: Config, texts: list[str]) -> dict:
-    from backforth_spark.generation import fingerprints
+STAGES = ("backtranslate", "score", "rewrite")
+
+
+def direct(cfg: Config, inputs: dict[str, list[dict]]) -> dict:
+    """One engine (base settings), then one LLM.chat per stage over the inputs that stage saw."""
+    from backforth_spark.generation import _within_budget, fingerprints
     from backforth_spark.model import resolve_model
     from backforth_spark.vllm_engine import create_vllm_engine
 
     model = resolve_model(cfg.llm)
-    spec = fingerprints(cfg, model)["backtranslate"]
-    convs = [spec.template.render(passage=p) for p in texts]
+    specs = fingerprints(cfg, model)
     # torch and transformers are not imported yet (a Spark worker imports them too, inside the stage)
     assert "torch" not in sys.modules, "the direct side must pay for importing torch, as the stage does"
     started = time.perf_counter()
     engine = create_vllm_engine(cfg.llm, model)
-    loaded = time.perf_counter()
-    completions = engine.chat(convs, spec.params)
-    done = time.perf_counter()
-    tokens = sum(c.completion_tokens or 0 for c in completions)
-    return {"seconds": done - started, "load_s": loaded - started, "tokens": tokens}
+    out: dict = {"load_s": time.perf_counter() - started}
+    for name in STAGES:
+        spec, records = specs[name], inputs[name]
+        fields = spec.template.data_fields
+        convs = [spec.template.render(**{f: str(r[f]) for f in fields}) for r in records]
+        params = [_within_budget(spec.params, spec.max_tokens(r.get("passage_tokens"))) for r in records]
+        clock = time.perf_counter()
+        completions = engine.chat(convs, params)
+        seconds = time.perf_counter() - clock + (out["load_s"] if name == "backtranslate" else 0.0)
+        tokens = sum(c.completion_tokens or 0 for c in completions)
+        out[name] = {"seconds": seconds, "tokens": tokens, "prompts": len(convs)}
+    return out
 
 
-def stage(cfg: Config, texts: list[str]) -> dict:
+def stage(cfg: Config, texts: list[tuple[str, int]], inputs_path: Path) -> dict:
+    """The three stages in Spark, one after the other; records each stage's inputs for the direct side."""
     from pyspark.sql import functions as F
 
     from backforth_spark import schemas
-    from backforth_spark.generation import BACKTRANSLATE
+    from backforth_spark.generation import LLM_TASKS
     from backforth_spark.pipeline import context_for
     from backforth_spark.stages import generate
+    from backforth_spark.stages.generate import current_specs, stage_inputs
     from backforth_spark.tables import struct
 
     ctx = context_for(cfg, "bench")
     ctx.spark.sparkContext.setLogLevel("ERROR")
     tables = ctx.tables
-    rows = [(f"p{i:06d}", f"bench/{i}", 0, p, 0, "ok", False, None) for i, p in enumerate(texts)]
+    rows = [(f"p{i:06d}", f"bench/{i}", 0, p, n, "ok", False, None) for i, (p, n) in enumerate(texts)]
     df = ctx.spark.createDataFrame(rows, struct(schemas.PASSAGES_COLUMNS))
     tables.merge_insert_new(
         schemas.PASSAGES,
         df.select("*", F.lit("bench").alias("run_id"), F.current_timestamp().alias("written_at")),
         ["passage_id"],
     )  # fmt: skip
-    started = time.perf_counter()
-    counts = generate.run(ctx, BACKTRANSLATE)
-    seconds = time.perf_counter() - started
-    out = tables.read(BACKTRANSLATE.table).agg(F.sum("completion_tokens"), F.max("latency_s")).first()
-    phases = {k: counts[k] for k in ("plan_s", "generate_s", "merge_s")}
-    return {
-        "seconds": seconds,
-        "tokens": int(out[0] or 0),
-        "chat_s": round(out[1] or 0.0, 1),  # the longest engine.chat call of a task
-        "generated": counts["generated"],
-        **phases,
-    }
+    by_name = {t.name: t for t in LLM_TASKS}
+    out: dict = {}
+    inputs: dict[str, list[dict]] = {}
+    for name in STAGES:
+        task = by_name[name]
+        # what the stage will see, recorded before its clock starts (the direct side replays it)
+        seen = stage_inputs(ctx, task, current_specs(ctx)).toPandas()
+        inputs[name] = json.loads(seen.to_json(orient="records"))
+        started = time.perf_counter()
+        counts = generate.run(ctx, task)
+        seconds = time.perf_counter() - started
+        agg = tables.read(task.table).agg(F.sum("completion_tokens"), F.max("latency_s")).first()
+        out[name] = {
+            "seconds": seconds,
+            "tokens": int(agg[0] or 0),
+            "prompts": counts["generated"],
+            "chat_s": round(agg[1] or 0.0, 1),  # the longest engine call of a task
+            **{k: counts[k] for k in ("plan_s", "generate_s", "merge_s")},
+        }
+    inputs_path.write_text(json.dumps(inputs))
+    return out
 
 
 def main() -> None:
@@ -110,14 +136,25 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--config", default=str(REPO / "conf" / "local.yaml"))
     parser.add_argument("--set", action="append", default=[], help="dotted config override")
-    parser.add_argument("--only", choices=["direct", "stage"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["direct", "stage", "warm-up"], help=argparse.SUPPRESS)
     parser.add_argument("--passages", help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.set)
-    if args.only:
-        texts = json.loads(Path(args.passages).read_text())
-        print(json.dumps((direct if args.only == "direct" else stage)(cfg, texts[: args.prompts])))
+    if args.only == "stage":
+        texts = json.loads(Path(args.passages).read_text())[: args.prompts]
+        print(json.dumps(stage(cfg, texts, Path(args.inputs))))
+        return
+    if args.only == "direct":
+        print(json.dumps(direct(cfg, json.loads(Path(args.inputs).read_text()))))
+        return
+    if args.only == "warm-up":  # read vLLM, torch and the model into the page cache
+        from backforth_spark.model import resolve_model
+        from backforth_spark.vllm_engine import create_vllm_engine
+
+        create_vllm_engine(cfg.llm, resolve_model(cfg.llm))
+        print("{}")
         return
 
     with tempfile.TemporaryDirectory(prefix="backforth-bench-llm-") as work:
@@ -127,39 +164,32 @@ def main() -> None:
         overrides += [*args.set, f"workdir={work}"]
         # computed here, once: tokenising them imports transformers and torch, which neither side may
         # have loaded before its clock starts
-        texts = Path(work) / "passages.json"
+        texts, inputs = Path(work) / "passages.json", Path(work) / "inputs.json"
         texts.write_text(json.dumps(passages(cfg, args.prompts)))
         results = {}
-        # A throwaway direct run on one prompt first: whichever side ran first would otherwise also
-        # pay for reading vLLM, torch and the model into the page cache.
-        runs = [
-            ("warm-up", "direct", 1),
-            ("direct", "direct", args.prompts),
-            ("stage", "stage", args.prompts),
-        ]
-        for name, which, n in runs:
-            cmd = [sys.executable, __file__, "--only", which, "--prompts", str(n), "--passages", str(texts)]
-            cmd += ["--config", args.config]
+        # the stage side first: it records the inputs each stage saw, which the direct side replays
+        for name in ("warm-up", "stage", "direct"):
+            cmd = [sys.executable, __file__, "--only", name, "--prompts", str(args.prompts)]
+            cmd += ["--passages", str(texts), "--inputs", str(inputs), "--config", args.config]
             cmd += [x for o in overrides for x in ("--set", o)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 raise SystemExit(f"{name} run failed:\n{out.stderr[-3000:]}")
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     d, s = results["direct"], results["stage"]
-    d_rate, s_rate = d["tokens"] / d["seconds"], s["tokens"] / s["seconds"]
-    print(
-        f"direct LLM.chat: {d['seconds']:7.1f} s  {d['tokens']} tokens  {d_rate:7.1f} tok/s  "
-        f"(engine load {d['load_s']:.1f} s)"
-    )
-    print(
-        f"our stage:       {s['seconds']:7.1f} s  {s['tokens']} tokens  {s_rate:7.1f} tok/s  "
-        f"({s['generated']} rows; plan {s['plan_s']} s, generate {s['generate_s']} s "
-        f"of which engine.chat {s['chat_s']} s, merge {s['merge_s']} s)"
-    )
-    ratio = s_rate / d_rate
-    print(f"ratio stage/direct: {ratio:.2f}")
-    rates = f"direct_tok_s={d_rate:.1f} stage_tok_s={s_rate:.1f}"
-    print(f"RESULT n_prompts={args.prompts} {rates} ratio={ratio:.2f}")
+    print(f"direct: engine load {d['load_s']:.1f} s (counted in backtranslate)")
+    ratios = {}
+    for name in STAGES:
+        dr, sr = d[name]["tokens"] / d[name]["seconds"], s[name]["tokens"] / s[name]["seconds"]
+        ratios[name] = sr / dr
+        print(
+            f"{name:<13} direct {d[name]['seconds']:7.1f} s {d[name]['tokens']:7d} tok {dr:7.1f} tok/s | "
+            f"stage {s[name]['seconds']:7.1f} s {s[name]['tokens']:7d} tok {sr:7.1f} tok/s "
+            f"(plan {s[name]['plan_s']} s, generate {s[name]['generate_s']} s, merge {s[name]['merge_s']} s) "
+            f"| ratio {ratios[name]:.2f}"
+        )
+    shown = " ".join(f"{name}={ratio:.2f}" for name, ratio in ratios.items())
+    print(f"RESULT n_prompts={args.prompts} {shown}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,23 @@ def test_each_stage_read_only_the_tables_its_record_declares(real_run):
         assert set(read) <= declared[stage], stage
 
 
+def test_each_stage_names_its_spark_jobs_and_times_its_phases(real_run):
+    groups = set()
+    for log in real_run.events.iterdir():
+        for line in log.open():
+            event = json.loads(line)
+            if event["Event"] == "SparkListenerJobStart":
+                groups.add((event.get("Properties") or {}).get("spark.jobGroup.id"))
+    assert {st.name for st in STAGES} <= groups
+    phases = real_run.summary["phases"]
+    assert {"read and parse", "merge documents", "merge input_files"} <= set(phases["ingest"])
+    assert {"stage dedup_candidates", "components", "merge dedup_decisions"} <= set(phases["dedup"])
+    assert {"merge passages", "count passages"} <= set(phases["chunk"])
+    for stage, seconds in phases.items():
+        assert all(x >= 0 for x in seconds.values())
+        assert sum(seconds.values()) <= real_run.summary["stages"][stage]["wall_s"] + 0.1, stage
+
+
 def test_the_run_reached_the_mlflow_server_with_a_nested_run_per_stage(real_run):
     client = MlflowClient(tracking_uri=real_run.tracking_uri)
     run = client.get_run(real_run.summary["mlflow_run_id"])

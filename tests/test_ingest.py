@@ -151,9 +151,28 @@ def test_ingest_accounts_for_every_line_and_is_idempotent(make_ctx, tmp_path):
     )
 
     again = ingest_stage.run(replace(ctx, inputs=(str(tmp_path / "in"),)))
-    assert (again["documents"], again["quarantined"], again["repeated_ids"]) == (0, 5, 6)
+    assert (again["files_read"], again["files_known"], again["lines"]) == (0, 2, 0)
     assert ctx.tables.read(t.DOCUMENTS).count() == 5
     assert ctx.tables.read(t.QUARANTINE).count() == 5
+
+
+def test_a_refresh_reads_new_and_changed_files_and_retries_an_unreadable_one(make_ctx, tmp_path):
+    folder = tmp_path / "in"
+    _write_corpus(folder)
+    ctx = replace(make_ctx(), inputs=(str(folder),))
+    ingest_stage.run(ctx)
+    with (folder / "part-0.jsonl").open("ab") as f:  # a file that grew since it was read
+        f.write((_doc(10, "A line added later to a file already read.") + "\n").encode())
+    truncated = gzip.compress(("\n".join(_doc(i) for i in range(20, 220)) + "\n").encode())[:-40]
+    (folder / "part-2.jsonl.gz").write_bytes(truncated)
+
+    second = ingest_stage.run(ctx)
+    assert (second["files_read"], second["files_known"]) == (2, 1)  # part-1 unchanged: not read
+    assert second["documents"] > 100  # the added line, and the truncated file's lines before the cut
+    third = ingest_stage.run(ctx)
+    assert (third["files_read"], third["files_known"], third["documents"]) == (1, 2, 0)  # part-2 again
+    recorded = {r["input_file"].rsplit("/", 1)[1] for r in ctx.tables.read(t.INPUT_FILES).collect()}
+    assert recorded == {"part-0.jsonl", "part-1.jsonl.gz"}
 
 
 def test_a_10_mb_document_goes_through(make_ctx, tmp_path):
@@ -200,11 +219,28 @@ def test_a_file_gone_since_it_was_listed_is_one_quarantine_row(tmp_path):
 def test_the_biggest_files_go_to_different_partitions(spark, tmp_path):
     from backforth_spark.stages.ingest import spread_files
 
-    listing = spark.createDataFrame(
-        [(f"file:/f{i}", size) for i, size in enumerate([10, 5_000, 7, 9_000, 8, 6_000])],
-        "path string, length long",
-    )
+    listing = [(f"file:/f{i}", size) for i, size in enumerate([10, 5_000, 7, 9_000, 8, 6_000])]
     parts = spread_files(spark, listing).rdd.glom().map(lambda rows: [r.path for r in rows]).collect()
     assert sorted(p for part in parts for p in part) == [f"file:/f{i}" for i in range(6)]
     biggest = {"file:/f1", "file:/f3", "file:/f5"}
     assert all(len(biggest & set(part)) <= 1 for part in parts)
+
+
+@pytest.mark.parametrize("broadcast_limit", [1_000_000, 0], ids=["broadcast", "ranked"])
+def test_the_first_line_of_each_key_wins_whichever_way_repeats_are_dropped(
+    spark, monkeypatch, broadcast_limit
+):
+    from pyspark.testing import assertDataFrameEqual
+
+    monkeypatch.setattr(ingest_stage, "BROADCAST_REPEATS", broadcast_limit)
+    schema = "doc_key string, input_file string, line_number long, text string"
+    rows = [
+        ("k1", "b", 3, "t1"),
+        ("k1", "a", 9, "t2"),
+        ("k2", "a", 1, "t3"),
+        ("k1", "a", 2, "t4"),
+        ("k3", "c", 5, "t5"),
+    ]
+    expected = [("k1", "a", 2, "t4"), ("k2", "a", 1, "t3"), ("k3", "c", 5, "t5")]
+    got = ingest_stage.first_occurrences(spark.createDataFrame(rows, schema))
+    assertDataFrameEqual(got, spark.createDataFrame(expected, schema))

@@ -66,3 +66,25 @@ def test_stages_run_on_catalog_tables(spark, tmp_path):
     report = status(ctx)
     assert report["tables"][t.DOCUMENTS]["rows"] == 10
     assert report["llm_stages"]["backtranslate"]["done"] == 10
+
+
+def test_rows_for_keys_returns_their_rows_and_opens_only_the_files_of_their_runs(spark, tmp_path):
+    from pyspark.sql import functions as F
+
+    store = tables.Tables(spark, tmp_path / "tables")
+
+    def commit(run_id, names):
+        rows = [(n, 1, 0) for n in names]
+        df = spark.createDataFrame(rows, tables.struct(t.INPUT_FILES_COLUMNS))
+        df = df.select("*", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("written_at"))
+        store.merge_insert_new(t.INPUT_FILES, df, ["input_file"])
+
+    folder = tmp_path / "tables" / t.INPUT_FILES
+    commit("r1", ["a", "b", "c"])
+    first_files = set(folder.glob("*.parquet"))
+    commit("r2", ["d", "e"])
+    keys = spark.createDataFrame([("e",), ("d",)], "input_file string")
+    found = store.rows_for_keys(t.INPUT_FILES, keys, key="input_file")
+    for f in first_files:  # the first run's files are gone: reading any of them would fail
+        f.unlink()
+    assert sorted((r["input_file"], r["run_id"]) for r in found.collect()) == [("d", "r2"), ("e", "r2")]

@@ -52,7 +52,12 @@ def export_reads(tasks: Sequence[LLMTask] = LLM_TASKS) -> tuple[str, ...]:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", (s.DOCUMENTS, s.QUARANTINE), (s.DOCUMENTS, s.QUARANTINE), ingest.run),
+    Stage(
+        "ingest",
+        (s.INPUT_FILES, s.DOCUMENTS, s.QUARANTINE),
+        (s.DOCUMENTS, s.QUARANTINE, s.INPUT_FILES),
+        ingest.run,
+    ),
     Stage("dedup", (s.DOCUMENTS, s.DEDUP, s.MINHASH), (s.DEDUP, s.MINHASH), dedup.run),
     Stage("chunk", (s.DOCUMENTS, s.DEDUP, s.PASSAGES), (s.PASSAGES,), chunk.run),
     llm_stage(BACKTRANSLATE),

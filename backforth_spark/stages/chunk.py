@@ -12,14 +12,21 @@ from backforth_spark.tables import struct
 from udfs.chunking import chunk_documents
 
 CHUNK_SCHEMA = struct(s.PASSAGES_COLUMNS)
+TASKS_PER_CORE = 4
 
 
 def run(ctx: StageContext) -> dict[str, int]:
     """Chunk representatives that have no passages yet."""
-    docs = ctx.tables.read(s.DOCUMENTS)
     reps = ctx.tables.read(s.DEDUP).where("is_representative").select("doc_key")
     done = ctx.tables.read(s.PASSAGES).select("doc_key").distinct()
-    todo = docs.join(reps, "doc_key").join(done, "doc_key", "left_anti").select("doc_key", "text")
+    pending = reps.join(done, "doc_key", "left_anti")
+    # Spread over several tasks per core by key: the documents' own file splits can be far apart in
+    # size (a 128 MB row group beside a 22 MB one), and one task tokenising most of the text would
+    # leave the other cores idle (measured: 88% of 100k documents' passages from one task).
+    parts = ctx.spark.sparkContext.defaultParallelism * TASKS_PER_CORE
+    todo = (
+        ctx.tables.rows_for_keys(s.DOCUMENTS, pending).select("doc_key", "text").repartition(parts, "doc_key")
+    )
     model = resolve_model(ctx.cfg.llm)
     chunks = todo.mapInPandas(chunk_documents(model, ctx.cfg.chunk), CHUNK_SCHEMA).select(
         *CHUNK_SCHEMA.fieldNames(),

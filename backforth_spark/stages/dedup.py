@@ -29,6 +29,9 @@ NEW_SCHEMA = struct(
     + [c for c in s.MINHASH_COLUMNS if c[0] in ("signature", "bands")]
 )
 
+# new documents' band rows broadcast to pick the old buckets they touch (2M rows: about 32 MB)
+BROADCAST_BAND_ROWS = 2_000_000
+
 REPRESENTATIVE, EXACT, URL, NEAR = "representative", "exact", "url", "near"
 
 
@@ -39,7 +42,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     require_columns(docs, ["doc_key", "text", "url"], s.DOCUMENTS)
     decided = ctx.tables.read(s.DEDUP)
     old_reps = decided.where("is_representative").select("doc_key", "norm_hash")
-    undecided = docs.join(decided.select("doc_key"), "doc_key", "left_anti")
+    undecided = ctx.tables.rows_for_keys(
+        s.DOCUMENTS, docs.select("doc_key").join(decided.select("doc_key"), "doc_key", "left_anti")
+    )
     if cfg.near:
         # one pass over the text: the exact hash and the MinHash signature from one normalisation
         new = undecided.select("doc_key", "url", "text").mapInPandas(hashes_and_signatures(cfg), NEW_SCHEMA)
@@ -131,7 +136,6 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     `survivors` are the new documents left after exact and URL dedup (doc_key, norm_hash); `new` carries
     every new document's signature and bands."""
     cfg = ctx.cfg.dedup
-    docs = ctx.tables.read(s.DOCUMENTS)
     # signatures kept for the survivors that have none stored yet
     sigs = (
         survivors.select("doc_key")
@@ -145,6 +149,7 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     ctx.tables.merge_insert_new(s.MINHASH, staged, ["doc_key"])
     with ctx.tables.timed("count signatures"):
         counts: dict[str, Any] = {"signatures_computed": staged.count()}
+        n_new = survivors.count()
 
     # the pool: old representatives (priority 0) and the new survivors (priority 1)
     pool = (
@@ -154,6 +159,15 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         .join(ctx.tables.read(s.MINHASH).select("doc_key", "signature", "bands"), "doc_key")
     )
     bands = pool.select("doc_key", "prio", F.posexplode("bands").alias("band", "h"))
+    if decided.where("is_representative").limit(1).count():
+        # a refresh: old representatives' band rows only in buckets a new document falls in, so the
+        # grouping below costs what is new, not the corpus (new rows are few: broadcast them when
+        # they fit, about 16 bytes per band row)
+        touched = bands.where("prio = 1").select("band", "h").distinct()
+        if n_new * cfg.bands <= BROADCAST_BAND_ROWS:
+            touched = F.broadcast(touched)
+        old = bands.where("prio = 0").join(touched, ["band", "h"], "left_semi")
+        bands = bands.where("prio = 1").unionByName(old)
     buckets = (
         bands.groupBy("band", "h")
         .agg(
@@ -183,7 +197,8 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         .where(F.col("doc_key") != F.col("center.doc_key"))
         .select(F.col("center.doc_key").alias("src"), F.col("doc_key").alias("dst"))
     )
-    edges = pairs.unionByName(stars).distinct()
+    # staged: the verification below reads back only the documents these pairs name
+    edges = ctx.tables.stage("dedup_candidates", pairs.unionByName(stars).distinct())
     sig = pool.select("doc_key", "signature")
     scored = (
         edges.join(sig.withColumnRenamed("doc_key", "src").withColumnRenamed("signature", "sig_src"), "src")
@@ -192,7 +207,8 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         .drop("sig_src", "sig_dst")
     )
     if cfg.verify == "exact":
-        text = docs.select("doc_key", "text")
+        ends = edges.select(F.col("src").alias("doc_key")).union(edges.select(F.col("dst").alias("doc_key")))
+        text = ctx.tables.rows_for_keys(s.DOCUMENTS, ends.distinct()).select("doc_key", "text")
         scored = (
             scored.join(text.withColumnRenamed("doc_key", "src").withColumnRenamed("text", "t_src"), "src")
             .join(text.withColumnRenamed("doc_key", "dst").withColumnRenamed("text", "t_dst"), "dst")

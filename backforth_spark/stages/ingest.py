@@ -13,7 +13,8 @@ from pyspark.sql import types as T
 from backforth_spark import schemas as s
 from backforth_spark.config import IngestConfig
 from backforth_spark.context import StageContext
-from backforth_spark.dolma import PARSED_COLUMNS, glob_regex
+from backforth_spark.dolma import PARSED_COLUMNS, UNREADABLE_FILE, glob_regex
+from backforth_spark.tables import struct
 from udfs.ingest import parse_files
 
 PARSED_SCHEMA = T.StructType(
@@ -37,15 +38,14 @@ def input_files(spark: SparkSession, cfg: IngestConfig, inputs: list[str] | tupl
     )
 
 
-def spread_files(spark: SparkSession, listing: DataFrame) -> DataFrame:
-    """The listed files' paths, largest first dealt round-robin over partitions (one file each, up to
-    four per core), so big files run side by side. Only the listing is read here: the Python workers
-    stream each file themselves (udfs/ingest.open_input), so a file is bounded by neither executor
-    memory nor Spark's 2 GB value limit."""
-    files = sorted(((r["path"], r["length"]) for r in listing.select("path", "length").collect()),
-                   key=lambda f: -f[1])  # fmt: skip
-    parts = max(1, min(len(files), spark.sparkContext.defaultParallelism * 4))
-    dealt = spark.sparkContext.parallelize(list(enumerate(f[0] for f in files)), parts)
+def spread_files(spark: SparkSession, files: list[tuple[str, int]]) -> DataFrame:
+    """The (path, size) files' paths, largest first dealt round-robin over partitions (one file each, up
+    to four per core), so big files run side by side. Only paths travel: the Python workers stream each
+    file themselves (udfs/ingest.open_input), so a file is bounded by neither executor memory nor
+    Spark's 2 GB value limit."""
+    ordered = [path for path, _ in sorted(files, key=lambda f: -f[1])]
+    parts = max(1, min(len(ordered), spark.sparkContext.defaultParallelism * 4))
+    dealt = spark.sparkContext.parallelize(list(enumerate(ordered)), parts)
     dealt = dealt.partitionBy(parts, lambda i: i % parts).map(lambda kv: (kv[1],))
     return spark.createDataFrame(dealt, "path string")
 
@@ -69,28 +69,62 @@ def other_files(spark: SparkSession, cfg: IngestConfig, inputs: list[str] | tupl
     return skipped
 
 
+def unread_files(ctx: StageContext, listing: DataFrame) -> DataFrame:
+    """The listed files (input_file, length, modified_ms) not in `input_files` with that size and time."""
+    listed = listing.select(
+        F.col("path").alias("input_file"), "length", F.unix_millis("modificationTime").alias("modified_ms")
+    )
+    known = ctx.tables.read(s.INPUT_FILES).select(*s.names(s.INPUT_FILES_COLUMNS))
+    return listed.join(known, s.names(s.INPUT_FILES_COLUMNS), "left_anti")
+
+
+# Later occurrences of a repeated key, up to this many, are dropped by a broadcast anti-join
+# (about 100 bytes each); more, and the lines are ranked by a shuffle of whole rows.
+BROADCAST_REPEATS = 1_000_000
+
+
+def first_occurrences(docs: DataFrame) -> DataFrame:
+    """Each doc_key's first line (by input_file, line_number). Repeats are found by shuffling keys and
+    positions alone; the text moves only when repeats are too many to broadcast (a whole corpus fed in
+    twice), since ranking whole rows would shuffle every document's text."""
+    first = Window.partitionBy("doc_key").orderBy("input_file", "line_number")
+    positions = docs.select("doc_key", "input_file", "line_number")
+    later = positions.withColumn("_rank", F.row_number().over(first)).where("_rank > 1").drop("_rank")
+    if later.count() <= BROADCAST_REPEATS:
+        return docs.join(F.broadcast(later), ["doc_key", "input_file", "line_number"], "left_anti")
+    return docs.withColumn("_rank", F.row_number().over(first)).where("_rank = 1").drop("_rank")
+
+
 def run(ctx: StageContext) -> dict[str, int]:
-    """Read Dolma files into `documents` and `quarantine`; returns the stage counts."""
+    """Read the Dolma files not read before into `documents` and `quarantine`, then record them in
+    `input_files`; returns the stage counts."""
     spark, cfg = ctx.spark, ctx.cfg
-    files = spread_files(spark, input_files(spark, cfg.ingest, ctx.inputs))
+    listing = input_files(spark, cfg.ingest, ctx.inputs)
+    with ctx.tables.timed("list files"):
+        todo = unread_files(ctx, listing).collect()
+        n_listed = listing.count()
+    todo_df = spark.createDataFrame(todo, struct(s.INPUT_FILES_COLUMNS)) if todo else None
+    files = spread_files(spark, [(r["input_file"], r["length"]) for r in todo])
     parsed = files.mapInPandas(parse_files(cfg.ingest), PARSED_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         lineage = [F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")]
-        first = Window.partitionBy("doc_key").orderBy("input_file", "line_number")
-        docs = (
-            parsed.where("kind = 'doc'")
-            .withColumn("_rank", F.row_number().over(first))
-            .where("_rank = 1")
-            .select(*s.names(s.DOCUMENTS_COLUMNS), *lineage)
-        )
         quarantine = parsed.where("kind = 'quarantine'").select(*s.names(s.QUARANTINE_COLUMNS), *lineage)
         with ctx.tables.timed("read and parse"):
             kinds = parsed.groupBy("kind").agg(F.count("*").alias("n")).collect()
         counts = {r["kind"]: r["n"] for r in kinds}
+        with ctx.tables.timed("find repeated keys"):
+            docs = first_occurrences(parsed.where("kind = 'doc'"))
+        docs = docs.select(*s.names(s.DOCUMENTS_COLUMNS), *lineage)
         n_docs_parsed, n_quarantined = counts.get("doc", 0), counts.get("quarantine", 0)
         # the MERGE's own count: right even when a concurrent run inserts into the table too
         new_docs = ctx.tables.merge_insert_new(s.DOCUMENTS, docs, ["doc_key"])
         ctx.tables.merge_insert_new(s.QUARANTINE, quarantine, ["input_file", "line_number"])
+        # last, once every line is committed: a file is read again unless it is recorded here, and a
+        # file that could not be read (whole or in part) is not recorded, so the next run retries it
+        if todo_df is not None:
+            unreadable = parsed.where(F.col("reason") == UNREADABLE_FILE).select("input_file")
+            read_through = todo_df.join(unreadable, "input_file", "left_anti").select("*", *lineage)
+            ctx.tables.merge_insert_new(s.INPUT_FILES, read_through, s.names(s.INPUT_FILES_COLUMNS))
     finally:
         parsed.unpersist()
     return {
@@ -100,5 +134,7 @@ def run(ctx: StageContext) -> dict[str, int]:
         "documents": new_docs,
         "quarantined": n_quarantined,
         "repeated_ids": n_docs_parsed - new_docs,
+        "files_read": len(todo),
+        "files_known": n_listed - len(todo),  # read by an earlier run, unchanged since
         "skipped_files": other_files(spark, cfg.ingest, ctx.inputs),
     }
