@@ -6,7 +6,7 @@ WORKDIR ?= .backforth
 N ?= 25000
 
 .PHONY: setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-components \
-	bench-big-docs bench-big-file bench-injection clean
+	bench-big-docs bench-big-file bench-injection bench-refresh clean
 
 setup:
 	bash scripts/setup.sh
@@ -52,6 +52,9 @@ bench-injection: setup
 bench-dedup: setup
 	.tools/venv/bin/uv sync --frozen --extra cpu --extra convert --group bench --quiet
 	$(PY) benchmarks/dedup.py --docs $(N)
+
+bench-refresh: setup
+	$(PY) benchmarks/refresh.py --docs $(N)
 
 clean:
 	rm -rf $(WORKDIR) spark-warehouse metastore_db

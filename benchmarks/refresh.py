@@ -75,6 +75,7 @@ def run_cli(command: str, input_dir: Path, workdir: Path, events: Path) -> tuple
         "--stages", ",".join(STAGES), "--input", str(input_dir), "--workdir", str(workdir),
         "--set", "tracking.enabled=false", "--set", "chunk.max_passages_per_doc=null",
         "--set", "spark.conf.spark.eventLog.enabled=true", "--set", f"spark.conf.spark.eventLog.dir={events}",
+        "--set", "spark.conf.spark.eventLog.compress=false",
         "--summary-json", str(summary),
     ]  # fmt: skip
     events.mkdir(parents=True, exist_ok=True)
@@ -84,24 +85,24 @@ def run_cli(command: str, input_dir: Path, workdir: Path, events: Path) -> tuple
 
 
 def rows_read(event_dir: Path) -> dict[str, int]:
-    """Input records of the Spark scans of each job group (= pipeline stage) in the one event log."""
-    [log] = list(event_dir.iterdir())
+    """Input records of the Spark scans of each job group (= pipeline stage) in the run's event log."""
+    # Spark 4 writes a folder per application (rolling event files); older versions one file
+    logs = sorted(f for f in event_dir.rglob("*") if f.is_file() and f.name.startswith(("events_", "local-")))
     group_of_stage: dict[int, str] = {}
     read: dict[str, int] = defaultdict(int)
-    with log.open() as events:
-        for line in events:
-            event = json.loads(line)
-            kind = event["Event"]
-            if kind == "SparkListenerJobStart":
-                group = (event.get("Properties") or {}).get("spark.jobGroup.id")
-                for stage_id in event["Stage IDs"]:
-                    group_of_stage[stage_id] = group
-            elif kind == "SparkListenerStageCompleted":
-                info = event["Stage Info"]
-                group = group_of_stage.get(info["Stage ID"])
-                for acc in info.get("Accumulables", []):
-                    if acc.get("Name") == "internal.metrics.input.recordsRead":
-                        read[group or "(none)"] += int(acc["Value"])
+    for line in (line for log in logs for line in log.open() if line.startswith("{")):
+        event = json.loads(line)
+        kind = event["Event"]
+        if kind == "SparkListenerJobStart":
+            group = (event.get("Properties") or {}).get("spark.jobGroup.id")
+            for stage_id in event["Stage IDs"]:
+                group_of_stage[stage_id] = group
+        elif kind == "SparkListenerStageCompleted":
+            info = event["Stage Info"]
+            group = group_of_stage.get(info["Stage ID"])
+            for acc in info.get("Accumulables", []):
+                if acc.get("Name") == "internal.metrics.input.recordsRead":
+                    read[group or "(none)"] += int(acc["Value"])
     return dict(read)
 
 

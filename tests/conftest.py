@@ -306,6 +306,8 @@ def real_run(tmp_path_factory, mlflow_server, vllm_server_starting) -> RealRun:
     chosen = (
         *REAL_RUN_SETTINGS, f"tracking.tracking_uri={mlflow_server}", *served(server, "distill"),
         "spark.conf.spark.eventLog.enabled=true", f"spark.conf.spark.eventLog.dir={root / 'events'}",
+        # plain text, so the tests can read it (Spark 4 compresses it with zstd by default)
+        "spark.conf.spark.eventLog.compress=false",
     )  # fmt: skip
     run = subprocess.Popen(
         [sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(LOCAL_CONF),

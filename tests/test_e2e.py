@@ -114,8 +114,10 @@ def test_each_stage_read_only_the_tables_its_record_declares(real_run):
 
 def test_each_stage_names_its_spark_jobs_and_times_its_phases(real_run):
     groups = set()
-    for log in real_run.events.iterdir():
+    for log in (f for f in real_run.events.rglob("*") if f.is_file() and not f.name.startswith(".")):
         for line in log.open():
+            if not line.startswith("{"):
+                continue
             event = json.loads(line)
             if event["Event"] == "SparkListenerJobStart":
                 groups.add((event.get("Properties") or {}).get("spark.jobGroup.id"))

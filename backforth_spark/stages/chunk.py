@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from pyspark.sql import functions as F
 
 from backforth_spark import schemas as s
@@ -28,15 +30,19 @@ def run(ctx: StageContext) -> dict[str, int]:
         ctx.tables.rows_for_keys(s.DOCUMENTS, pending).select("doc_key", "text").repartition(parts, "doc_key")
     )
     model = resolve_model(ctx.cfg.llm)
+    # one timestamp for every row of this call: with the run id it names what this call inserted
+    written_at = datetime.now(UTC).replace(tzinfo=None)
     chunks = todo.mapInPandas(chunk_documents(model, ctx.cfg.chunk), CHUNK_SCHEMA).select(
         *CHUNK_SCHEMA.fieldNames(),
         F.lit(ctx.run_id).alias("run_id"),
-        F.current_timestamp().alias("written_at"),
+        F.lit(written_at).cast("timestamp").alias("written_at"),
     )
     # No staging table: an insert-only MERGE reads its source once, and the counts below read back the
-    # rows this run inserted (its run_id; Delta's file statistics skip the other runs' files).
+    # rows this call inserted (Delta's file statistics skip every other file by run_id and written_at).
     ctx.tables.merge_insert_new(s.PASSAGES, chunks, ["passage_id"])
-    inserted = ctx.tables.read(s.PASSAGES).where(F.col("run_id") == ctx.run_id)
+    inserted = ctx.tables.read(s.PASSAGES).where(
+        (F.col("run_id") == ctx.run_id) & (F.col("written_at") == F.lit(written_at).cast("timestamp"))
+    )
     with ctx.tables.timed("count passages"):
         by_status = {r["status"]: r["count"] for r in inserted.groupBy("status").count().collect()}
         by_filter = inserted.where(F.col("status") == LOW_QUALITY).groupBy("quality_filter").count().collect()
