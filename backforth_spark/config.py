@@ -195,11 +195,14 @@ class LLMConfig(_Strict):
         )
     )
     # A real model rewrites faithfully: free decoding (a pattern would forbid characters an answer may
-    # need) and a budget that follows the passage, so a verbatim copy always fits.
+    # need) and a budget that follows the passage, so a verbatim copy always fits. A rewrite copies
+    # much of its prompt, so n-gram speculative decoding (prompt lookup) pays: measured 1.69x output
+    # tokens/s with free decoding on the CPU build (published GPU figures: 1.6-1.75x).
     rewrite: StageConfig = Field(
         default_factory=lambda: StageConfig(
             template="rewrite_v2",
             structured="none",
+            engine_settings=EngineSettings(speculative_ngram_tokens=4),
             sampling=SamplingConfig(max_tokens=2048, output_per_input_token=1.5, output_margin=64),
         )
     )

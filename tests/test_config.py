@@ -139,3 +139,10 @@ def test_the_backward_model_example_gives_each_step_its_model():
 def test_a_stage_with_its_own_context_is_checked_against_it():
     with pytest.raises(ConfigError, match=r"llm\.rewrite\.engine_settings\.max_model_len \(1024\)"):
         check_config(load_config(LOCAL_CONF, ["llm.rewrite.engine_settings.max_model_len=1024"]))
+
+
+def test_rewrite_decodes_with_ngram_speculation_in_production_but_not_on_the_stand_in():
+    production = load_config(REPO / "conf" / "databricks.yaml").llm
+    assert production.for_stage("rewrite").speculative_ngram_tokens == 4
+    assert production.for_stage("score").speculative_ngram_tokens is None  # the judge's engine is plain
+    assert load_config(LOCAL_CONF).llm.for_stage("rewrite").speculative_ngram_tokens is None

@@ -231,8 +231,8 @@ def test_curation_policies_and_distillation_baseline_count_what_they_remove(make
     default = "[RES] Bring salted water to a boil, add the pasta, stir it, and cook until tender. [/RES]"
     rw = run_stage(ctx, "rewrite", lambda: ByContent(rewrites, default=default))
     assert rw["rows_in"] == 4  # the score-2 pair was not rewritten
-    grounding = {"invented in 1492": '{"reason": "adds a date", "score": 1}'}
-    run_stage(ctx, "ground", lambda: ByContent(grounding, '{"reason": "ok", "score": 5}'))
+    grounding = {"invented in 1492": "Reason: adds a date\nScore: 1"}  # the stand-in's two-line form
+    run_stage(ctx, "ground", lambda: ByContent(grounding, "Reason: ok\nScore: 5"))
     distilled = run_stage(ctx, "distill", lambda: ScriptedEngine(reply="Use a big pot."))
     assert distilled["rows_out"] == 4
 
