@@ -313,7 +313,7 @@ def main() -> None:
         print(f"datatrove: {dt_s:8.1f} s  {args.docs / dt_s:7.1f} docs/s  kept={kept}")
     ratios = " ".join(f"ratio_{mode}={seconds / dt_s:.2f}" for mode, seconds in ours.items())
     times = " ".join(f"ours_{mode}_s={seconds:.1f}" for mode, seconds in ours.items())
-    floor_s = sum(floors.values())
+    floor_s = sum(floors[name] for name in FLOOR_OF.values())  # the phases that have a floor
     print(f"RESULT n_docs={args.docs} {times} datatrove_s={dt_s:.1f} {ratios} floor_s={floor_s:.1f}")
 
 
