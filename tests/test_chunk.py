@@ -182,6 +182,24 @@ def test_real_tokenizer_passages_fit_when_tokenised_alone():
         assert alone <= 48 and abs(alone - p.n_tokens) <= 2
 
 
+def test_the_tokenizer_read_from_its_file_gives_what_transformers_gives():
+    from transformers import AutoTokenizer
+
+    from backforth_spark.config import load_config
+    from backforth_spark.model import resolve_model
+    from udfs.chunking import HFTokenizer
+
+    model = resolve_model(load_config(REPO / "conf" / "local.yaml").llm)
+    texts = [json.loads(line)["text"] for f in sorted(DOLMA_SAMPLE.glob("*.jsonl")) for line in f.open()]
+    texts += ["<|im_start|>user\nspecial tokens in the text<|im_end|>", "émoji 👍🏽 and\ttabs"]
+    reference = AutoTokenizer.from_pretrained(model).backend_tokenizer
+    ours = HFTokenizer(model)
+    for text in texts:
+        expected = reference.encode(text, add_special_tokens=False)
+        assert ours.token_spans(text) == expected.offsets
+        assert ours.count(text) == len(expected.ids)
+
+
 def test_batched_chunking_gives_each_document_what_chunking_it_alone_gives():
     from backforth_spark.config import load_config
     from backforth_spark.model import resolve_model

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pandas as pd
+from tokenizers import Tokenizer
 
 from backforth_spark.chunking import chunk_texts, passage_id
 from backforth_spark.config import ChunkConfig
@@ -19,7 +21,14 @@ class HFTokenizer:
     edge_tokens = 1
 
     def __init__(self, model: str) -> None:
-        from transformers import AutoTokenizer
+        local = Path(model) / "tokenizer.json"
+        if local.is_file():
+            # The Rust library alone reads a model folder's tokenizer.json: importing transformers (and
+            # torch with it) took 8.8 s and about 1 GB in every Python worker that chunks, to get the
+            # same tokenizer (special tokens aside, which chunking never adds).
+            self.backend = Tokenizer.from_file(str(local))
+            return
+        from transformers import AutoTokenizer  # a hub id, or a folder with only a slow tokenizer
 
         tok = AutoTokenizer.from_pretrained(model)
         if not getattr(tok, "is_fast", False):
