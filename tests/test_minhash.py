@@ -92,3 +92,22 @@ def test_exact_jaccard_of_sorted_arrays_is_the_set_jaccard():
     sx, sy = minhash.shingle_set(x, 5), minhash.shingle_set(y, 5)
     expected = len(sx & sy) / len(sx | sy)
     assert minhash.jaccard_of_arrays(minhash.shingle_hashes(x, 5), minhash.shingle_hashes(y, 5)) == expected
+
+
+def test_shingle_hashes_are_crc32_of_the_joined_words_across_pieces_and_slices():
+    import zlib
+
+    rng = random.Random(11)
+    for _ in range(500):
+        words = [rng.choice(["a", "bb", "ççç", "d", "é𝔘", "x"]) for _ in range(rng.randint(0, 30))]
+        n = rng.randint(1, 6)
+        # the definition: CRC-32 of each run of n words joined by one space (a shorter text: one shingle)
+        if len(words) < n:
+            expected = [zlib.crc32(" ".join(words).encode())] if words else []
+        else:
+            expected = [zlib.crc32(" ".join(words[i : i + n]).encode()) for i in range(len(words) - n + 1)]
+        cuts = sorted(rng.sample(range(len(words) + 1), min(len(words) + 1, rng.randint(0, 4))))
+        pieces = [" ".join(words[a:b]) for a, b in zip([0, *cuts], [*cuts, len(words)], strict=True)]
+        for source in (" ".join(words), [p for p in pieces if p]):
+            slices = minhash.shingle_hash_slices(source, n, size=rng.randint(1, 5))
+            assert [int(h) for s in slices for h in s] == expected, (words, n, pieces)
