@@ -113,7 +113,11 @@ def run_pipeline(
     try:
         for stage in stages:
             summary["failed_stage"] = stage.name
-            reads = {name: (tables.dataset_source(name), tables.version(name)) for name in stage.reads}
+            # the versions of the tables a stage reads, for MLflow's dataset inputs (a Spark job each:
+            # asked only when they are logged)
+            reads = {}
+            if tracker.active:
+                reads = {name: (tables.dataset_source(name), tables.version(name)) for name in stage.reads}
             started, mark, phase_mark = time.perf_counter(), len(tables.read_log), len(tables.phase_log)
             # the stage's Spark jobs carry its name (Spark UI, event log: what each stage read)
             ctx.spark.sparkContext.setJobGroup(stage.name, f"backforth stage {stage.name}")

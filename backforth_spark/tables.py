@@ -186,16 +186,23 @@ class Tables:
         finally:
             self.phase_log.append((phase, time.perf_counter() - started))
 
-    def rows_for_keys(self, name: str, keys: DataFrame, key: str = "doc_key") -> DataFrame:
-        """The rows of table `name` whose `key` is among `keys` (a one-column DataFrame). Finds the runs
-        that wrote them from the key and run_id columns alone, then reads only those runs' rows: each
-        commit writes files of its own run_id, so Delta's file statistics skip every other file, and a
-        refresh reads its few pending rows, not the whole table's text."""
+    def runs_with_keys(self, name: str, keys: DataFrame, key: str = "doc_key") -> list[str]:
+        """The run ids of the rows of table `name` whose `key` is among `keys` (a one-column
+        DataFrame), from the key and run_id columns alone; empty when none of the keys is there."""
         table = self.read(name)
         with self.timed(f"find {name} rows"):
             runs = table.select(key, "run_id").join(keys, key, "left_semi").select("run_id").distinct()
-            run_ids = [r["run_id"] for r in runs.collect()]
-        return table.where(F.col("run_id").isin(run_ids)).join(keys, key, "left_semi")
+            return sorted(r["run_id"] for r in runs.collect())
+
+    def rows_for_keys(
+        self, name: str, keys: DataFrame, key: str = "doc_key", runs: list[str] | None = None
+    ) -> DataFrame:
+        """The rows of table `name` whose `key` is among `keys` (a one-column DataFrame). Finds the runs
+        that wrote them (`runs_with_keys`, unless given), then reads only those runs' rows: each commit
+        writes files of its own run_id, so Delta's file statistics skip every other file, and a refresh
+        reads its few pending rows, not the whole table's text."""
+        run_ids = self.runs_with_keys(name, keys, key) if runs is None else runs
+        return self.read(name).where(F.col("run_id").isin(run_ids)).join(keys, key, "left_semi")
 
     def stage(self, name: str, df: DataFrame) -> DataFrame:
         """Materialise `df` in a staging Delta table (overwritten each time) and read it back. Timed as

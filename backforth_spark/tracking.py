@@ -42,6 +42,11 @@ class Tracker:
         self._mlflow = None
 
     @property
+    def active(self) -> bool:
+        """Whether this run logs to MLflow (tracking enabled, and no MLflow failure so far)."""
+        return self._mlflow is not None
+
+    @property
     def tracking_uri(self) -> str:
         return self.cfg.tracking.tracking_uri or f"sqlite:///{self.cfg.workdir_path / 'mlflow.db'}"
 

@@ -109,7 +109,9 @@ def test_chunk_stage_uses_the_model_tokenizer_and_only_new_representatives(make_
         assert tokenizer.count(r["text"]) <= 64
         assert r["text"] in long_text or r["text"] in docs[1][1]  # a verbatim slice
     assert len([r for r in rows if r["doc_key"] == "cc/a"]) > 1
-    assert chunk_stage.run(ctx)["rows_in"] == 0  # nothing new: nothing chunked twice
+    version = ctx.tables.version(t.PASSAGES)
+    assert chunk_stage.run(ctx) == {"rows_in": 0, "rows_out": 0}  # nothing new: nothing chunked twice
+    assert ctx.tables.version(t.PASSAGES) == version  # and no empty commit
 
 
 def test_overlap_repeats_the_tail_of_the_previous_passage():

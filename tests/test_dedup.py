@@ -104,6 +104,16 @@ def test_new_near_copy_of_an_old_representative_is_dropped_and_signed_once(make_
     assert rows["cc/q"]["is_representative"]
 
 
+def test_a_run_with_every_document_decided_commits_nothing_and_counts_zero(make_ctx):
+    ctx = make_ctx()
+    add_documents(ctx, [("cc/m", _words(300)), ("cc/n", _words(300, 1000))])
+    dedup.run(ctx)
+    versions = [ctx.tables.version(name) for name in (t.DEDUP, t.MINHASH)]
+    again = dedup.run(ctx)
+    assert (again["rows_in"], again["near_duplicates"], again["signatures_computed"]) == (0, 0, 0)
+    assert [ctx.tables.version(name) for name in (t.DEDUP, t.MINHASH)] == versions
+
+
 def test_near_dedup_quality_on_planted_duplicates(make_ctx):
     """Recall >= 0.95 on pairs with true Jaccard >= 0.85 (both in one cluster), precision >= 0.95 among
     the reported (duplicate, representative) pairs, and agreement with datasketch's MinHashLSH."""

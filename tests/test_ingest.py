@@ -150,10 +150,13 @@ def test_ingest_accounts_for_every_line_and_is_idempotent(make_ctx, tmp_path):
         ]
     )
 
+    versions = [ctx.tables.version(name) for name in (t.DOCUMENTS, t.QUARANTINE, t.INPUT_FILES)]
     again = ingest_stage.run(replace(ctx, inputs=(str(tmp_path / "in"),)))
     assert (again["files_read"], again["files_known"], again["lines"]) == (0, 2, 0)
     assert ctx.tables.read(t.DOCUMENTS).count() == 5
     assert ctx.tables.read(t.QUARANTINE).count() == 5
+    # nothing new to read: no commit to any table
+    assert [ctx.tables.version(name) for name in (t.DOCUMENTS, t.QUARANTINE, t.INPUT_FILES)] == versions
 
 
 def test_a_refresh_reads_new_and_changed_files_and_retries_an_unreadable_one(make_ctx, tmp_path):

@@ -25,10 +25,13 @@ def run(ctx: StageContext) -> dict[str, int]:
     # Spread over several tasks per core by key: the documents' own file splits can be far apart in
     # size (a 128 MB row group beside a 22 MB one), and one task tokenising most of the text would
     # leave the other cores idle (measured: 88% of 100k documents' passages from one task).
+    runs = ctx.tables.runs_with_keys(s.DOCUMENTS, pending)
+    if not runs:
+        ctx.tables.ensure(s.PASSAGES)
+        return {"rows_in": 0, "rows_out": 0}  # nothing new: no Python workers, no empty commit
     parts = ctx.spark.sparkContext.defaultParallelism * TASKS_PER_CORE
-    todo = (
-        ctx.tables.rows_for_keys(s.DOCUMENTS, pending).select("doc_key", "text").repartition(parts, "doc_key")
-    )
+    todo = ctx.tables.rows_for_keys(s.DOCUMENTS, pending, runs=runs)
+    todo = todo.select("doc_key", "text").repartition(parts, "doc_key")
     model = resolve_model(ctx.cfg.llm)
     # one timestamp for every row of this call: with the run id it names what this call inserted
     written_at = datetime.now(UTC).replace(tzinfo=None)

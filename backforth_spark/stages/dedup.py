@@ -42,9 +42,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     require_columns(docs, ["doc_key", "text", "url"], s.DOCUMENTS)
     decided = ctx.tables.read(s.DEDUP)
     old_reps = decided.where("is_representative").select("doc_key", "norm_hash")
-    undecided = ctx.tables.rows_for_keys(
-        s.DOCUMENTS, docs.select("doc_key").join(decided.select("doc_key"), "doc_key", "left_anti")
-    )
+    pending = docs.select("doc_key").join(decided.select("doc_key"), "doc_key", "left_anti")
+    runs = ctx.tables.runs_with_keys(s.DOCUMENTS, pending)
+    if not runs:
+        # nothing new (a scheduled refresh after a quiet day): no jobs, no empty commits
+        for name in (s.DEDUP, s.MINHASH) if cfg.near else (s.DEDUP,):
+            ctx.tables.ensure(name)
+        return nothing_new(cfg.near)
+    undecided = ctx.tables.rows_for_keys(s.DOCUMENTS, pending, runs=runs)
     if cfg.near:
         # one pass over the text: the exact hash and the MinHash signature from one normalisation
         new = undecided.select("doc_key", "url", "text").mapInPandas(hashes_and_signatures(cfg), NEW_SCHEMA)
@@ -119,6 +124,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return counts
 
 
+def nothing_new(near: bool) -> dict[str, Any]:
+    """The counts of a run that found every document decided already."""
+    counts: dict[str, Any] = {"rows_in": 0, "rows_out": 0}
+    counts |= {f"{reason}_duplicates": 0 for reason in (EXACT, URL, NEAR)} | {"dedup_rate": 0.0}
+    if near:
+        near_counts = ("signatures_computed", "oversized_buckets", "candidate_pairs", "verified_pairs")
+        counts |= dict.fromkeys((*near_counts, "cc_rounds"), 0)
+    return counts
+
+
 def _decisions(df, reason: str, similarity: float | None):
     sim = F.col("similarity") if "similarity" in df.columns else F.lit(similarity).cast("double")
     return df.select(
@@ -152,14 +167,15 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         n_new = survivors.count()
 
     # the pool: old representatives (priority 0) and the new survivors (priority 1)
-    pool = (
+    nodes = (
         decided.where("is_representative")
         .select("doc_key", F.lit(0).alias("prio"))
         .unionByName(survivors.select("doc_key", F.lit(1).alias("prio")))
-        .join(ctx.tables.read(s.MINHASH).select("doc_key", "signature", "bands"), "doc_key")
     )
+    pool = nodes.join(ctx.tables.read(s.MINHASH).select("doc_key", "bands"), "doc_key")
     bands = pool.select("doc_key", "prio", F.posexplode("bands").alias("band", "h"))
-    if decided.where("is_representative").limit(1).count():
+    refresh = bool(decided.where("is_representative").limit(1).count())
+    if refresh:
         # a refresh: old representatives' band rows only in buckets a new document falls in, so the
         # grouping below costs what is new, not the corpus (new rows are few: broadcast them when
         # they fit, about 16 bytes per band row)
@@ -167,7 +183,9 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         if n_new * cfg.bands <= BROADCAST_BAND_ROWS:
             touched = F.broadcast(touched)
         old = bands.where("prio = 0").join(touched, ["band", "h"], "left_semi")
-        bands = bands.where("prio = 1").unionByName(old)
+        # kept: the buckets, their pairs and their stars below all read these few rows, which would
+        # otherwise each scan every stored band again
+        bands = bands.where("prio = 1").unionByName(old).persist(StorageLevel.MEMORY_AND_DISK)
     buckets = (
         bands.groupBy("band", "h")
         .agg(
@@ -199,7 +217,15 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     )
     # staged: the verification below reads back only the documents these pairs name
     edges = ctx.tables.stage("dedup_candidates", pairs.unionByName(stars).distinct())
-    sig = pool.select("doc_key", "signature")
+    if refresh:
+        bands.unpersist()
+    ends = edges.select(F.col("src").alias("doc_key")).union(edges.select(F.col("dst").alias("doc_key")))
+    ends = ends.distinct()
+    # the signatures of the documents the pairs name, read once (every label below names one of them)
+    sig = ctx.tables.stage(
+        "dedup_signatures",
+        ctx.tables.read(s.MINHASH).select("doc_key", "signature").join(ends, "doc_key", "left_semi"),
+    )
     scored = (
         edges.join(sig.withColumnRenamed("doc_key", "src").withColumnRenamed("signature", "sig_src"), "src")
         .join(sig.withColumnRenamed("doc_key", "dst").withColumnRenamed("signature", "sig_dst"), "dst")
@@ -207,8 +233,7 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         .drop("sig_src", "sig_dst")
     )
     if cfg.verify == "exact":
-        ends = edges.select(F.col("src").alias("doc_key")).union(edges.select(F.col("dst").alias("doc_key")))
-        text = ctx.tables.rows_for_keys(s.DOCUMENTS, ends.distinct()).select("doc_key", "text")
+        text = ctx.tables.rows_for_keys(s.DOCUMENTS, ends).select("doc_key", "text")
         scored = (
             scored.join(text.withColumnRenamed("doc_key", "src").withColumnRenamed("text", "t_src"), "src")
             .join(text.withColumnRenamed("doc_key", "dst").withColumnRenamed("text", "t_dst"), "dst")
@@ -226,7 +251,7 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     verified = candidates.where("passed").select("src", "dst", "similarity")
 
     with ctx.tables.timed("components"):
-        labels, rounds = _components(ctx, verified, pool.select("doc_key", "prio"), cfg.max_iterations)
+        labels, rounds = _components(ctx, verified, nodes, cfg.max_iterations)
     counts["cc_rounds"] = rounds
     near = labels.where((F.col("prio") == 1) & (F.col("label.doc_key") != F.col("doc_key"))).select(
         "doc_key", F.col("label.doc_key").alias("cluster_id")

@@ -135,9 +135,11 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     todo = pending(ctx, task, candidates, spec).select(*task.input_columns, "previous")
     # Freeze what this run owes before any generation starts; `h` spreads it over commit slices.
     todo = ctx.tables.stage(f"{task.name}_todo", todo.withColumn("h", F.abs(F.xxhash64("passage_id"))))
-    retried = {r[0]: r[1] for r in todo.where("previous IS NOT NULL").groupBy("previous").count().collect()}
+    # one job for both: what is owed, and what of it is a retry (by the last try's status)
+    owed = {r[0]: r[1] for r in todo.groupBy("previous").count().collect()}
+    retried = {status: n for status, n in owed.items() if status is not None}
     todo = todo.drop("previous")
-    n_todo = todo.count()
+    n_todo = sum(owed.values())
     slices = -(-n_todo // llm.commit_rows) if llm.commit_rows and n_todo > llm.commit_rows else 1
     counts: dict[str, int | float] = {"rows_in": n_candidates, "generated": n_todo, "commits": 0}
     # what this run generates again, by the status of the last try (see final_statuses for what is not)

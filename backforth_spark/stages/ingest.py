@@ -69,13 +69,17 @@ def other_files(spark: SparkSession, cfg: IngestConfig, inputs: list[str] | tupl
     return skipped
 
 
-def unread_files(ctx: StageContext, listing: DataFrame) -> DataFrame:
-    """The listed files (input_file, length, modified_ms) not in `input_files` with that size and time."""
+def unread_files(ctx: StageContext, listing: DataFrame) -> tuple[list, int]:
+    """The listed files (input_file, length, modified_ms) not in `input_files` with that size and time,
+    and how many files were listed. The folders are listed once: the listing is tagged with whether
+    each file is known, and that small table comes back to the driver."""
     listed = listing.select(
         F.col("path").alias("input_file"), "length", F.unix_millis("modificationTime").alias("modified_ms")
     )
-    known = ctx.tables.read(s.INPUT_FILES).select(*s.names(s.INPUT_FILES_COLUMNS))
-    return listed.join(known, s.names(s.INPUT_FILES_COLUMNS), "left_anti")
+    columns = s.names(s.INPUT_FILES_COLUMNS)
+    known = ctx.tables.read(s.INPUT_FILES).select(*columns, F.lit(True).alias("_known"))
+    rows = listed.join(known, columns, "left").collect()
+    return [r for r in rows if not r["_known"]], len(rows)
 
 
 # Later occurrences of a repeated key, up to this many, are dropped by a broadcast anti-join
@@ -101,10 +105,19 @@ def run(ctx: StageContext) -> dict[str, int]:
     spark, cfg = ctx.spark, ctx.cfg
     listing = input_files(spark, cfg.ingest, ctx.inputs)
     with ctx.tables.timed("list files"):
-        todo = unread_files(ctx, listing).collect()
-        n_listed = listing.count()
-    todo_df = spark.createDataFrame(todo, struct(s.INPUT_FILES_COLUMNS)) if todo else None
-    files = spread_files(spark, [(r["input_file"], r["length"]) for r in todo])
+        todo, n_listed = unread_files(ctx, listing)
+    skipped = other_files(spark, cfg.ingest, ctx.inputs)
+    if not todo:
+        # a refresh with nothing new: no Python workers, no empty commits (the tables exist after it)
+        for name in (s.DOCUMENTS, s.QUARANTINE, s.INPUT_FILES):
+            ctx.tables.ensure(name)
+        counts = dict.fromkeys(
+            ("rows_in", "rows_out", "lines", "documents", "quarantined", "repeated_ids"), 0
+        )
+        return {**counts, "files_read": 0, "files_known": n_listed, "skipped_files": skipped}
+    todo = [(r["input_file"], r["length"], r["modified_ms"]) for r in todo]
+    todo_df = spark.createDataFrame(todo, struct(s.INPUT_FILES_COLUMNS))
+    files = spread_files(spark, [(path, size) for path, size, _ in todo])
     parsed = files.mapInPandas(parse_files(cfg.ingest), PARSED_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         lineage = [F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")]
@@ -121,10 +134,9 @@ def run(ctx: StageContext) -> dict[str, int]:
         ctx.tables.merge_insert_new(s.QUARANTINE, quarantine, ["input_file", "line_number"])
         # last, once every line is committed: a file is read again unless it is recorded here, and a
         # file that could not be read (whole or in part) is not recorded, so the next run retries it
-        if todo_df is not None:
-            unreadable = parsed.where(F.col("reason") == UNREADABLE_FILE).select("input_file")
-            read_through = todo_df.join(unreadable, "input_file", "left_anti").select("*", *lineage)
-            ctx.tables.merge_insert_new(s.INPUT_FILES, read_through, s.names(s.INPUT_FILES_COLUMNS))
+        unreadable = parsed.where(F.col("reason") == UNREADABLE_FILE).select("input_file")
+        read_through = todo_df.join(unreadable, "input_file", "left_anti").select("*", *lineage)
+        ctx.tables.merge_insert_new(s.INPUT_FILES, read_through, s.names(s.INPUT_FILES_COLUMNS))
     finally:
         parsed.unpersist()
     return {
@@ -136,5 +148,5 @@ def run(ctx: StageContext) -> dict[str, int]:
         "repeated_ids": n_docs_parsed - new_docs,
         "files_read": len(todo),
         "files_known": n_listed - len(todo),  # read by an earlier run, unchanged since
-        "skipped_files": other_files(spark, cfg.ingest, ctx.inputs),
+        "skipped_files": skipped,
     }
