@@ -184,14 +184,14 @@ class LLMConfig(_Strict):
     max_attempts: int = Field(3, ge=1)
     backtranslate: StageConfig = Field(
         default_factory=lambda: StageConfig(
-            template="backtranslate_v2",
+            template="backtranslate_v3",
             structured="none",
             sampling=SamplingConfig(temperature=1.0, top_p=0.9, max_tokens=128),
         )
     )
     score: StageConfig = Field(
         default_factory=lambda: StageConfig(
-            template="score_v2", structured="json", sampling=SamplingConfig(max_tokens=256)
+            template="score_v3", structured="json", sampling=SamplingConfig(max_tokens=256)
         )
     )
     # A real model rewrites faithfully: free decoding (a pattern would forbid characters an answer may
@@ -200,7 +200,7 @@ class LLMConfig(_Strict):
     # tokens/s with free decoding on the CPU build (published GPU figures: 1.6-1.75x).
     rewrite: StageConfig = Field(
         default_factory=lambda: StageConfig(
-            template="rewrite_v2",
+            template="rewrite_v3",
             structured="none",
             engine_settings=EngineSettings(speculative_ngram_tokens=4),
             sampling=SamplingConfig(max_tokens=2048, output_per_input_token=1.5, output_margin=64),

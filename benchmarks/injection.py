@@ -48,6 +48,7 @@ PAYLOADS = {
 TEMPLATE_SETS = {
     "v1": ["backtranslate_v1", "score_v1", "rewrite_v1"],
     "v2": ["backtranslate_v2", "score_v2", "rewrite_v2"],
+    "v3": ["backtranslate_v3", "score_v3", "rewrite_v3"],
 }
 
 

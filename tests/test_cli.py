@@ -228,6 +228,28 @@ def test_documents_whose_old_keys_collided_both_reach_the_export(tmp_path, spark
     ]
 
 
+def test_the_production_templates_carry_pairs_through_every_llm_stage_to_the_export(tmp_path, spark):
+    # the _v3 layout (marker named after the fixed text) with a model that answers each stage as asked:
+    # the stages find their inputs in the prompts and the parsers read the replies
+    text = (
+        "Feed a sourdough starter once a day with equal weights of flour and water, and keep it in a jar "
+        "at room temperature. Discard half before each feeding so the acidity stays in balance and the "
+        "jar does not overflow. A healthy starter doubles within six to eight hours of a feeding."
+    )
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "docs.jsonl").write_text(json.dumps({"source": "cc", "id": "a", "text": text}) + "\n")
+    v3 = [f"llm.{stage}.template={stage}_v3" for stage in ("backtranslate", "score", "rewrite")]
+    cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path / 'work'}", "tracking.enabled=false",
+                                   "chunk.min_words=null", "dedup.near=false", *v3])  # fmt: skip
+    summary = run_pipeline(cfg, [str(tmp_path / "in")], select(None, cfg), echo=lambda _: None,
+                           engine_factory=StageAware)  # fmt: skip
+    assert summary["error"] is None, summary["error"]
+    assert all(summary["stages"][stage]["rows_out"] == 1 for stage in ("backtranslate", "score", "rewrite"))
+    export = Path(summary["export"]["path"])
+    [pair] = [json.loads(line) for f in export.glob("data/*.jsonl") for line in f.open()]
+    assert pair["messages"][-1]["content"] == text  # the draft, copied from its fenced block
+
+
 def test_a_refresh_with_nothing_new_does_no_llm_work_and_says_so(real_run, tmp_path, capsys):
     work = copy_run(real_run, tmp_path / "work")
     summary = tmp_path / "summary.json"

@@ -1,6 +1,6 @@
 import pytest
 
-from backforth_spark.config import ConfigError, load_config
+from backforth_spark.config import Config, ConfigError, load_config
 from backforth_spark.generation import check_config
 from tests.conftest import LOCAL_CONF, REPO
 
@@ -146,3 +146,10 @@ def test_rewrite_decodes_with_ngram_speculation_in_production_but_not_on_the_sta
     assert production.for_stage("rewrite").speculative_ngram_tokens == 4
     assert production.for_stage("score").speculative_ngram_tokens is None  # the judge's engine is plain
     assert load_config(LOCAL_CONF).llm.for_stage("rewrite").speculative_ngram_tokens is None
+
+
+def test_production_prompts_put_fixed_text_first_and_the_stand_in_keeps_v2():
+    production, stand_in = Config(), load_config(LOCAL_CONF)
+    for stage in ("backtranslate", "score", "rewrite"):
+        assert production.llm.stage(stage).template == f"{stage}_v3"
+        assert stand_in.llm.stage(stage).template == f"{stage}_v2"
