@@ -64,6 +64,11 @@ class DedupConfig(_Strict):
     pairwise_bucket_size: int = Field(
         32, ge=2, description="buckets up to this size give every candidate pair; larger ones star edges"
     )
+    # Verified pairs up to this many are collected and joined into components on the driver (about 300
+    # bytes each in Python); more, and label propagation runs in Spark, two jobs per round.
+    driver_components_max_edges: int = Field(
+        500_000, ge=0, description="verified pairs up to which components are found on the driver; 0: never"
+    )
     # Components converge in rounds that grow with the log of their size (pointer jumping); None: no cap.
     max_iterations: int | None = Field(None, ge=1, description="connected-components rounds before giving up")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from delta import exceptions as delta_errors
 from delta.tables import DeltaTable
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -227,10 +228,36 @@ class Tables:
             if table.name.startswith(self._staging_prefix):
                 self.spark.sql(f"DROP TABLE IF EXISTS {self.catalog_schema}.{table.name}")
 
-    def _commit(self, name: str, build) -> dict[str, int]:
-        """Build and execute a MERGE; returns its metrics (num_inserted_rows, num_updated_rows, ...).
-        When a concurrent writer commits first (Delta's optimistic concurrency), rebuild it on the new
-        snapshot and try again. The MERGEs are keyed, so a retry never duplicates a row."""
+    def _create_with(self, name: str, df: DataFrame) -> int | None:
+        """Create table `name` holding `df`'s rows if it does not exist yet; returns how many rows, or
+        None when the table exists (or another writer created it first), for the caller to MERGE.
+
+        Into a table that does not exist, a MERGE is an empty commit to create it, then a join with
+        nothing and a second commit: a second or two of fixed cost on every stage's first run."""
+        if self.exists(name):
+            return None
+        rows = df.select(self.schemas[name].fieldNames())  # the declared columns, in their order
+        try:
+            with self.timed(f"create {name}"):
+                # "error": fails if the table appeared since; two creators racing for version 0 make
+                # Delta refuse the second commit
+                self._save(rows, self.location(name), "error")
+        except (AnalysisException, *_CONFLICTS):
+            if self.exists(name):
+                return None
+            raise
+        # version 0 is this write: its commit counted the rows (no job over them)
+        first = self._delta(name).history().where("version = 0").first()
+        return int(first["operationMetrics"]["numOutputRows"])
+
+    def _commit(self, name: str, df: DataFrame, build) -> dict[str, int]:
+        """Build and execute a MERGE of `df`; returns its metrics (num_inserted_rows, num_updated_rows,
+        ...). A table that does not exist yet is created holding `df`'s rows instead. When a concurrent
+        writer commits first (Delta's optimistic concurrency), rebuild the MERGE on the new snapshot and
+        try again. The MERGEs are keyed, so a retry never duplicates a row."""
+        created = self._create_with(name, df)
+        if created is not None:
+            return {"num_inserted_rows": created, "num_updated_rows": 0}
         for attempt in range(self.merge_retries + 1):
             try:
                 with self.timed(f"merge {name}"):
@@ -248,13 +275,14 @@ class Tables:
 
     def merge_insert_new(self, name: str, df: DataFrame, keys: list[str]) -> int:
         """Insert rows whose key is not in the table yet (idempotent append); returns how many."""
-        metrics = self._commit(name, lambda: self._merge(name, df, keys).whenNotMatchedInsertAll())
+        metrics = self._commit(name, df, lambda: self._merge(name, df, keys).whenNotMatchedInsertAll())
         return int(metrics.get("num_inserted_rows", 0))
 
     def merge_upsert_unless_ok(self, name: str, df: DataFrame, keys: list[str]) -> dict[str, int]:
         """Insert new keys; replace an existing row only if it is not `ok` (a retry)."""
         self._commit(
             name,
+            df,
             lambda: (
                 self._merge(name, df, keys)
                 .whenMatchedUpdateAll(condition="t.status <> 'ok'")

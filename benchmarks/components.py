@@ -6,8 +6,11 @@ Each chain is N documents of 200 words, each the one before with two words repla
 near duplicates (Jaccard about 0.9 on 5-gram shingles) while the ends share nothing: a component whose
 diameter grows with N (about N/2 here, since documents two steps apart are still near copies). Min-label
 propagation alone needs about that many rounds; with pointer jumping the rounds grow with log N.
-Runs the dedup stage (local Spark, Delta tables in a temporary folder) and prints, per chain, the rounds,
-the clusters found (1 is right) and the wall time; last line: RESULT chains=... rounds=... wall_s=...
+Runs the dedup stage (local Spark, Delta tables in a temporary folder) twice per chain: components by
+label propagation in Spark (`dedup.driver_components_max_edges=0`), then by union-find on the driver
+(the default for graphs up to that many verified pairs). Prints, per chain and path, the rounds, the
+clusters found (1 is right) and the stage's wall time; last line:
+RESULT chains=... rounds=... clusters=... wall_s=... driver_clusters=... driver_wall_s=...
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ def drifting_chain(n: int, words: int = 200, step: int = 2, seed: int = 3) -> li
     return docs
 
 
-def run_chain(n: int, root: Path) -> dict:
-    cfg = load_config(REPO / "conf" / "local.yaml", [f"workdir={root / str(n)}", "tracking.enabled=false"])
+def run_chain(n: int, root: Path, max_edges: int) -> dict:
+    overrides = [f"workdir={root / f'{n}-{max_edges}'}", "tracking.enabled=false"]
+    overrides.append(f"dedup.driver_components_max_edges={max_edges}")
+    cfg = load_config(REPO / "conf" / "local.yaml", overrides)
     ctx = context_for(cfg, f"bench-{n}")
     ctx.spark.sparkContext.setLogLevel("ERROR")
     rows = [(k, "cc", k.split("/")[1], text, None, None, None, None, "bench", i + 1) for i, (k, text) in
@@ -62,16 +67,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chains", type=int, nargs="+", default=[100, 1000, 10000])
     args = parser.parse_args()
-    results = []
+    spark_path, driver_path = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.chains:
-            result = run_chain(n, Path(tmp))
-            print(f"chain of {n:>6} documents: {result['rounds']} rounds, {result['clusters']} cluster(s), "
-                  f"dedup stage {result['wall_s']} s", flush=True)  # fmt: skip
-            results.append(result)
-    join = lambda key: "/".join(str(r[key]) for r in results)  # noqa: E731
-    figures = " ".join(f"{k}={join(k)}" for k in ("rounds", "clusters", "wall_s"))
-    print(f"RESULT chains={join('docs')} {figures}")
+            for label, max_edges, results in (("spark", 0, spark_path), ("driver", 10**9, driver_path)):
+                result = run_chain(n, Path(tmp), max_edges)
+                print(
+                    f"chain of {n:>6} documents, components on the {label:<6}: {result['rounds']} rounds, "
+                    f"{result['clusters']} cluster(s), dedup stage {result['wall_s']} s",
+                    flush=True,
+                )
+                results.append(result)
+    join = lambda results, key: "/".join(str(r[key]) for r in results)  # noqa: E731
+    figures = " ".join(f"{k}={join(spark_path, k)}" for k in ("rounds", "clusters", "wall_s"))
+    figures += " " + " ".join(f"driver_{k}={join(driver_path, k)}" for k in ("clusters", "wall_s"))
+    print(f"RESULT chains={join(spark_path, 'docs')} {figures}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from itertools import combinations
 from pyspark.testing import assertDataFrameEqual
 
 from backforth_spark import schemas as t
+from backforth_spark.components import NEW, OLD, near_labels
 from backforth_spark.stages import dedup
 from tests import near_dup_corpus
 from tests.conftest import DOLMA_SAMPLE, add_documents
@@ -74,7 +75,7 @@ def drifting_chain(n: int, words: int = 200, step: int = 2, seed: int = 3) -> li
 
 
 def test_a_long_chain_of_drifting_near_copies_ends_in_one_cluster(make_ctx):
-    ctx = make_ctx()
+    ctx = make_ctx("dedup.driver_components_max_edges=0")  # label propagation in Spark
     docs = drifting_chain(400)
     first, last = set(docs[0][1].split()), set(docs[-1][1].split())
     assert len(first & last) < 40  # the ends are not near duplicates of each other
@@ -86,6 +87,25 @@ def test_a_long_chain_of_drifting_near_copies_ends_in_one_cluster(make_ctx):
     clusters = {r["doc_key"]: r["cluster_id"] for r in ctx.tables.read(t.DEDUP).collect()}
     assert {clusters[k] for k, _ in docs} == {"cc/chain00000"}  # the smallest key represents the chain
     assert clusters["cc/zz-other"] == "cc/zz-other"
+
+
+def test_components_in_spark_and_on_the_driver_agree(make_ctx, spark):
+    rng = random.Random(11)
+    keys = [f"d{i:03d}" for i in range(80)]
+    prio = {k: OLD if rng.random() < 0.15 else NEW for k in keys}
+    edges = set()
+    while len(edges) < 90:
+        a, b = sorted(rng.sample(keys, 2))
+        if NEW in (prio[a], prio[b]):  # the stage never pairs two old representatives
+            edges.add((a, b))
+    expected = near_labels((a, prio[a], b, prio[b]) for a, b in edges)
+    edges_df = spark.createDataFrame(sorted(edges), "src string, dst string")
+    nodes = spark.createDataFrame(sorted(prio.items()), "doc_key string, prio int")
+    labels, _ = dedup._components(make_ctx(), edges_df, nodes, None)
+    got = {
+        r["doc_key"]: (r["label"]["prio"], r["label"]["doc_key"]) for r in labels.where("prio = 1").collect()
+    }
+    assert got == expected and len({v for v in expected.values()}) > 3
 
 
 def test_new_near_copy_of_an_old_representative_is_dropped_and_signed_once(make_ctx):

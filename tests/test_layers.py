@@ -18,6 +18,7 @@ CORE = {
     "backforth_spark.config",
     "backforth_spark.text",
     "backforth_spark.minhash",
+    "backforth_spark.components",
     "backforth_spark.dolma",
     "backforth_spark.chunking",
     "backforth_spark.prompts",

@@ -49,9 +49,10 @@ def test_stages_run_on_catalog_tables(spark, tmp_path):
         assert spark.catalog.tableExists(f"spark_catalog.{schema}.{name}")
     assert not (tmp_path / "work" / "tables").exists()
     assert spark.table(f"spark_catalog.{schema}.instructions").where("status = 'ok'").count() == 10
-    # time travel by version, as the export and MLflow lineage use it
-    assert catalog.version(t.DOCUMENTS) >= 1
-    assert catalog.read(t.DOCUMENTS, version=0).count() == 0  # the empty table ensure() created
+    # time travel by version, as the export and MLflow lineage use it: the first ingest created the
+    # table holding its documents (version 0), dedup's MERGE of decisions came on top of its own
+    assert catalog.version(t.DOCUMENTS) == 0
+    assert catalog.read(t.DOCUMENTS, version=0).count() == 10
 
     staged = [
         x.name for x in spark.catalog.listTables(f"spark_catalog.{schema}") if x.name.startswith("_staging")
@@ -88,3 +89,38 @@ def test_rows_for_keys_returns_their_rows_and_opens_only_the_files_of_their_runs
     for f in first_files:  # the first run's files are gone: reading any of them would fail
         f.unlink()
     assert sorted((r["input_file"], r["run_id"]) for r in found.collect()) == [("d", "r2"), ("e", "r2")]
+
+
+def _input_files(spark, run_id: str, names: list[str]):
+    from pyspark.sql import functions as F
+
+    df = spark.createDataFrame([(n, 1, 0) for n in names], tables.struct(t.INPUT_FILES_COLUMNS))
+    return df.select("*", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("written_at"))
+
+
+def test_first_write_creates_the_table_in_one_commit_holding_the_rows(spark, tmp_path):
+    store = tables.Tables(spark, tmp_path / "tables")
+    assert store.merge_insert_new(t.INPUT_FILES, _input_files(spark, "r1", ["a", "b"]), ["input_file"]) == 2
+    assert store.version(t.INPUT_FILES) == 0  # no empty commit before the rows
+    assert [f.name for f in store.read(t.INPUT_FILES).schema] == store.schemas[t.INPUT_FILES].fieldNames()
+    # the next write is a keyed MERGE: only the new key goes in
+    assert store.merge_insert_new(t.INPUT_FILES, _input_files(spark, "r2", ["b", "c"]), ["input_file"]) == 1
+    rows = sorted((r["input_file"], r["run_id"]) for r in store.read(t.INPUT_FILES).collect())
+    assert rows == [("a", "r1"), ("b", "r1"), ("c", "r2")]
+
+
+def test_a_table_created_by_another_writer_meanwhile_is_merged_into(spark, tmp_path, monkeypatch):
+    store = tables.Tables(spark, tmp_path / "tables")
+    store.merge_insert_new(t.INPUT_FILES, _input_files(spark, "other", ["a"]), ["input_file"])
+    # this writer looked before the other created the table: it saw none, and its create is refused
+    looked = []
+    real_exists = tables.Tables.exists
+
+    def exists_after_first_look(self, name):
+        looked.append(name)
+        return len(looked) > 1 and real_exists(self, name)
+
+    monkeypatch.setattr(tables.Tables, "exists", exists_after_first_look)
+    n = store.merge_insert_new(t.INPUT_FILES, _input_files(spark, "mine", ["a", "b"]), ["input_file"])
+    rows = sorted((r["input_file"], r["run_id"]) for r in store.read(t.INPUT_FILES).collect())
+    assert (n, rows) == (1, [("a", "other"), ("b", "mine")])

@@ -18,6 +18,7 @@ from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from backforth_spark import schemas as s
+from backforth_spark.components import near_labels
 from backforth_spark.context import StageContext
 from backforth_spark.tables import require_columns, struct
 from udfs.text import estimated_jaccard_udf, exact_jaccard, hashes_and_signatures, norm_hash_udf
@@ -157,13 +158,12 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         .join(ctx.tables.read(s.MINHASH).select("doc_key"), "doc_key", "left_anti")
         .join(new.select("doc_key", "signature", "bands"), "doc_key")
     )
-    staged = ctx.tables.stage(
-        s.MINHASH,
-        sigs.select("*", F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")),
-    )
-    ctx.tables.merge_insert_new(s.MINHASH, staged, ["doc_key"])
-    with ctx.tables.timed("count signatures"):
-        counts: dict[str, Any] = {"signatures_computed": staged.count()}
+    # straight from the persisted signatures (an insert-only MERGE reads its source once); the MERGE
+    # counts what it inserted
+    sigs = sigs.select("*", F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at"))
+    counts: dict[str, Any] = {}
+    counts["signatures_computed"] = ctx.tables.merge_insert_new(s.MINHASH, sigs, ["doc_key"])
+    with ctx.tables.timed("count survivors"):
         n_new = survivors.count()
 
     # the pool: old representatives (priority 0) and the new survivors (priority 1)
@@ -251,11 +251,13 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     verified = candidates.where("passed").select("src", "dst", "similarity")
 
     with ctx.tables.timed("components"):
-        labels, rounds = _components(ctx, verified, nodes, cfg.max_iterations)
-    counts["cc_rounds"] = rounds
-    near = labels.where((F.col("prio") == 1) & (F.col("label.doc_key") != F.col("doc_key"))).select(
-        "doc_key", F.col("label.doc_key").alias("cluster_id")
-    )
+        if counts["verified_pairs"] <= cfg.driver_components_max_edges:
+            near, rounds = _components_on_driver(ctx, verified, nodes), 0
+        else:
+            labels, rounds = _components(ctx, verified, nodes, cfg.max_iterations)
+            near = labels.where((F.col("prio") == 1) & (F.col("label.doc_key") != F.col("doc_key")))
+            near = near.select("doc_key", F.col("label.doc_key").alias("cluster_id"))
+    counts["cc_rounds"] = rounds  # 0: the components were found on the driver
     # similarity to the representative, estimated from the signatures
     near = (
         near.join(sig.withColumnRenamed("signature", "sig_doc"), "doc_key")
@@ -268,6 +270,21 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         .select("doc_key", "norm_hash", "cluster_id", "similarity")
     )
     return near, counts
+
+
+def _components_on_driver(ctx: StageContext, edges, nodes):
+    """(doc_key, cluster_id) of the new documents that are near duplicates, by union-find on the
+    driver (backforth_spark/components.py) over the collected pairs: one job instead of two per
+    round of label propagation."""
+    prio = nodes.select("doc_key", "prio")
+    ends = (
+        edges.join(prio.toDF("src", "src_prio"), "src")
+        .join(prio.toDF("dst", "dst_prio"), "dst")
+        .select("src", "src_prio", "dst", "dst_prio")
+    )
+    labels = near_labels((r[0], r[1], r[2], r[3]) for r in ends.collect())
+    near = [(key, label[1]) for key, label in sorted(labels.items()) if label[1] != key]
+    return ctx.spark.createDataFrame(near, "doc_key string, cluster_id string")
 
 
 def _checkpoint(ctx: StageContext, df):

@@ -181,14 +181,18 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     counts["generate_s"], counts["merge_s"] = round(gen_s, 2), round(merge_s, 2)
     current = ctx.tables.read(task.table).where(F.col("fingerprint") == spec.fingerprint)
     this_run = F.col("run_id") == ctx.run_id
-    rows = current.groupBy("status").agg(
+    # one job for the statuses, this run's tokens and (a judge's) the histogram of ok scores
+    by = ["status", "score"] if task.judge else ["status"]
+    rows = current.groupBy(*by).agg(
         F.count("*").alias("count"),
         F.sum(F.when(this_run, F.col("prompt_tokens"))).alias("tokens_in"),
         F.sum(F.when(this_run, F.col("completion_tokens"))).alias("tokens_out"),
     )
-    by_status, tokens_in, tokens_out = {}, 0, 0
+    by_status, scores, tokens_in, tokens_out = {}, {}, 0, 0
     for r in rows.collect():
-        by_status[r["status"]] = r["count"]
+        by_status[r["status"]] = by_status.get(r["status"], 0) + r["count"]
+        if task.judge and r["status"] == "ok":
+            scores[r["score"]] = r["count"]
         tokens_in += r["tokens_in"] or 0
         tokens_out += r["tokens_out"] or 0
     counts["rows_out"] = by_status.get("ok", 0)
@@ -206,7 +210,5 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     counts["tokens_per_accelerator_s"] = (
         round(tokens_out / counts["accelerator_s"], 1) if counts["accelerator_s"] else 0.0
     )
-    if task.judge:
-        hist = current.where("status = 'ok'").groupBy("score").count().collect()
-        counts.update({f"score_{r['score']}": r["count"] for r in sorted(hist, key=lambda r: r["score"])})
+    counts.update({f"score_{score}": n for score, n in sorted(scores.items())})
     return counts

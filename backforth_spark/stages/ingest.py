@@ -131,7 +131,10 @@ def run(ctx: StageContext) -> dict[str, int]:
         n_docs_parsed, n_quarantined = counts.get("doc", 0), counts.get("quarantine", 0)
         # the MERGE's own count: right even when a concurrent run inserts into the table too
         new_docs = ctx.tables.merge_insert_new(s.DOCUMENTS, docs, ["doc_key"])
-        ctx.tables.merge_insert_new(s.QUARANTINE, quarantine, ["input_file", "line_number"])
+        if n_quarantined:
+            ctx.tables.merge_insert_new(s.QUARANTINE, quarantine, ["input_file", "line_number"])
+        else:  # every line parsed: no MERGE of nothing (a second of fixed cost on a clean refresh)
+            ctx.tables.ensure(s.QUARANTINE)
         # last, once every line is committed: a file is read again unless it is recorded here, and a
         # file that could not be read (whole or in part) is not recorded, so the next run retries it
         unreadable = parsed.where(F.col("reason") == UNREADABLE_FILE).select("input_file")
