@@ -81,6 +81,10 @@ _CONFLICTS = (
 )
 
 
+# a write in mode "error" found the table there: by path (Delta), by name (a catalog)
+_ALREADY_EXISTS = ("DELTA_PATH_EXISTS", "TABLE_OR_VIEW_ALREADY_EXISTS")
+
+
 @dataclass(frozen=True)
 class Tables:
     """Where the pipeline's Delta tables live, and how to read and write them.
@@ -242,8 +246,12 @@ class Tables:
                 # "error": fails if the table appeared since; two creators racing for version 0 make
                 # Delta refuse the second commit
                 self._save(rows, self.location(name), "error")
-        except (AnalysisException, *_CONFLICTS):
-            if self.exists(name):
+        except _CONFLICTS:
+            return None  # in mode "error" the only conflict is another writer creating the table
+        except AnalysisException as exc:
+            # Decided from the error: asked again, Delta may answer from the table state this
+            # process cached before the other writer's commit, and still say the table is absent.
+            if exc.getCondition() in _ALREADY_EXISTS:
                 return None
             raise
         # version 0 is this write: its commit counted the rows (no job over them)
