@@ -275,8 +275,10 @@ def test_v3_prompts_share_everything_before_the_marker_line(name):
     # vLLM's prefix cache reuses what prompts share from their first token: in v3 that is the whole
     # fixed instruction (v2 named the per-prompt marker in its first sentence)
     tpl = prompts.load_template(name)
-    first = tpl.render(**{f: "A" for f in tpl.data_fields})[0]["content"]
-    second = tpl.render(**{f: "B" for f in tpl.data_fields})[0]["content"]
+    # fences given, so the first difference is not left to two random markers' first digits
+    first = tpl.render(**{f: "A" for f in tpl.data_fields}, fence="<<<aaaaaaaaaaaaaaaa>>>")
+    second = tpl.render(**{f: "B" for f in tpl.data_fields}, fence="<<<bbbbbbbbbbbbbbbb>>>")
+    first, second = first[0]["content"], second[0]["content"]
     shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
     assert first[:shared].endswith("\nMarker: <<<")
     assert len(first[:shared]) > 500  # the instruction, not a sentence of it
