@@ -46,6 +46,10 @@ class IngestConfig(_Strict):
     file_glob: str = "*.{json,jsonl,json.gz,jsonl.gz,json.zst,jsonl.zst}"
     default_source: str = "unknown"
     raw_prefix_chars: int = Field(500, ge=0, description="how much of a quarantined line is kept")
+    # A longer line is quarantined (line_too_long) without ever being held whole: a Python worker holds
+    # a line several times over while parsing it, and Arrow strings stop at 2 GB. Dolma documents are
+    # kilobytes; 64 MiB keeps whole books and the 50 MB pages of benchmarks/big_documents.py.
+    max_line_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="longest line read as a document")
 
 
 class DedupConfig(_Strict):

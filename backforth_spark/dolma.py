@@ -30,6 +30,11 @@ UNENCODABLE_TEXT = "unencodable_text"  # JSON escapes UTF-8 cannot carry (a lone
 EMPTY_TEXT = "empty_text"
 BLANK_LINE = "blank_line"
 UNREADABLE_FILE = "unreadable_file"
+# valid JSON beyond what Python's reader holds: nesting deeper than its recursion limit, an integer of
+# more than 4,300 digits
+UNREADABLE_JSON = "unreadable_json"
+LINE_TOO_LONG = "line_too_long"  # more bytes than ingest.max_line_bytes: never held in memory whole
+UNEXPECTED_ERROR = "unexpected_error"  # a failure no other reason names: the line, not the file, is lost
 
 PARSED_COLUMNS = [
     "kind",  # "doc" or "quarantine"
@@ -70,9 +75,11 @@ class ParsedLine:
         return {c: getattr(self, c) for c in PARSED_COLUMNS}
 
 
-def open_lines(path: str, data: bytes | BinaryIO) -> Iterator[bytes]:
-    """Yield the raw lines of a Dolma file (its bytes, or a binary stream read as it goes),
-    decompressing by extension: memory holds one line and the codec's buffers, whatever the file's size."""
+def open_lines(path: str, data: bytes | BinaryIO, max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """Yield (raw line, its length in bytes) for each line of a Dolma file (its bytes, or a binary stream
+    read as it goes), decompressing by extension. A line longer than `max_bytes` comes as its first
+    `max_bytes` bytes with its full length: memory holds at most one bounded line and the codec's
+    buffers, whatever the file's or the line's size."""
     raw: BinaryIO = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     if path.endswith(".gz"):
         raw = gzip.GzipFile(fileobj=raw)
@@ -81,8 +88,17 @@ def open_lines(path: str, data: bytes | BinaryIO) -> Iterator[bytes]:
     elif not isinstance(raw, io.BytesIO):
         # Arrow's streams claim io.BufferedIOBase but cannot read lines: a buffered reader over them can
         raw = io.BufferedReader(raw)
-    for line in raw:
-        yield line.rstrip(b"\r\n")
+    # room for the limit and a "\r\n": a line the limit long is read whole
+    while line := raw.readline(max_bytes + 2):
+        if line.endswith(b"\n") or len(line) < max_bytes + 2:  # the whole line (or the file's last)
+            line = line.rstrip(b"\r\n")
+            yield line[:max_bytes], len(line)
+            continue
+        # too long: read on to the line's end in bounded pieces, keeping only its start
+        size, tail = len(line), line
+        while not tail.endswith(b"\n") and (piece := raw.readline(max_bytes + 2)):
+            size, tail = size + len(piece), tail[-1:] + piece  # a "\r\n" may straddle two reads
+        yield line[:max_bytes], size - (2 if tail.endswith(b"\r\n") else 1 if tail.endswith(b"\n") else 0)
 
 
 _BOM = b"\xef\xbb\xbf"
@@ -138,15 +154,16 @@ def parse_line(path: str, line_number: int, raw: bytes, cfg: IngestConfig) -> Pa
         return bad(INVALID_UTF8, str(exc))
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return bad(MALFORMED_JSON, str(exc))
-    if not isinstance(obj, dict):
-        return bad(NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
-    try:
         # JSON may escape code points UTF-8 cannot encode (lone surrogates); Arrow and Delta cannot hold them
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError as exc:
+        return bad(MALFORMED_JSON, str(exc))
     except UnicodeEncodeError as exc:
         return bad(UNENCODABLE_TEXT, f"{exc.reason} at position {exc.start} of a decoded value")
+    except (ValueError, RecursionError) as exc:  # [[[[... thousands deep, or a 5,000-digit number
+        return bad(UNREADABLE_JSON, f"{type(exc).__name__}: {exc}")
+    if not isinstance(obj, dict):
+        return bad(NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
     doc_id = obj.get("id")
     if doc_id is None or isinstance(doc_id, (dict, list, bool)) or str(doc_id) == "":
         return bad(MISSING_ID, "no usable 'id' field")
@@ -181,15 +198,39 @@ def parse_file(path: str, data: bytes | BinaryIO, cfg: IngestConfig) -> Iterator
     """All lines of one file (its bytes or a stream), numbered from 1. A file that cannot be read to its
     end (cut short, corrupt) keeps the lines read before the damage, then one quarantine row saying
     where reading stopped."""
+    lines = open_lines(path, data, cfg.max_line_bytes)
     line_number = 0
+    while True:
+        try:
+            raw, size = next(lines)
+        except StopIteration:
+            return
+        except Exception as exc:  # a truncated gzip, a corrupt zstd frame
+            yield ParsedLine(
+                "quarantine",
+                path,
+                line_number + 1,
+                reason=UNREADABLE_FILE,
+                detail=f"{type(exc).__name__}: {exc} (after line {line_number})",
+            )
+            return
+        line_number += 1
+        yield _parsed(path, line_number, raw, size, cfg)
+
+
+def _parsed(path: str, line_number: int, raw: bytes, size: int, cfg: IngestConfig) -> ParsedLine:
+    """`parse_line`, for a line that may have come cut to ingest.max_line_bytes; whatever goes wrong
+    with one line costs that line, never the rest of its file."""
+    prefix = raw[: cfg.raw_prefix_chars].decode("utf-8", errors="replace")
+    if size > len(raw):
+        detail = f"the line has {size} bytes; ingest.max_line_bytes is {cfg.max_line_bytes}"
+        return ParsedLine(
+            "quarantine", path, line_number, reason=LINE_TOO_LONG, detail=detail, raw_prefix=prefix
+        )
     try:
-        for line_number, raw in enumerate(open_lines(path, data), start=1):  # noqa: B007
-            yield parse_line(path, line_number, raw, cfg)
-    except Exception as exc:  # a truncated gzip, a corrupt zstd frame
-        yield ParsedLine(
-            "quarantine",
-            path,
-            line_number + 1,
-            reason=UNREADABLE_FILE,
-            detail=f"{type(exc).__name__}: {exc} (after line {line_number})",
+        return parse_line(path, line_number, raw, cfg)
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        return ParsedLine(
+            "quarantine", path, line_number, reason=UNEXPECTED_ERROR, detail=detail, raw_prefix=prefix
         )

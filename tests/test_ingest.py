@@ -42,6 +42,22 @@ def test_bad_lines_are_quarantined_with_a_reason(raw, reason):
     assert parsed.detail
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"id": "1", "text": "x", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"id": ' + b"9" * 5_000 + b', "text": "an id longer than Python reads"}',
+        b'{"id": "1", "text": "x", "metadata": {"n": ' + b"7" * 5_000 + b"}}",
+    ],
+    ids=["nested-metadata", "nested-array", "long-integer-id", "long-integer-metadata"],
+)
+def test_valid_json_python_cannot_hold_is_quarantined_not_raised(raw):
+    parsed = ingest.parse_line("f.jsonl", 3, raw, CFG)
+    assert (parsed.kind, parsed.reason, parsed.line_number) == ("quarantine", ingest.UNREADABLE_JSON, 3)
+    assert parsed.detail.startswith(("RecursionError", "ValueError"))
+
+
 def test_good_line_becomes_a_document_with_url_and_metadata():
     parsed = ingest.parse_line("f.jsonl", 1, _doc(3).encode(), CFG)
     assert parsed.kind == "doc"
@@ -102,6 +118,47 @@ def test_a_truncated_gzip_is_one_quarantine_row_after_the_lines_read():
     parsed = list(ingest.parse_file("a.jsonl.gz", data, CFG))
     assert parsed[-1].reason == ingest.UNREADABLE_FILE
     assert all(p.kind == "doc" for p in parsed[:-1])
+
+
+@pytest.mark.parametrize("path", ["a.jsonl", "a.jsonl.gz", "a.json.zst"])
+def test_a_line_over_the_limit_is_quarantined_and_the_file_read_on(path):
+    cfg = IngestConfig(max_line_bytes=1024)
+    long_line = _doc("long", "word " * 100_000)  # about 500 KB
+    exactly = json.dumps({"id": "edge", "text": ""})
+    exactly = json.dumps({"id": "edge", "text": "z" * (1024 - len(exactly))})  # exactly the limit
+    assert len(exactly.encode()) == 1024
+    body = "\r\n".join([_doc(1), long_line, exactly, _doc(2)]).encode()  # no newline after the last
+    codec = {"a.jsonl": bytes, "a.jsonl.gz": gzip.compress, "a.json.zst": zstandard.compress}[path]
+    parsed = list(ingest.parse_file(path, codec(body), cfg))
+    assert [(p.line_number, p.kind, p.reason) for p in parsed] == [
+        (1, "doc", None),
+        (2, "quarantine", ingest.LINE_TOO_LONG),
+        (3, "doc", None),
+        (4, "doc", None),
+    ]
+    assert parsed[1].detail == f"the line has {len(long_line)} bytes; ingest.max_line_bytes is 1024"
+    assert parsed[1].raw_prefix == long_line[: CFG.raw_prefix_chars]
+    assert parsed[2].id == "edge" and parsed[3].id == "2"
+
+
+def test_a_line_that_breaks_the_parser_costs_that_line_not_the_rest_of_the_file(monkeypatch):
+    real = ingest.parse_line
+
+    def breaks_on_the_second(path, line_number, raw, cfg):
+        if line_number == 2:
+            raise MemoryError("a failure no reason names")
+        return real(path, line_number, raw, cfg)
+
+    monkeypatch.setattr(ingest, "parse_line", breaks_on_the_second)
+    body = "\n".join(_doc(i) for i in range(4)).encode()
+    parsed = list(ingest.parse_file("a.jsonl", body, CFG))
+    assert [(p.line_number, p.kind, p.reason) for p in parsed] == [
+        (1, "doc", None),
+        (2, "quarantine", ingest.UNEXPECTED_ERROR),
+        (3, "doc", None),
+        (4, "doc", None),
+    ]
+    assert parsed[1].detail == "MemoryError: a failure no reason names"
 
 
 def _write_corpus(folder):
@@ -191,6 +248,27 @@ def test_a_10_mb_document_goes_through(make_ctx, tmp_path):
     assert row["n"] == len(text)
 
 
+def test_lines_no_parser_holds_are_accounted_and_the_file_recorded_as_read(make_ctx, tmp_path):
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    lines = [
+        _doc(1, "Before the hostile lines."),
+        '{"id": "deep", "text": "x", "metadata": ' + "[" * 50_000 + "]" * 50_000 + "}",
+        _doc(2, "word " * 50_000),  # over the 200 KB limit set below
+        '{"id": ' + "9" * 5_000 + ', "text": "x"}',
+        _doc(3, "After the hostile lines."),
+    ]
+    (folder / "part-0.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    ctx = make_ctx("ingest.max_line_bytes=200000", inputs=(str(folder),))
+    counts = ingest_stage.run(ctx)
+    assert (counts["lines"], counts["documents"], counts["quarantined"]) == (5, 2, 3)
+    reasons = {r["line_number"]: r["reason"] for r in ctx.tables.read(t.QUARANTINE).collect()}
+    assert reasons == {2: ingest.UNREADABLE_JSON, 3: ingest.LINE_TOO_LONG, 4: ingest.UNREADABLE_JSON}
+    assert {r["id"] for r in ctx.tables.read(t.DOCUMENTS).collect()} == {"1", "3"}
+    # read through: recorded, so the next run does not read it again
+    assert ingest_stage.run(ctx)["files_read"] == 0
+
+
 def test_ingest_without_inputs_is_a_clear_error(make_ctx):
     with pytest.raises(ValueError, match="input"):
         ingest_stage.run(make_ctx())
@@ -208,6 +286,47 @@ def test_a_file_is_streamed_from_its_uri_line_by_line(tmp_path):
         with open_input(uri) as stream:
             parsed = list(ingest.parse_file(str(path), stream, CFG))
         assert [(p.id, p.line_number) for p in parsed] == [("0", 1), ("1", 2), ("2", 3)], uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "split"),
+    [
+        ("file:/in/a b%20#1?.jsonl", (None, "/in/a b%20#1?.jsonl")),  # Spark lists paths unencoded
+        ("file:///in/ünï [1].jsonl", (None, "/in/ünï [1].jsonl")),
+        ("file://localhost/in/x.jsonl", (None, "/in/x.jsonl")),
+        ("/in/{a}.jsonl", (None, "/in/{a}.jsonl")),
+        ("s3a://bucket/dir/a b#1.jsonl.gz", ("s3://bucket", "dir/a b#1.jsonl.gz")),
+        ("gs://bucket/k%2F.json", ("gs://bucket", "k%2F.json")),
+        ("hdfs://nn:8020/data/a b.jsonl", ("hdfs://nn:8020", "data/a b.jsonl")),
+        (
+            "abfss://c@acct.dfs.core.windows.net/p/q r.jsonl",
+            ("abfss://c@acct.dfs.core.windows.net", "p/q r.jsonl"),
+        ),
+        ("dbfs:/mnt/in/a b.jsonl", (None, "/dbfs/mnt/in/a b.jsonl")),
+    ],
+)
+def test_a_listed_path_keeps_its_characters_and_only_its_root_is_parsed(uri, split):
+    from udfs.ingest import split_uri
+
+    assert split_uri(uri) == split
+
+
+def test_files_named_with_spaces_percents_and_brackets_are_read(make_ctx, tmp_path):
+    folder = tmp_path / "odd names"
+    folder.mkdir()
+    names = ["a b.jsonl", "pct%20x.jsonl", "hash#1.jsonl", "ünï.jsonl", "q?.jsonl", "br[1].jsonl.gz",
+             "brace{a}.jsonl", "back\\slash.jsonl", "colon:x.json.zst"]  # fmt: skip
+    for i, name in enumerate(names):
+        body = (_doc(i, f"The document in {name}.") + "\n").encode()
+        body = gzip.compress(body) if name.endswith(".gz") else body
+        body = zstandard.compress(body) if name.endswith(".zst") else body
+        (folder / name).write_bytes(body)
+    ctx = make_ctx(inputs=(str(folder),))
+    counts = ingest_stage.run(ctx)
+    assert (counts["files_read"], counts["documents"], counts["quarantined"]) == (len(names), len(names), 0)
+    read = {r["input_file"].rsplit("/", 1)[1] for r in ctx.tables.read(t.DOCUMENTS).collect()}
+    assert read == set(names)
+    assert ingest_stage.run(ctx)["files_read"] == 0  # every one recorded as read
 
 
 def test_a_file_gone_since_it_was_listed_is_one_quarantine_row(tmp_path):

@@ -18,18 +18,38 @@ _MAX_CHARS = 64 * 1024 * 1024
 _READ_BUFFER = 1 << 20
 
 
+def split_uri(uri: str) -> tuple[str | None, str]:
+    """(what Arrow's `FileSystem.from_uri` gets, the path in that filesystem) for a file path as Spark
+    lists it; None for a local file. Spark's paths are not percent-encoded (a file named `a b%20#1.jsonl`
+    is listed as `file:/in/a b%20#1.jsonl`), which Arrow's URI parser refuses or decodes, so only the
+    scheme and authority go through it and the path is kept as listed."""
+    if uri.startswith("dbfs:/"):  # read through the /dbfs mount Databricks clusters have
+        return None, "/dbfs/" + uri.removeprefix("dbfs:/").lstrip("/")
+    scheme, colon, rest = uri.partition(":")
+    if not colon or uri.startswith("/") or len(scheme) == 1:  # a plain path (C:\... too)
+        return None, uri
+    if scheme == "file":  # file:/p (Hadoop's form), file:///p, file://localhost/p
+        if rest.startswith("//"):
+            rest = "/" + rest[2:].partition("/")[2]
+        return None, rest
+    if scheme in ("s3a", "s3n"):  # Spark's S3 connectors; Arrow's is s3
+        scheme = "s3"
+    authority, _, path = rest.removeprefix("//").partition("/")
+    return f"{scheme}://{authority}", path
+
+
 def open_input(uri: str) -> BinaryIO:
-    """A stream of the file at `uri`, read as it is consumed: local paths and `file:` URIs, and the
-    filesystems Arrow knows (s3, gs, hdfs, abfs). Spark's `s3a://` is Arrow's `s3://`; `dbfs:/` is read
-    through the /dbfs mount Databricks clusters have."""
-    if uri.startswith("dbfs:/"):
-        uri = "/dbfs/" + uri.removeprefix("dbfs:/").lstrip("/")
-    elif uri.startswith(("s3a://", "s3n://")):
-        uri = "s3://" + uri.split("://", 1)[1]
-    if uri.startswith("/"):
-        fs, path = pafs.LocalFileSystem(), uri
+    """A stream of the file at `uri` (a path as Spark lists it), read as it is consumed: local paths
+    and `file:` URIs, and the filesystems Arrow knows (s3, gs, hdfs, abfs). Spark's `s3a://` is Arrow's
+    `s3://`; `dbfs:/` is read through the /dbfs mount Databricks clusters have."""
+    root, path = split_uri(uri)
+    if root is None:
+        fs: pafs.FileSystem = pafs.LocalFileSystem()
     else:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        # Arrow names paths its own way (s3 and gs: "bucket/key", hdfs: "/path"): ask it for a probe
+        # path under the root, then put the listed path in the probe's place
+        fs, probe = pafs.FileSystem.from_uri(f"{root}/_")
+        path = probe[:-1] + path
     return fs.open_input_stream(path, compression=None, buffer_size=_READ_BUFFER)
 
 
