@@ -2,6 +2,8 @@
 
 Exit codes: 0 every stage ran; 1 a stage failed (the summary names it and its error); 2 the command could
 not start (bad flags, config, stages or input, a model that was never pulled), with one line saying why.
+`refresh --every SECONDS` stays up and refreshes again on that period in one Spark session, until a
+refresh fails (its code), `--times` refreshes have run, or it is interrupted between two (0).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +45,9 @@ def _run_args(run: argparse.ArgumentParser) -> None:
         "--stages", default=None, help=f"comma-separated subset of: {','.join(s.name for s in STAGES)}"
     )
     _set_arg(run)
-    run.add_argument("--summary-json", default=None, help="also write the run summary to this path")
+    run.add_argument(
+        "--summary-json", default=None, help="also write the run summary to this path (the latest run's)"
+    )
     run.add_argument(
         "--dry-run", action="store_true", help="print the plan (stages, inputs, owed rows); run nothing"
     )
@@ -84,6 +89,16 @@ def _parser() -> argparse.ArgumentParser:
         help="process what is new, end to end (a scheduled job); inputs default to ingest.inputs",
     )
     _run_args(refresh)
+    refresh.add_argument(
+        "--every",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stay up: refresh again SECONDS after each refresh started, in the same Spark session",
+    )
+    refresh.add_argument(
+        "--times", type=int, default=None, metavar="N", help="with --every: stop after N refreshes"
+    )
 
     st = sub.add_parser("status", help="row counts per table; done, pending and failed per LLM stage")
     _config_arg(st)
@@ -192,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.input:
             print("error: refresh needs --input or ingest.inputs in the config", file=sys.stderr)
             return 2
+    every, times = getattr(args, "every", None), getattr(args, "times", None)
+    if (every is not None and every < 0) or (times is not None and (times < 1 or every is None)):
+        print("error: --every takes seconds >= 0; --times a count >= 1, with --every", file=sys.stderr)
+        return 2
     try:
         stages = select(args.stages, cfg)
     except ValueError as exc:
@@ -206,10 +225,37 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(plan(cfg, args.input, stages), indent=2))
             return 0
-        summary = run_pipeline(cfg, args.input, stages)
     except (ValueError, FileNotFoundError) as exc:  # bad config, no input, a model never pulled
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    runs = 0
+    while True:
+        started = time.monotonic()
+        try:
+            summary = run_pipeline(cfg, args.input, stages)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        code, runs = _report(summary, args, log_file), runs + 1
+        # A refresh that stays up keeps its JVM and Python workers warm: measured at 100,000 documents,
+        # a 1% refresh took 25.8 s in a process that had run before against 51.2 s in a fresh one
+        # (benchmarks/README.md). A failed refresh ends the loop: what restarts it reruns the work.
+        if code or every is None or (times is not None and runs >= times):
+            return code
+        try:
+            _wait(max(0.0, started + every - time.monotonic()))
+        except KeyboardInterrupt:
+            print("stopped between refreshes")
+            return 0
+
+
+def _wait(seconds: float) -> None:
+    """The pause between two refreshes of `refresh --every`."""
+    time.sleep(seconds)
+
+
+def _report(summary: dict, args: argparse.Namespace, log_file: Path | None) -> int:
+    """Print a run's outcome (and write its summary when asked); its exit code."""
     if summary["export"]:
         print(f"export: {summary['export']['path']} ({summary['export']['pairs']} pairs)")
     if summary.get("tracking_error"):

@@ -262,3 +262,44 @@ def test_a_refresh_with_nothing_new_does_no_llm_work_and_says_so(real_run, tmp_p
     result = json.loads(summary.read_text())
     assert all(result["stages"][task.name]["generated"] == 0 for task in LLM_TASKS)
     assert result["export"]["pairs"] == real_run.summary["export"]["pairs"]
+
+
+def _docs_file(path: Path, ids: list[str]) -> None:
+    lines = [json.dumps({"id": i, "text": f"Document {i} says something of its own. " * 8}) for i in ids]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_refresh_that_stays_up_reads_only_what_landed_since_the_last(tmp_path, spark, monkeypatch, capsys):
+    import backforth_spark.cli as cli_module
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _docs_file(folder / "a.jsonl", ["a1", "a2", "a3"])
+    waits = []
+
+    def a_file_lands_meanwhile(seconds):
+        waits.append(seconds)
+        _docs_file(folder / f"b{len(waits)}.jsonl", [f"b{len(waits)}-1", f"b{len(waits)}-2"])
+
+    monkeypatch.setattr(cli_module, "_wait", a_file_lands_meanwhile)
+    summary = tmp_path / "summary.json"
+    code = main(["refresh", "--config", str(LOCAL_CONF), "--workdir", str(tmp_path / "work"),
+                 "--input", str(folder), "--stages", "ingest", "--set", "tracking.enabled=false",
+                 "--summary-json", str(summary), "--every", "600", "--times", "3"])  # fmt: skip
+    assert code == 0
+    assert len(waits) == 2 and all(0 < w <= 600 for w in waits)  # the period counts from each start
+    run_ids = re.findall(r"run id: (\S+)", capsys.readouterr().out)
+    assert len(set(run_ids)) == 3
+    last = json.loads(summary.read_text())  # the third refresh: the file that landed before it
+    assert (last["stages"]["ingest"]["files_read"], last["stages"]["ingest"]["documents"]) == (1, 2)
+    docs = spark.read.format("delta").load(last["tables"]["documents"])
+    assert sorted(r["id"] for r in docs.collect()) == ["a1", "a2", "a3", "b1-1", "b1-2", "b2-1", "b2-2"]
+
+
+@pytest.mark.parametrize("flags", [["--times", "2"], ["--every", "-1"], ["--every", "5", "--times", "0"]])
+def test_a_refresh_loop_without_a_sane_period_or_count_does_not_start(tmp_path, capsys, flags):
+    code = main(["refresh", "--config", str(LOCAL_CONF), "--workdir", str(tmp_path), "--input", str(tmp_path),
+                 *flags])  # fmt: skip
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: --every")
