@@ -1,4 +1,4 @@
-"""Chunking: a document -> passages that fit the model's context (pure Python; the `chunk` stage runs it).
+"""Chunking: a document -> passages that fit the model's context (no Spark; the `chunk` stage runs it).
 
 Lengths are measured in the generation model's tokens. Each document is tokenised once; the character
 offsets of its tokens then give the token count of any slice of it, so splitting costs no further
@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from backforth_spark.config import ChunkConfig
 from backforth_spark.text import stable_hash
 
@@ -33,26 +35,50 @@ LOW_QUALITY = "low_quality"  # failed a quality filter, named in `quality_filter
 _LEVELS = (re.compile(r"\n\s*\n"), re.compile(r"\n"), re.compile(r"(?<=[.!?])\s+"))
 
 
+# The start and the end character offset of each token of a text, in order: two lists, not a list of
+# (start, end) pairs, since the splitter searches each of them on its own.
+TokenOffsets = tuple[Sequence[int], Sequence[int]]
+
+
 class Tokenizer(Protocol):
     # How many more tokens a slice can have when tokenised alone than the document's tokens that fall in
     # it, at each edge (BPE merges a leading space differently); split passages keep this much headroom.
     edge_tokens: int
 
-    def token_spans(self, text: str) -> Sequence[tuple[int, int]]:
-        """(start, end) character offsets of each token of `text`, in order."""
+    def token_offsets(self, text: str) -> TokenOffsets:
+        """The (starts, ends) character offsets of the tokens of `text`."""
         ...
 
-    def token_spans_batch(self, texts: Sequence[str]) -> list[Sequence[tuple[int, int]]]:
-        """`token_spans` of each text, in one call (fast tokenizers amortise their per-call cost)."""
+    def token_offsets_batch(self, texts: Sequence[str]) -> list[TokenOffsets]:
+        """`token_offsets` of each text, in one call (fast tokenizers amortise their per-call cost)."""
         ...
+
+
+def offsets_from_byte_lengths(text: str, lengths: np.ndarray) -> TokenOffsets | None:
+    """The character offsets of tokens that cover the UTF-8 bytes of `text` end to end, in order,
+    `lengths[i]` bytes each (a byte-level BPE tokenizer's tokens do, so their ids alone give their
+    offsets); None when the lengths do not add up to the text's bytes. A token that ends inside a
+    character is taken to end after it, as tokenizer libraries report it."""
+    if lengths.size and lengths.min() <= 0:
+        return None
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if ends.size else 0
+    starts = ends - lengths
+    if text.isascii():  # one byte a character: byte offsets are character offsets
+        return (starts.tolist(), ends.tolist()) if total == len(text) else None
+    data = np.frombuffer(text.encode(), np.uint8)
+    if total != data.size:
+        return None
+    # the character each byte belongs to: count the bytes that start one (all but 10xxxxxx)
+    char = np.cumsum((data & 0xC0) != 0x80) - 1
+    return char[starts].tolist(), (char[ends - 1] + 1).tolist()
 
 
 class _Tokens:
     """Token counts of slices of one document, from its token offsets."""
 
-    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
-        self.starts = [s for s, _ in spans]
-        self.ends = [e for _, e in spans]
+    def __init__(self, offsets: TokenOffsets) -> None:
+        self.starts, self.ends = offsets
 
     def count(self, a: int, b: int) -> int:
         """Tokens overlapping the characters [a, b)."""
@@ -207,13 +233,13 @@ def _segment_spans(
     tokenizer: Tokenizer,
     cfg: ChunkConfig,
     whole: bool,
-    spans: Sequence[tuple[int, int]] | None = None,
+    offsets: TokenOffsets | None = None,
 ) -> tuple[list[tuple[int, int, int]], int]:
     """(passage spans with their token counts, the segment's tokens) of text[a:b], offsets in `text`.
-    A `whole` document within `chunk.max_tokens` is one passage. `spans`: the segment's token offsets,
-    when already known."""
+    A `whole` document within `chunk.max_tokens` is one passage. `offsets`: the segment's token
+    offsets, when already known."""
     piece = text[a:b]
-    tokens = _Tokens(tokenizer.token_spans(piece) if spans is None else spans)
+    tokens = _Tokens(tokenizer.token_offsets(piece) if offsets is None else offsets)
     total = len(tokens.starts)
     if whole and total <= cfg.max_tokens:
         lo, hi = _strip(piece, 0, len(piece))
@@ -225,18 +251,18 @@ def _segment_spans(
 
 
 def chunk_document(
-    text: str, tokenizer: Tokenizer, cfg: ChunkConfig, token_spans: Sequence[tuple[int, int]] | None = None
+    text: str, tokenizer: Tokenizer, cfg: ChunkConfig, token_offsets: TokenOffsets | None = None
 ) -> list[Passage]:
     """Split one document into passages according to `cfg`; never returns an empty list.
-    `n_tokens` counts the document's own tokens that fall in the passage. `token_spans`: the text's
+    `n_tokens` counts the document's own tokens that fall in the passage. `token_offsets`: the text's
     token offsets, when already known (only for a text of one segment)."""
     parts = segments(text)
-    if token_spans is not None and len(parts) > 1:
-        raise ValueError("token_spans can be given only for a text of one segment")
+    if token_offsets is not None and len(parts) > 1:
+        raise ValueError("token_offsets can be given only for a text of one segment")
     spans: list[tuple[int, int, int]] = []
     total = 0
     for a, b in parts:
-        found, n = _segment_spans(text, a, b, tokenizer, cfg, len(parts) == 1, token_spans)
+        found, n = _segment_spans(text, a, b, tokenizer, cfg, len(parts) == 1, token_offsets)
         spans += found
         total += n
         if cfg.too_long == "truncate" and spans and total > cfg.max_tokens:
@@ -271,7 +297,7 @@ def chunk_texts(texts: Sequence[str], tokenizer: Tokenizer, cfg: ChunkConfig) ->
     for i in range(0, len(texts), TOKENISE_BATCH):
         batch = texts[i : i + TOKENISE_BATCH]
         single = [t for t in batch if len(t) <= SEGMENT_CHARS]
-        known = iter(tokenizer.token_spans_batch(single))
+        known = iter(tokenizer.token_offsets_batch(single))
         for text in batch:
             yield chunk_document(text, tokenizer, cfg, next(known) if len(text) <= SEGMENT_CHARS else None)
 

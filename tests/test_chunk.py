@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -15,11 +16,12 @@ class WordTokenizer:
 
     edge_tokens = 0
 
-    def token_spans(self, text):
-        return [m.span() for m in re.finditer(r"\S+", text)]
+    def token_offsets(self, text):
+        spans = [m.span() for m in re.finditer(r"\S+", text)]
+        return [a for a, _ in spans], [b for _, b in spans]
 
-    def token_spans_batch(self, texts):
-        return [self.token_spans(t) for t in texts]
+    def token_offsets_batch(self, texts):
+        return [self.token_offsets(t) for t in texts]
 
 
 W = WordTokenizer()
@@ -157,7 +159,7 @@ def test_filtered_passages_are_kept_with_their_reason():
 
 
 def test_slice_counts_come_from_one_tokenisation():
-    tokens = chunk._Tokens(W.token_spans("aa bb cc dd"))
+    tokens = chunk._Tokens(W.token_offsets("aa bb cc dd"))
     assert [tokens.count(0, 2), tokens.count(0, 5), tokens.count(1, 4), tokens.count(2, 3)] == [1, 2, 2, 0]
     assert tokens.windows(0, 11, 3) == [(0, 8), (9, 11)]
 
@@ -194,12 +196,98 @@ def test_the_tokenizer_read_from_its_file_gives_what_transformers_gives():
     model = resolve_model(load_config(REPO / "conf" / "local.yaml").llm)
     texts = [json.loads(line)["text"] for f in sorted(DOLMA_SAMPLE.glob("*.jsonl")) for line in f.open()]
     texts += ["<|im_start|>user\nspecial tokens in the text<|im_end|>", "émoji 👍🏽 and\ttabs"]
+    # characters of 2, 3 and 4 bytes that byte-level tokens cut inside, combining marks, controls, NUL
+    texts += [
+        "日本語のテキスト、中文文本。",
+        "e\u0301 a\u0308 \ufeffBOM \u200bzero\u200dwidth",
+        "\x00\x01\r\n\r\n\x7f end",
+    ]
+    texts += ["𝔘𝔫𝔦𝔠𝔬𝔡𝔢 🇫🇷🏳️‍🌈 " * 20, "", " ", "\n\n\n", "<|endoftext|><|endoftext|>x<|im_end|>"]
     reference = AutoTokenizer.from_pretrained(model).backend_tokenizer
     ours = HFTokenizer(model)
+    assert (
+        ours.byte_lengths is not None
+    )  # byte-level BPE: offsets from the ids, checked against the library's
     for text in texts:
         expected = reference.encode(text, add_special_tokens=False)
-        assert ours.token_spans(text) == expected.offsets
+        assert list(zip(*ours.token_offsets(text), strict=True)) == expected.offsets
         assert ours.count(text) == len(expected.ids)
+
+
+def test_offsets_follow_from_byte_lengths_of_tokens_covering_the_text():
+    import numpy as np
+
+    # "héllo" is 6 bytes: tokens of 1, 2 (the é), 3 bytes; then a token ending inside "€" (3 bytes)
+    assert chunk.offsets_from_byte_lengths("héllo", np.array([1, 2, 3])) == ([0, 1, 2], [1, 2, 5])
+    assert chunk.offsets_from_byte_lengths("a€", np.array([2, 2])) == ([0, 1], [2, 2])
+    assert chunk.offsets_from_byte_lengths("ab cd", np.array([2, 3])) == ([0, 2], [2, 5])
+    assert chunk.offsets_from_byte_lengths("", np.array([], dtype=np.int64)) == ([], [])
+
+
+def test_byte_lengths_that_do_not_cover_the_text_give_nothing():
+    import numpy as np
+
+    assert chunk.offsets_from_byte_lengths("abcd", np.array([1, 2])) is None  # short of the text
+    assert chunk.offsets_from_byte_lengths("ab", np.array([1, 2])) is None  # past it
+    assert chunk.offsets_from_byte_lengths("é", np.array([1])) is None  # 2 bytes, not 1
+    assert chunk.offsets_from_byte_lengths("ab", np.array([0, 2])) is None  # an empty token
+
+
+def _saved_tokenizer(folder, spec_change):
+    """A model folder holding the default model's tokenizer.json with `spec_change` applied."""
+    from backforth_spark.config import load_config
+    from backforth_spark.model import resolve_model
+
+    source = Path(resolve_model(load_config(REPO / "conf" / "local.yaml").llm)) / "tokenizer.json"
+    spec = json.loads(source.read_text())
+    spec_change(spec)
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
+
+
+TEXTS_A_NORMALISER_CHANGES = [
+    "e\u0301t\u0301e\u0301 cafe\u0301",
+    "ﬁne ligatures ½ and ｆｕｌｌ width",
+    "plain ascii",
+]
+
+
+@pytest.mark.parametrize(
+    "normalizer",
+    [{"type": "NFC"}, {"type": "NFKC"}, {"type": "Sequence", "normalizers": [{"type": "Lowercase"}]}],
+    ids=["nfc", "nfkc", "lowercase"],
+)
+def test_tokenizers_with_a_normaliser_give_the_library_offsets(tmp_path, normalizer):
+    from tokenizers import Tokenizer
+
+    from udfs.chunking import HFTokenizer
+
+    def with_normalizer(spec):
+        spec["normalizer"] = normalizer
+
+    folder = _saved_tokenizer(tmp_path / "model", with_normalizer)
+    ours, library = HFTokenizer(str(folder)), Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for text in TEXTS_A_NORMALISER_CHANGES:
+        expected = library.encode(text, add_special_tokens=False).offsets
+        assert list(zip(*ours.token_offsets(text), strict=True)) == expected
+        assert list(zip(*ours.token_offsets_batch([text, text])[1], strict=True)) == expected
+
+
+def test_a_tokenizer_that_is_not_byte_level_gives_the_library_offsets(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from udfs.chunking import HFTokenizer, byte_level_lengths
+
+    words = Tokenizer(WordLevel({"[UNK]": 0, "héllo": 1, "wörld": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = Whitespace()
+    (tmp_path / "words").mkdir()
+    words.save(str(tmp_path / "words" / "tokenizer.json"))
+    ours = HFTokenizer(str(tmp_path / "words"))
+    assert byte_level_lengths(ours.backend) == (None, False)
+    assert ours.token_offsets_batch(["héllo  wörld, x"]) == [([0, 7, 12, 14], [5, 12, 13, 15])]
 
 
 def test_batched_chunking_gives_each_document_what_chunking_it_alone_gives():
@@ -226,9 +314,9 @@ class RecordingTokenizer(WordTokenizer):
     def __init__(self):
         self.lengths = []
 
-    def token_spans(self, text):
+    def token_offsets(self, text):
         self.lengths.append(len(text))
-        return super().token_spans(text)
+        return super().token_offsets(text)
 
 
 def test_segments_cut_at_the_coarsest_boundary_and_cover_the_text():
