@@ -1,4 +1,4 @@
-"""Text normalisation and hashing shared by the dedup stages (pure Python)."""
+"""Text normalisation and hashing shared by the dedup stages (Python and numpy, no Spark)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,31 @@ import unicodedata
 from collections.abc import Iterator
 from functools import cache
 
+import numpy as np
+
+
+def _is_punctuation(cp: int) -> bool:
+    return unicodedata.category(chr(cp))[0] in ("P", "S")  # punctuation or symbol
+
+
+# str.translate is fast on ASCII text only (it caches the 128 answers); on any other text it looks each
+# character up in the table, which made it three quarters of normalising a web page
+_ASCII_PUNCT_TO_SPACE = {cp: " " for cp in range(128) if _is_punctuation(cp)}
+
 
 @cache
-def _punct_to_space() -> dict[int, str]:
-    """A str.translate table mapping every Unicode punctuation or symbol code point to a space."""
-    return {cp: " " for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp))[0] in ("P", "S")}
+def _punctuation_table() -> np.ndarray:
+    """True at every Unicode punctuation or symbol code point (1.1 MB, built once per process)."""
+    return np.fromiter(map(_is_punctuation, range(sys.maxunicode + 1)), dtype=bool, count=sys.maxunicode + 1)
+
+
+def _punctuation_to_spaces(text: str) -> str:
+    if text.isascii():
+        return text.translate(_ASCII_PUNCT_TO_SPACE)
+    # one 4-byte code point per character: a table lookup for all of them at once (3x faster)
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).copy()
+    points[_punctuation_table()[points]] = ord(" ")
+    return points.tobytes().decode("utf-32-le", "surrogatepass")
 
 
 _SPACES = re.compile(r"\s+")  # the whitespace of str.split() and str.isspace()
@@ -24,8 +44,7 @@ _PIECE = 1 << 20
 
 
 def _normalise_piece(text: str) -> str:
-    # translate runs in C; a per-character Python test was the slowest step of dedup
-    text = unicodedata.normalize("NFKC", text).casefold().translate(_punct_to_space())
+    text = _punctuation_to_spaces(unicodedata.normalize("NFKC", text).casefold())
     return " ".join(text.split())
 
 
