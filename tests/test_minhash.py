@@ -73,6 +73,15 @@ def test_the_sliced_signature_is_minhash_by_the_definition():
     assert minhash.text_signature(text, 5, a, b).tolist() == expected
 
 
+def test_values_at_the_modulus_wrap_to_the_remainder():
+    m = (1 << 61) - 1
+    a, b = np.array([1], dtype=np.uint64), np.array([m - 3], dtype=np.uint64)
+    # x = h + m - 3 runs across m: the signature of each one-shingle set is x mod m, low 32 bits
+    for h in range(12):
+        sig = minhash.signature_of_slices(iter([np.array([h], dtype=np.uint64)]), a, b)
+        assert sig.tolist() == [((h + m - 3) % m) & 0xFFFFFFFF], h
+
+
 def test_a_big_document_of_unique_text_is_signed_in_bounded_memory():
     import tracemalloc
 
