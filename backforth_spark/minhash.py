@@ -95,27 +95,30 @@ def signature(hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return signature_of_slices((hashes[i : i + SLICE] for i in range(0, hashes.size, SLICE)), a, b)
 
 
-# Shingles multiplied out at once: a 256 x 112 block of uint64 (230 KB) stays in a core's cache, where a
-# whole 4,096-shingle slice (3.7 MB) did not; signing ran 1.6x faster so.
-_BLOCK = 256
+# Bytes of one block of the shingles x permutations product. Below glibc's 128 KiB mmap threshold a block
+# and its temporary come from the heap and stay in cache; above it each one can be a fresh mapping whose
+# page faults cost more than the arithmetic (256-shingle blocks signed 2x slower in a fresh process).
+_BLOCK_BYTES = 120 * 1024
 
 
 def signature_of_slices(slices: Iterator[np.ndarray], a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The MinHash signature of the shingles in `slices`: the running minimum, one block at a time."""
+    """The MinHash signature of the shingles in `slices`: the running minimum, a block at a time."""
     out = np.full(a.shape[0], 0xFFFFFFFF, dtype=np.uint64)
+    rows = max(1, _BLOCK_BYTES // (8 * a.shape[0]))
     for hashes in slices:
-        for i in range(0, hashes.size, _BLOCK):
+        for i in range(0, hashes.size, rows):
             # uint64 products wrap on overflow; that is part of the hash family, as in common MinHash code
             with np.errstate(over="ignore"):
-                x = np.outer(hashes[i : i + _BLOCK], a)
+                x = np.outer(hashes[i : i + rows], a)
                 x += b
             # x mod (2^61 - 1) without a division: x = q * 2^61 + r gives x = q + r (mod 2^61 - 1), and
-            # q + r < 2^61 + 7 needs at most one subtraction, which the minimum picks: x - (2^61 - 1)
-            # wraps round to more than x unless x >= 2^61 - 1 (cheaper than `%` or a masked subtract)
+            # q + r < 2^61 + 7 needs at most one subtraction, which a minimum picks: x - (2^61 - 1) wraps
+            # round to more than x unless x >= 2^61 - 1 (faster than `%` or a masked subtraction)
             high = x >> _SHIFT
             x &= _MERSENNE
             x += high
-            np.minimum(x, x - _MERSENNE, out=x)
+            np.subtract(x, _MERSENNE, out=high)
+            np.minimum(x, high, out=x)
             x &= _MAX32
             np.minimum(out, x.min(axis=0), out=out)
     return out.astype(np.uint32)
