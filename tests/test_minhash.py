@@ -1,4 +1,5 @@
 import random
+import zlib
 
 import numpy as np
 
@@ -54,7 +55,6 @@ def _reference_signature(text: str, n: int, a, b) -> list[int]:
     """MinHash by the definition, in Python integers: crc32 of each word n-gram, then per permutation the
     minimum of ((a*x mod 2^64) + b mod 2^64) mod (2^61 - 1), low 32 bits (the uint64 wrap is part of the
     hash family)."""
-    import zlib
 
     words = text.split()
     grams = {zlib.crc32(" ".join(words[i : i + n]).encode()) for i in range(len(words) - n + 1)}
@@ -104,7 +104,6 @@ def test_exact_jaccard_of_sorted_arrays_is_the_set_jaccard():
 
 
 def test_shingle_hashes_are_crc32_of_the_joined_words_across_pieces_and_slices():
-    import zlib
 
     rng = random.Random(11)
     for _ in range(500):
@@ -120,3 +119,16 @@ def test_shingle_hashes_are_crc32_of_the_joined_words_across_pieces_and_slices()
         for source in (" ".join(words), [p for p in pieces if p]):
             slices = minhash.shingle_hash_slices(source, n, size=rng.randint(1, 5))
             assert [int(h) for s in slices for h in s] == expected, (words, n, pieces)
+
+
+def test_every_kind_of_whitespace_is_one_space_between_words():
+    import sys
+
+    spaces = [chr(cp) for cp in range(sys.maxunicode + 1) if chr(cp).isspace()]
+    assert len(spaces) > 20
+    for space in spaces:
+        assert minhash.single_spaced(f"{space}a{space}b {space}c{space}") == "a b c", repr(space)
+    assert minhash.single_spaced("a b\x00c") == "a b\x00c"  # a control that is not whitespace stays
+    assert minhash.shingle_hashes(" \u3000a\tb\u00a0\u2028c  d ", 2).tolist() == sorted(
+        zlib.crc32(s.encode()) for s in ("a b", "b c", "c d")
+    )
