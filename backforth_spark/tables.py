@@ -99,6 +99,7 @@ class Tables:
     run_id: str = "shared"
     merge_retries: int = 5
     catalog_schema: str | None = None
+    staging_format: str = "delta"  # or "parquet" (path-based tables only; see TablesConfig)
     schemas: Mapping[str, T.StructType] = field(default_factory=table_schemas)
     # names of the tables read through this object, in order (checked against the stage records)
     read_log: list[str] = field(default_factory=list, compare=False, repr=False)
@@ -115,6 +116,7 @@ class Tables:
             cfg.workdir_path / "tables",
             run_id,
             catalog_schema=cfg.tables.catalog_schema,
+            staging_format=cfg.tables.staging_format,
             schemas=table_schemas(tasks),
         )
 
@@ -210,11 +212,16 @@ class Tables:
         return self.read(name).where(F.col("run_id").isin(run_ids)).join(keys, key, "left_semi")
 
     def stage(self, name: str, df: DataFrame) -> DataFrame:
-        """Materialise `df` in a staging Delta table (overwritten each time) and read it back. Timed as
-        `stage <name>`: everything lazy upstream of `df` runs here."""
+        """Materialise `df` in a staging table (Delta, or Parquet by `staging_format`; overwritten each
+        time) and read it back. Timed as `stage <name>`: everything lazy upstream of `df` runs here."""
         where = self._staging_location(name)
         with self.timed(f"stage {name}"):
-            self._save(df, where, "overwrite")
+            if self.staging_format == "parquet":
+                df.write.mode("overwrite").parquet(where)
+            else:
+                self._save(df, where, "overwrite")
+        if self.staging_format == "parquet":
+            return self.spark.read.schema(df.schema).parquet(where)  # the schema: an empty result has no file
         return self.spark.table(where) if self.catalog_schema else self.spark.read.format("delta").load(where)
 
     def _merge(self, name: str, df: DataFrame, keys: list[str]):

@@ -153,3 +153,14 @@ def test_production_prompts_put_fixed_text_first_and_the_stand_in_keeps_v2():
     for stage in ("backtranslate", "score", "rewrite"):
         assert production.llm.stage(stage).template == f"{stage}_v3"
         assert stand_in.llm.stage(stage).template == f"{stage}_v2"
+
+
+def test_scratch_tables_are_delta_unless_a_local_disk_is_said():
+    assert Config().tables.staging_format == "delta"
+    assert load_config(REPO / "conf" / "databricks.yaml").tables.staging_format == "delta"
+    assert load_config(LOCAL_CONF).tables.staging_format == "parquet"
+
+
+def test_parquet_staging_with_catalog_tables_is_refused():
+    with pytest.raises(ConfigError, match="staging_format parquet is for path-based tables"):
+        load_config(LOCAL_CONF, ["tables.catalog_schema=main.backforth"])

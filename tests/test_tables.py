@@ -4,6 +4,10 @@ same contracts, with tables named `catalog.schema.table` instead of paths."""
 import uuid
 from dataclasses import replace
 
+import pytest
+from pyspark.sql import Row
+from pyspark.testing import assertDataFrameEqual
+
 from backforth_spark import schemas as t
 from backforth_spark import tables
 from backforth_spark.config import load_config
@@ -23,6 +27,24 @@ def test_path_and_catalog_locations(spark, tmp_path):
     assert named.dataset_source(t.PASSAGES) == {"delta_table_name": "main.backforth.passages"}
 
 
+@pytest.mark.parametrize("staging_format", ["delta", "parquet"])
+def test_a_staged_result_reads_back_its_rows_and_an_overwrite_replaces_them(spark, tmp_path, staging_format):
+    scratch = tables.Tables(spark, tmp_path / "tables", "r1", staging_format=staging_format)
+    pairs = "src string, dst string, similarity double"
+    first = scratch.stage("pairs", spark.createDataFrame([("a", "b", 0.9), ("a", "c", None)], pairs))
+    expected = [Row(src="a", dst="b", similarity=0.9), Row(src="a", dst="c", similarity=None)]
+    assertDataFrameEqual(first, expected)
+    again = scratch.stage("pairs", spark.createDataFrame([("x", "y", 0.5)], pairs))
+    assertDataFrameEqual(again, [Row(src="x", dst="y", similarity=0.5)])
+    empty = scratch.stage("none", spark.createDataFrame([], pairs))
+    assert empty.count() == 0 and empty.columns == ["src", "dst", "similarity"]
+    assert [phase for phase, _ in scratch.phase_log] == ["stage pairs", "stage pairs", "stage none"]
+    is_delta = (tmp_path / "tables" / "_staging" / "r1" / "pairs" / "_delta_log").is_dir()
+    assert is_delta == (staging_format == "delta")
+    scratch.drop_staging()
+    assert not (tmp_path / "tables" / "_staging" / "r1").exists()
+
+
 def test_stages_run_on_catalog_tables(spark, tmp_path):
     schema = f"bf_{uuid.uuid4().hex[:8]}"
     spark.sql(f"CREATE SCHEMA spark_catalog.{schema} LOCATION '{tmp_path / 'warehouse'}'")
@@ -31,6 +53,7 @@ def test_stages_run_on_catalog_tables(spark, tmp_path):
         [
             f"workdir={tmp_path / 'work'}",
             f"tables.catalog_schema=spark_catalog.{schema}",
+            "tables.staging_format=delta",
             "chunk.max_passages_per_doc=1",
         ],
     )
