@@ -152,14 +152,10 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     `survivors` are the new documents left after exact and URL dedup (doc_key, norm_hash); `new` carries
     every new document's signature and bands."""
     cfg = ctx.cfg.dedup
-    # signatures kept for the survivors that have none stored yet
-    sigs = (
-        survivors.select("doc_key")
-        .join(ctx.tables.read(s.MINHASH).select("doc_key"), "doc_key", "left_anti")
-        .join(new.select("doc_key", "signature", "bands"), "doc_key")
-    )
-    # straight from the persisted signatures (an insert-only MERGE reads its source once); the MERGE
-    # counts what it inserted
+    # the survivors' signatures, kept for those that have none stored yet (a rerun after a crash finds
+    # some stored): the insert-only MERGE skips stored keys itself and counts what it inserted. Straight
+    # from the persisted signatures: an insert-only MERGE reads its source once.
+    sigs = survivors.select("doc_key").join(new.select("doc_key", "signature", "bands"), "doc_key")
     sigs = sigs.select("*", F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at"))
     counts: dict[str, Any] = {}
     counts["signatures_computed"] = ctx.tables.merge_insert_new(s.MINHASH, sigs, ["doc_key"])
