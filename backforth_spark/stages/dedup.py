@@ -57,6 +57,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:
         new = undecided.select("doc_key", "url", norm_hash_udf("text").alias("norm_hash"))
     new = new.persist(StorageLevel.MEMORY_AND_DISK)
+    cached = [new]
     counts: dict[str, Any] = {}
 
     # 1. exact: an old representative with the same hash wins, else the smallest new key
@@ -82,6 +83,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     # 3. near: MinHash LSH among the survivors and the old representatives
     if cfg.near:
+        # read by most steps below (signatures, the pool, the components, the decisions): the exact
+        # and URL joins above run once instead of once for each
+        survivors = survivors.persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(survivors)
         near, near_counts = _near_duplicates(ctx, survivors, new, decided)
         counts.update(near_counts)
         dups.append(_decisions(near, NEAR, None))
@@ -114,7 +119,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.tables.merge_insert_new(s.DEDUP, staged, ["doc_key"])
     with ctx.tables.timed("count decisions"):
         by_reason = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
-    new.unpersist()
+    for df in cached:
+        df.unpersist()
     # every new document gets exactly one decision, so the decisions count the input too
     counts["rows_in"] = sum(by_reason.values())
     counts["rows_out"] = by_reason.get(REPRESENTATIVE, 0)
@@ -203,15 +209,26 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     pairs = (
         a.join(b, ["band", "h"])
         .where((F.col("a.doc_key") < F.col("b.doc_key")) & ((F.col("a.prio") == 1) | (F.col("b.prio") == 1)))
-        .select(F.col("a.doc_key").alias("src"), F.col("b.doc_key").alias("dst"))
+        .select(
+            F.col("a.doc_key").alias("src"),
+            F.col("a.prio").alias("src_prio"),
+            F.col("b.doc_key").alias("dst"),
+            F.col("b.prio").alias("dst_prio"),
+        )
     )
     stars = (
         bands.where("prio = 1")
         .join(buckets.where(F.col("size") > cfg.pairwise_bucket_size), ["band", "h"])
         .where(F.col("doc_key") != F.col("center.doc_key"))
-        .select(F.col("center.doc_key").alias("src"), F.col("doc_key").alias("dst"))
+        .select(
+            F.col("center.doc_key").alias("src"),
+            F.col("center.prio").alias("src_prio"),
+            F.col("doc_key").alias("dst"),
+            F.col("prio").alias("dst_prio"),
+        )
     )
-    # staged: the verification below reads back only the documents these pairs name
+    # staged: the verification below reads back only the documents these pairs name; each end carries
+    # its priority, which the components need
     edges = ctx.tables.stage("dedup_candidates", pairs.unionByName(stars).distinct())
     if refresh:
         bands.unpersist()
@@ -239,16 +256,17 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     else:
         scored = scored.withColumn("passed", F.col("similarity") >= cfg.threshold)
     # every candidate staged with its verdict: the counts read the staged rows, not the pairs again
-    candidates = ctx.tables.stage("dedup_edges", scored.select("src", "dst", "similarity", "passed"))
+    verdicts = scored.select("src", "src_prio", "dst", "dst_prio", "similarity", "passed")
+    candidates = ctx.tables.stage("dedup_edges", verdicts)
     with ctx.tables.timed("count pairs"):
         verdicts = {r["passed"]: r["count"] for r in candidates.groupBy("passed").count().collect()}
     counts["candidate_pairs"] = sum(verdicts.values())
     counts["verified_pairs"] = verdicts.get(True, 0)
-    verified = candidates.where("passed").select("src", "dst", "similarity")
+    verified = candidates.where("passed").drop("passed")
 
     with ctx.tables.timed("components"):
         if counts["verified_pairs"] <= cfg.driver_components_max_edges:
-            near, rounds = _components_on_driver(ctx, verified, nodes), 0
+            near, rounds = _components_on_driver(ctx, verified), 0
         else:
             labels, rounds = _components(ctx, verified, nodes, cfg.max_iterations)
             near = labels.where((F.col("prio") == 1) & (F.col("label.doc_key") != F.col("doc_key")))
@@ -268,17 +286,12 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     return near, counts
 
 
-def _components_on_driver(ctx: StageContext, edges, nodes):
+def _components_on_driver(ctx: StageContext, edges):
     """(doc_key, cluster_id) of the new documents that are near duplicates, by union-find on the
-    driver (backforth_spark/components.py) over the collected pairs: one job instead of two per
-    round of label propagation."""
-    prio = nodes.select("doc_key", "prio")
-    ends = (
-        edges.join(prio.toDF("src", "src_prio"), "src")
-        .join(prio.toDF("dst", "dst_prio"), "dst")
-        .select("src", "src_prio", "dst", "dst_prio")
-    )
-    labels = near_labels((r[0], r[1], r[2], r[3]) for r in ends.collect())
+    driver (backforth_spark/components.py) over the collected pairs (with their ends' priorities):
+    one job instead of two per round of label propagation."""
+    ends = edges.select("src", "src_prio", "dst", "dst_prio").collect()
+    labels = near_labels((r[0], r[1], r[2], r[3]) for r in ends)
     near = [(key, label[1]) for key, label in sorted(labels.items()) if label[1] != key]
     return ctx.spark.createDataFrame(near, "doc_key string, cluster_id string")
 
