@@ -237,6 +237,12 @@ def measure_floors(input_dir: Path, n_docs: int) -> dict[str, float]:
         len(texts),
     )
     tokenizer = HFTokenizer(resolve_model(cfg.llm))
+    if tokenizer.ranked is not None:
+        timed(
+            "tokenise (tiktoken on its vocabulary, ids only)",
+            lambda: [tokenizer.ranked.ids(t) for t in texts],
+            len(texts),
+        )
     timed(
         "tokenise + split (our core, no Spark)",
         lambda: list(chunk_texts(texts, tokenizer, cfg.chunk)),

@@ -345,3 +345,137 @@ def test_truncating_a_big_document_tokenises_only_its_first_segment():
     tokenizer = RecordingTokenizer()
     [first] = chunk.chunk_document(text, tokenizer, ChunkConfig(max_tokens=100, too_long="truncate"))
     assert first.truncated and first.n_tokens <= 100 and len(tokenizer.lengths) == 1
+
+
+# ---- tiktoken on the model's vocabulary ---------------------------------------------------------------
+
+
+def _default_tokenizer_folder() -> Path:
+    from backforth_spark.config import load_config
+    from backforth_spark.model import resolve_model
+
+    return Path(resolve_model(load_config(REPO / "conf" / "local.yaml").llm))
+
+
+def test_tiktoken_on_the_default_vocabulary_gives_the_library_tokens_for_every_code_point():
+    from tokenizers import Tokenizer
+
+    from udfs.chunking import HFTokenizer
+
+    folder = _default_tokenizer_folder()
+    ours, library = HFTokenizer(str(folder)), Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert ours.ranked is not None
+    # planes 4 to 11 start with byte 0xF1 or 0xF2, which the vocabulary lacks: the library encodes
+    # them (the test below)
+    points = [c for c in range(0x110000) if not 0xD800 <= c < 0xE000 and not 0x40000 <= c < 0xC0000]
+    # each character between letters, digits, punctuation, spaces and a contraction: the regex split
+    # classifies it, the merges join it with its neighbours
+    texts = [
+        "".join(f"a{chr(c)}1 {chr(c)}! {chr(c)}{chr(c)}'s\n" for c in points[i : i + 4096])
+        for i in range(0, len(points), 4096)
+    ]
+    expected = library.encode_batch_fast(texts, add_special_tokens=False)
+    for text, want in zip(texts, expected, strict=True):
+        found = ours.ranked.ids(text)
+        if found is not None:  # None: a character whose bytes the vocabulary lacks (tested below)
+            assert found == want.ids, text[:40]
+    assert sum(ours.ranked.ids(t) is not None for t in texts) > len(texts) // 2
+
+
+def test_characters_with_bytes_outside_the_vocabulary_go_to_the_library():
+    from tokenizers import Tokenizer
+
+    from udfs.chunking import HFTokenizer
+
+    folder = _default_tokenizer_folder()
+    ours, library = HFTokenizer(str(folder)), Tokenizer.from_file(str(folder / "tokenizer.json"))
+    # the default vocabulary has no token for byte 0x04 nor for 0xF1 (U+40000's first byte): the
+    # library drops them, tiktoken would panic
+    assert library.encode("\x04", add_special_tokens=False).ids == []
+    assert len(library.encode("\U00040000", add_special_tokens=False).ids) == 3  # of its 4 bytes
+    for text in ["a\x04b", "x \U00040000 y", "\U000bffff", "fine\U00010000text"]:
+        expected = library.encode(text, add_special_tokens=False).offsets
+        assert list(zip(*ours.token_offsets(text), strict=True)) == expected
+    assert ours.ranked.ids("a\x04b") is None and ours.ranked.ids("x \U00040000 y") is None
+    assert ours.ranked.ids("fine\U00010000text") is not None  # its bytes are all in the vocabulary
+
+
+def test_a_split_then_byte_level_tokenizer_is_encoded_by_tiktoken_too(tmp_path):
+    from tokenizers import Tokenizer
+
+    from udfs.chunking import HFTokenizer
+
+    split = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+
+    def llama3_layout(spec):  # Llama 3's pre-tokenizer on the default vocabulary
+        spec["pre_tokenizer"] = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        }
+
+    folder = _saved_tokenizer(tmp_path / "model", llama3_layout)
+    ours, library = HFTokenizer(str(folder)), Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert ours.ranked is not None
+    texts = [json.loads(line)["text"] for f in sorted(DOLMA_SAMPLE.glob("*.jsonl")) for line in f.open()]
+    texts += ["IT'S 12345678 we'LL\r\n\r\n  x", "日本語 ١٢٣٤ 👩‍👩‍👧 <|im_end|>", ""]
+    for text in texts:
+        assert ours.ranked.ids(text) == library.encode(text, add_special_tokens=False).ids
+
+
+def _tiny_bpe(folder: Path, merges: list[tuple[str, str]], added=()) -> Path:
+    """A byte-level BPE tokenizer with the 256 byte characters and `merges`, ids in merge order."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import BPE
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tokenizer = Tokenizer(BPE(vocab, list(merges)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.add_special_tokens(list(added))
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_tiktoken_is_used_on_a_tiny_vocabulary_whose_merges_rebuild_their_tokens(tmp_path):
+    from tokenizers import Tokenizer
+
+    from udfs.chunking import HFTokenizer
+
+    folder = _tiny_bpe(tmp_path / "ok", [("a", "b"), ("ab", "c"), ("c", "c"), ("abc", "cc")])
+    ours, library = HFTokenizer(str(folder)), Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert ours.ranked is not None
+    for text in ["abccc abcabc ccab", "abcc", "ab c"]:
+        assert ours.ranked.ids(text) == library.encode(text, add_special_tokens=False).ids
+
+
+def test_tiktoken_is_refused_where_its_merges_would_differ_from_the_library(tmp_path):
+    from tokenizers import AddedToken, Tokenizer
+
+    from udfs.chunking import HFTokenizer, ranked_bpe
+
+    # "abc" is merged from "ab" + "c", but "bc" merges first, so the library never builds "abc" from
+    # its letters; tiktoken would return "abc" whole
+    unreachable = _tiny_bpe(tmp_path / "unreachable", [("b", "c"), ("a", "b"), ("ab", "c")])
+    # merge order against id order: tiktoken merges by id
+    swapped = _tiny_bpe(tmp_path / "swapped", [("a", "b"), ("c", "c")])
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    spec["model"]["merges"].reverse()
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    # an added token matched with the space before it stripped: tiktoken matches text as it is
+    stripped = _tiny_bpe(tmp_path / "stripped", [("a", "b")], [AddedToken("<x>", lstrip=True)])
+    for folder in (unreachable, swapped, stripped):
+        library = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        assert ranked_bpe(library) is None, folder.name
+        ours = HFTokenizer(str(folder))
+        for text in ["abc", "x abcc ab  <x>cab"]:
+            expected = library.encode(text, add_special_tokens=False).offsets
+            assert list(zip(*ours.token_offsets(text), strict=True)) == expected, folder.name
