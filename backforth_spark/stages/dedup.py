@@ -185,27 +185,29 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         if n_new * cfg.bands <= BROADCAST_BAND_ROWS:
             touched = F.broadcast(touched)
         old = bands.where("prio = 0").join(touched, ["band", "h"], "left_semi")
-        # kept: the buckets, their pairs and their stars below all read these few rows, which would
-        # otherwise each scan every stored band again
-        bands = bands.where("prio = 1").unionByName(old).persist(StorageLevel.MEMORY_AND_DISK)
-    buckets = (
-        bands.groupBy("band", "h")
-        .agg(
-            F.count("*").alias("size"),
-            F.max("prio").alias("has_new"),
-            F.min(F.struct("prio", "doc_key")).alias("center"),
+        bands = bands.where("prio = 1").unionByName(old)
+    # each band row with its bucket's size, whether the bucket has a new member and its centre (the
+    # smallest (prio, doc_key)): one shuffle, and the rows of buckets that can give a pair are few
+    bucket = Window.partitionBy("band", "h")
+    members = (
+        bands.select(
+            "*",
+            F.count("*").over(bucket).alias("size"),
+            F.max("prio").over(bucket).alias("has_new"),
+            F.min(F.struct("prio", "doc_key")).over(bucket).alias("center"),
         )
         .where("size > 1 AND has_new = 1")
+        .persist(StorageLevel.MEMORY_AND_DISK)
     )
     with ctx.tables.timed("band and group"):
-        counts["oversized_buckets"] = buckets.where(F.col("size") > cfg.max_bucket_size).count()
+        oversized = members.where(F.col("size") > cfg.max_bucket_size).select("band", "h").distinct()
+        counts["oversized_buckets"] = oversized.count()
     # A bucket up to dedup.pairwise_bucket_size gives every pair with a new member: verification may
     # drop a pair, and the others must still connect what is similar (a chain of drifting copies shares
     # buckets with members that are not each other's near duplicates). A larger bucket gives star edges
     # (its centre -> each new member), linear however large it is; verification can cut a few links there.
-    small = buckets.where(F.col("size") <= cfg.pairwise_bucket_size).select("band", "h")
-    members = bands.join(small, ["band", "h"])
-    a, b = members.alias("a"), members.alias("b")
+    small = members.where(F.col("size") <= cfg.pairwise_bucket_size)
+    a, b = small.alias("a"), small.alias("b")
     pairs = (
         a.join(b, ["band", "h"])
         .where((F.col("a.doc_key") < F.col("b.doc_key")) & ((F.col("a.prio") == 1) | (F.col("b.prio") == 1)))
@@ -216,22 +218,20 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
             F.col("b.prio").alias("dst_prio"),
         )
     )
-    stars = (
-        bands.where("prio = 1")
-        .join(buckets.where(F.col("size") > cfg.pairwise_bucket_size), ["band", "h"])
-        .where(F.col("doc_key") != F.col("center.doc_key"))
-        .select(
-            F.col("center.doc_key").alias("src"),
-            F.col("center.prio").alias("src_prio"),
-            F.col("doc_key").alias("dst"),
-            F.col("prio").alias("dst_prio"),
-        )
+    stars = members.where(
+        (F.col("size") > cfg.pairwise_bucket_size)
+        & (F.col("prio") == 1)
+        & (F.col("doc_key") != F.col("center.doc_key"))
+    ).select(
+        F.col("center.doc_key").alias("src"),
+        F.col("center.prio").alias("src_prio"),
+        F.col("doc_key").alias("dst"),
+        F.col("prio").alias("dst_prio"),
     )
     # staged: the verification below reads back only the documents these pairs name; each end carries
     # its priority, which the components need
     edges = ctx.tables.stage("dedup_candidates", pairs.unionByName(stars).distinct())
-    if refresh:
-        bands.unpersist()
+    members.unpersist()
     ends = edges.select(F.col("src").alias("doc_key")).union(edges.select(F.col("dst").alias("doc_key")))
     ends = ends.distinct()
     # the signatures of the documents the pairs name, read once (every label below names one of them)
