@@ -15,9 +15,11 @@ held at once.
 from __future__ import annotations
 
 import re
+import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Protocol
 
 import numpy as np
@@ -180,14 +182,35 @@ def _looks_like_navigation(line: str) -> bool:
     )
 
 
+@cache
+def _character_classes() -> tuple[np.ndarray, np.ndarray]:
+    """Flags at every code point: (a symbol, a digit), as `_SYMBOL` and `_DIGIT` match them (built once
+    per process, 2.2 MB): counting by table lookup is three times faster than collecting regex matches."""
+    every = "".join(map(chr, range(sys.maxunicode + 1)))
+    tables = []
+    for pattern in (_SYMBOL, _DIGIT):
+        table = np.zeros(sys.maxunicode + 1, dtype=bool)
+        table[[m.start() for m in pattern.finditer(every)]] = True
+        tables.append(table)
+    return tables[0], tables[1]
+
+
+def symbol_and_digit_counts(text: str) -> tuple[int, int]:
+    r"""How many characters of `text` are symbols (`[^\w\s]`) and digits (`\d`)."""
+    symbol, digit = _character_classes()
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return int(np.count_nonzero(symbol[points])), int(np.count_nonzero(digit[points]))
+
+
 def quality_issue(text: str, cfg: ChunkConfig) -> str | None:
     """The name of the first quality filter `text` fails, or None. Disabled filters are None in cfg."""
     if cfg.min_words is not None and len(text.split()) < cfg.min_words:
         return "too_few_words"
     chars = max(len(text), 1)
-    if cfg.max_symbol_ratio is not None and len(_SYMBOL.findall(text)) / chars > cfg.max_symbol_ratio:
+    symbols, digits = symbol_and_digit_counts(text)
+    if cfg.max_symbol_ratio is not None and symbols / chars > cfg.max_symbol_ratio:
         return "symbol_ratio"
-    if cfg.max_digit_ratio is not None and len(_DIGIT.findall(text)) / chars > cfg.max_digit_ratio:
+    if cfg.max_digit_ratio is not None and digits / chars > cfg.max_digit_ratio:
         return "digit_ratio"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if lines and cfg.max_repeated_line_ratio is not None:

@@ -149,6 +149,18 @@ def test_quality_filters_name_the_first_failure(text, setting, issue):
     assert chunk.quality_issue(text, ChunkConfig(**setting)) == issue
 
 
+def test_symbols_and_digits_are_counted_as_the_regexes_match_them_at_every_code_point():
+    import re
+    import sys
+
+    every = "".join(map(chr, range(sys.maxunicode + 1)))  # surrogates and unassigned points too
+    pieces = [every[i : i + 65536] for i in range(0, len(every), 65536)]
+    pieces += ["", "plain words 123", "٣ digits ١٢ ⅻ ½ ²", "a_b\u00a0\u3000c €$ 👍🏽 e\u0301"]
+    for piece in pieces:
+        expected = (len(re.findall(r"[^\w\s]", piece)), len(re.findall(r"\d", piece)))
+        assert chunk.symbol_and_digit_counts(piece) == expected, repr(piece[:20])
+
+
 def test_filtered_passages_are_kept_with_their_reason():
     [p] = chunk.chunk_document(
         "Home\nLogin\nContact us\nA line.",
