@@ -32,6 +32,9 @@ def _doc(i, text="Some text.", source="cc"):
         (b'{"id": "1", "text": "lone \\ud800 surrogate"}', ingest.UNENCODABLE_TEXT),  # JSON allows it
         (b'{"id": "\\udfff", "text": "fine"}', ingest.UNENCODABLE_TEXT),
         (b'{"id": "1", "text": "ok", "metadata": {"k": "\\ud83d"}}', ingest.UNENCODABLE_TEXT),
+        (b'{"id": "1", "text": "upper \\uDBFF case"}', ingest.UNENCODABLE_TEXT),
+        (b'{"id": "1", "text": "ok", "\\uDC00key": 1}', ingest.UNENCODABLE_TEXT),  # in a key
+        (b'{"id": "1", "text": "reversed \\ude00\\ud83d pair"}', ingest.UNENCODABLE_TEXT),
         (b'{"id": true, "text": "a bool is no id"}', ingest.MISSING_ID),
         (b'{"id": ["a"], "text": "a list is no id"}', ingest.MISSING_ID),
     ],
@@ -40,6 +43,14 @@ def test_bad_lines_are_quarantined_with_a_reason(raw, reason):
     parsed = ingest.parse_line("f.jsonl", 7, raw, CFG)
     assert (parsed.kind, parsed.reason, parsed.line_number) == ("quarantine", reason, 7)
     assert parsed.detail
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_documents():
+    pair = ingest.parse_line("f.jsonl", 1, b'{"id": "1", "text": "smile \\ud83d\\ude00 ok"}', CFG)
+    assert (pair.kind, pair.text) == ("doc", "smile \U0001f600 ok")
+    # an escaped backslash then "ud800": the text holds those six characters, no surrogate
+    literal = ingest.parse_line("f.jsonl", 2, b'{"id": "1", "text": "path \\\\ud800 x"}', CFG)
+    assert (literal.kind, literal.text) == ("doc", "path \\ud800 x")
 
 
 @pytest.mark.parametrize(
