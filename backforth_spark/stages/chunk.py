@@ -20,21 +20,17 @@ TASKS_PER_CORE = 4
 def run(ctx: StageContext) -> dict[str, int]:
     """Chunk representatives that have no passages yet."""
     reps = ctx.tables.read(s.DEDUP).where("is_representative").select("doc_key")
-    done = ctx.tables.read(s.PASSAGES)
-    if done.isEmpty():
-        # no passages yet (a first run): every representative is pending, read without key lookups
-        todo = ctx.tables.read(s.DOCUMENTS).join(reps, "doc_key", "left_semi") if not reps.isEmpty() else None
-    else:
-        pending = reps.join(done.select("doc_key").distinct(), "doc_key", "left_anti")
-        runs = ctx.tables.runs_with_keys(s.DOCUMENTS, pending)
-        todo = ctx.tables.rows_for_keys(s.DOCUMENTS, pending, runs=runs) if runs else None
-    if todo is None:
-        ctx.tables.ensure(s.PASSAGES)
-        return {"rows_in": 0, "rows_out": 0}  # nothing new: no Python workers, no empty commit
+    done = ctx.tables.read(s.PASSAGES).select("doc_key").distinct()
+    pending = reps.join(done, "doc_key", "left_anti")
     # Spread over several tasks per core by key: the documents' own file splits can be far apart in
     # size (a 128 MB row group beside a 22 MB one), and one task tokenising most of the text would
     # leave the other cores idle (measured: 88% of 100k documents' passages from one task).
+    runs = ctx.tables.runs_with_keys(s.DOCUMENTS, pending)
+    if not runs:
+        ctx.tables.ensure(s.PASSAGES)
+        return {"rows_in": 0, "rows_out": 0}  # nothing new: no Python workers, no empty commit
     parts = ctx.spark.sparkContext.defaultParallelism * TASKS_PER_CORE
+    todo = ctx.tables.rows_for_keys(s.DOCUMENTS, pending, runs=runs)
     todo = todo.select("doc_key", "text").repartition(parts, "doc_key")
     model = resolve_model(ctx.cfg.llm)
     # one timestamp for every row of this call: with the run id it names what this call inserted
@@ -51,15 +47,12 @@ def run(ctx: StageContext) -> dict[str, int]:
         (F.col("run_id") == ctx.run_id) & (F.col("written_at") == F.lit(written_at).cast("timestamp"))
     )
     with ctx.tables.timed("count passages"):
-        # one job: passages by (status, filter), by status, and the documents they came from
-        counts = [F.count("*").alias("n"), F.countDistinct("doc_key").alias("docs")]
-        counts.append(F.grouping_id().alias("g"))  # 0: by status and filter, 1: by status, 3: all
-        counted = inserted.rollup("status", "quality_filter").agg(*counts).collect()
-    by_status = {r["status"]: r["n"] for r in counted if r["g"] == 1}
-    by_filter = {r["quality_filter"]: r["n"] for r in counted if r["g"] == 0 and r["status"] == LOW_QUALITY}
+        by_status = {r["status"]: r["count"] for r in inserted.groupBy("status").count().collect()}
+        by_filter = inserted.where(F.col("status") == LOW_QUALITY).groupBy("quality_filter").count().collect()
+        rows_in = inserted.select("doc_key").distinct().count()
     return {
-        "rows_in": next((r["docs"] for r in counted if r["g"] == 3), 0),
+        "rows_in": rows_in,
         "rows_out": by_status.get(OK, 0),
         **{f"passages_{status}": n for status, n in sorted(by_status.items())},
-        **{f"filtered_{name}": n for name, n in sorted(by_filter.items())},
+        **{f"filtered_{r['quality_filter']}": r["count"] for r in sorted(by_filter, key=lambda r: r[0])},
     }

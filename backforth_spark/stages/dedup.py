@@ -43,19 +43,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     require_columns(docs, ["doc_key", "text", "url"], s.DOCUMENTS)
     decided = ctx.tables.read(s.DEDUP)
     old_reps = decided.where("is_representative").select("doc_key", "norm_hash")
-    if decided.isEmpty():
-        # nothing decided yet (a first run, or a rerun of one that crashed before its one commit):
-        # every document is pending, with no key lookups to find them
-        undecided = docs if not docs.isEmpty() else None
-    else:
-        pending = docs.select("doc_key").join(decided.select("doc_key"), "doc_key", "left_anti")
-        runs = ctx.tables.runs_with_keys(s.DOCUMENTS, pending)
-        undecided = ctx.tables.rows_for_keys(s.DOCUMENTS, pending, runs=runs) if runs else None
-    if undecided is None:
+    pending = docs.select("doc_key").join(decided.select("doc_key"), "doc_key", "left_anti")
+    runs = ctx.tables.runs_with_keys(s.DOCUMENTS, pending)
+    if not runs:
         # nothing new (a scheduled refresh after a quiet day): no jobs, no empty commits
         for name in (s.DEDUP, s.MINHASH) if cfg.near else (s.DEDUP,):
             ctx.tables.ensure(name)
         return nothing_new(cfg.near)
+    undecided = ctx.tables.rows_for_keys(s.DOCUMENTS, pending, runs=runs)
     if cfg.near:
         # one pass over the text: the exact hash and the MinHash signature from one normalisation
         new = undecided.select("doc_key", "url", "text").mapInPandas(hashes_and_signatures(cfg), NEW_SCHEMA)
