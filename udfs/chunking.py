@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import tiktoken
 from tokenizers import Tokenizer
+from tokenizers.models import BPE
 
 from backforth_spark.chunking import TokenOffsets, chunk_texts, offsets_from_byte_lengths, passage_id
 from backforth_spark.config import ChunkConfig
@@ -113,18 +114,6 @@ def _split_pattern(pre_tokenizer: dict | None) -> str | None:
     return regex
 
 
-def _merge_by_rank(word: str, rank: dict[tuple[str, str], int]) -> list[str]:
-    """BPE of one word by merge rank: the lowest-ranked adjacent pair merges first, leftmost on ties."""
-    parts = list(word)
-    while len(parts) > 1:
-        ranks = [rank.get(pair, len(rank)) for pair in zip(parts, parts[1:], strict=False)]
-        best = min(range(len(ranks)), key=ranks.__getitem__)
-        if ranks[best] == len(rank):
-            break
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-    return parts
-
-
 def _missing_bytes_pattern(present: np.ndarray) -> re.Pattern[str]:
     """Characters with a UTF-8 byte the vocabulary lacks (the library drops those), and surrogates."""
     cp = np.arange(0x110000, dtype=np.int64)
@@ -194,9 +183,10 @@ def ranked_bpe(backend: Tokenizer) -> RankedBPE | None:
     strays = set(vocab.values()) - set(merged) - {t["id"] for t in added}
     if model.get("ignore_merges") and any(len(t) > 1 for t, i in vocab.items() if i in strays):
         return None  # the library returns a word found in the vocabulary as it is; tiktoken only merges
-    rank = {pair: i for i, pair in enumerate(merges)}
-    if any(_merge_by_rank(a + b, rank) != [a + b] for a, b in merges):
-        return None  # (b)
+    # (b), asked of the library itself: its BPE on these merges, without a whole-word vocabulary lookup
+    by_merges = BPE(vocab=vocab, merges=merges, ignore_merges=False)
+    if any([t.value for t in by_merges.tokenize(a + b)] != [a + b] for a, b in merges):
+        return None
     alphabet = _byte_alphabet()
     if any(c not in alphabet for a, b in merges for c in a + b):
         return None
