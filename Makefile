@@ -50,7 +50,7 @@ bench-injection: setup
 	$(PY) benchmarks/injection.py --templates v1 v2
 
 bench-dedup: setup
-	.tools/venv/bin/uv sync --frozen --extra cpu --extra convert --group bench --quiet
+	.tools/venv/bin/uv sync --frozen --extra cpu --extra convert --group bench --compile-bytecode --quiet
 	$(PY) benchmarks/dedup.py --docs $(N)
 
 bench-refresh: setup

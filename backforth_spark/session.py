@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
@@ -26,20 +27,41 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     if cfg.configure_delta:
-        from delta import configure_spark_with_delta_pip
-
         builder = builder.config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension").config(
             "spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog"
         )
-        builder = configure_spark_with_delta_pip(builder)
+        if cfg.delta_jars and _launches_jvm():
+            own = [jar for jar in cfg.conf.get("spark.jars", "").split(",") if jar]
+            builder = builder.config("spark.jars", ",".join([*delta_jar_files(cfg.delta_jars), *own]))
+        else:
+            # imported here: a runtime that ships Delta (configure_delta false) needs no delta-spark wheel
+            from delta import configure_spark_with_delta_pip
+
+            builder = configure_spark_with_delta_pip(builder)
     return builder.getOrCreate()
+
+
+def delta_jar_files(folder: str) -> list[str]:
+    """The jars in `folder` (spark.delta_jars), or a ValueError that says how to fill it."""
+    jars = sorted(str(p.resolve()) for p in Path(os.path.expanduser(folder)).glob("*.jar"))
+    if not jars:
+        raise ValueError(
+            f"spark.delta_jars={folder!r} holds no jars: run `make setup` (scripts/fetch_delta_jars.py "
+            "fills it) or set spark.delta_jars=null to resolve them from Maven at start"
+        )
+    return jars
+
+
+def _launches_jvm() -> bool:
+    """True when this process starts its own JVM; False under spark-submit, whose flags gave the jars."""
+    return "PYSPARK_GATEWAY_PORT" not in os.environ
 
 
 def _submitted_master() -> str | None:
     """The master spark-submit was given, or None when this process starts its own JVM."""
     # spark-submit starts the JVM first and hands Python its gateway through this variable; only then
     # is there a launcher conf to read (asking otherwise would start a JVM before Delta's jars are set)
-    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+    if _launches_jvm():
         return None
     from pyspark import SparkConf, SparkContext
 

@@ -1,4 +1,5 @@
-"""Make the Delta Lake jars resolvable offline-first: start a local Delta session once.
+"""Fetch the Delta Lake jars: start a local Delta session once, then copy what Spark resolved into
+.tools/delta-jars (conf/local.yaml's spark.delta_jars), so later sessions skip the resolver.
 
 Spark's resolver looks in ~/.m2 first, then its Ivy cache, then Maven Central. If its own download
 fails while Maven works, `mvn dependency:get` fills ~/.m2 and Spark resolves from there.
@@ -6,11 +7,16 @@ fails while Maven works, `mvn dependency:get` fills ~/.m2 and Spark resolves fro
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pyspark
+
+JARS = ".tools/delta-jars"  # conf/local.yaml's spark.delta_jars, relative to the repository
 
 
 def start_session() -> None:
@@ -25,7 +31,18 @@ def start_session() -> None:
     )
     spark = configure_spark_with_delta_pip(builder).getOrCreate()
     spark.range(1).count()
+    resolved = [urlparse(jar).path for jar in spark.sparkContext.getConf().get("spark.jars").split(",")]
     spark.stop()
+    # a fresh folder each time: jars of an older Delta pin must not stay on the classpath
+    folder = Path(__file__).resolve().parents[1] / JARS
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for jar in resolved:
+        shutil.copy2(jar, partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    print(f"{len(resolved)} jars in {folder}")
 
 
 def main() -> int:

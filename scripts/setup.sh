@@ -15,7 +15,12 @@ if [[ ! -x "$UV" ]] || [[ "$("$UV" --version | cut -d' ' -f2)" != "$UV_VERSION" 
 fi
 
 echo "setup: syncing .venv from uv.lock"
-"$UV" sync --frozen --extra cpu --extra convert --quiet
+# --compile-bytecode: every Spark Python worker is a fresh interpreter that imports pandas, pyarrow and
+# the project; without .pyc files (uv writes none by default, and PYTHONDONTWRITEBYTECODE=1 keeps Python
+# from writing them) each one compiles those sources again (pandas: 0.9 s -> 0.3 s to import).
+# Up-to-date .pyc files are kept, so a repeated sync costs seconds.
+"$UV" sync --frozen --extra cpu --extra convert --compile-bytecode --quiet
+.venv/bin/python -m compileall -q -j 0 backforth_spark udfs
 
 echo "setup: Delta jars (Spark's resolver output: .tools/delta-jars.log)"
 if ! .venv/bin/python scripts/fetch_delta_jars.py > .tools/delta-jars.log 2>&1; then
