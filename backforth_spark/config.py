@@ -32,6 +32,10 @@ class SparkConfig(_Strict):
     # to Spark as spark.jars: a JVM start then skips resolving 33 Maven artifacts (about 1.1 s). None:
     # Spark resolves them from delta-spark's Maven coordinates at every start.
     delta_jars: str | None = None
+    # A class-data archive of the driver JVM (HotSpot AppCDS, scripts/build_class_archive.py writes
+    # .tools/spark-classes.jsa at setup): a JVM this process starts maps Spark's and Delta's classes from
+    # it instead of loading and verifying them again. A missing file only costs that time (a warning).
+    class_archive: str | None = None
     conf: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("conf", mode="before")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -9,6 +10,10 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 
 from backforth_spark.config import SparkConfig
+
+log = logging.getLogger(__name__)
+
+DRIVER_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
 
 
 def get_spark(cfg: SparkConfig) -> SparkSession:
@@ -24,7 +29,10 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     # off its cluster
     if cfg.master and _submitted_master() is None:
         builder = builder.master(cfg.master)
-    for key, value in cfg.conf.items():
+    conf = dict(cfg.conf)
+    if cfg.class_archive and _launches_jvm():
+        conf[DRIVER_JAVA_OPTIONS] = with_class_archive(conf.get(DRIVER_JAVA_OPTIONS, ""), cfg.class_archive)
+    for key, value in conf.items():
         builder = builder.config(key, value)
     if cfg.configure_delta:
         builder = builder.config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension").config(
@@ -50,6 +58,18 @@ def delta_jar_files(folder: str) -> list[str]:
             "fills it) or set spark.delta_jars=null to resolve them from Maven at start"
         )
     return jars
+
+
+def with_class_archive(java_options: str, archive: str) -> str:
+    """`java_options` plus the flag that maps the class-data archive `archive` (spark.class_archive);
+    unchanged, with a warning, when the file is missing (the JVM then loads its classes itself)."""
+    path = Path(os.path.expanduser(archive)).resolve()
+    if not path.is_file():
+        log.warning(
+            "no JVM class archive at %s (`make setup` builds it): Spark starts a few seconds slower", path
+        )
+        return java_options
+    return f"{java_options} -XX:SharedArchiveFile={path}".strip()
 
 
 def _launches_jvm() -> bool:

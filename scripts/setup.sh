@@ -30,3 +30,11 @@ fi
 
 echo "setup: default model"
 .venv/bin/backforth model pull --config conf/local.yaml
+
+echo "setup: JVM class archive (scripts/build_class_archive.py; its output: .tools/class-archive.log)"
+# after the model: the archive's workload runs the pipeline through chunk, which needs the tokenizer
+if ! .venv/bin/python scripts/build_class_archive.py > .tools/class-archive.log 2>&1; then
+  grep -v '\[cds\]' .tools/class-archive.log | tail -40
+  exit 1
+fi
+tail -1 .tools/class-archive.log

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import logging
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from backforth_spark.session import delta_jar_files
+from backforth_spark.session import delta_jar_files, with_class_archive
 from tests.conftest import REPO
 
 
@@ -32,3 +36,29 @@ def test_delta_jars_are_every_jar_in_the_folder_as_absolute_paths(tmp_path):
     for name in ("b.jar", "a.jar", "readme.md"):
         (tmp_path / name).write_text("")
     assert delta_jar_files(str(tmp_path)) == [str(tmp_path / "a.jar"), str(tmp_path / "b.jar")]
+
+
+def test_the_local_driver_jvm_maps_the_class_archive_that_setup_built(spark):
+    archive = (REPO / ".tools" / "spark-classes.jsa").resolve()
+    runtime = spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
+    assert f"-XX:SharedArchiveFile={archive}" in list(runtime.getInputArguments())
+    # -Xshare:on turns an archive the JVM would quietly ignore (another JVM build, another class path)
+    # into an error: the archive fits this JVM and this session's class path
+    classpath = spark._jvm.java.lang.System.getProperty("java.class.path")
+    java = Path(spark._jvm.java.lang.System.getProperty("java.home")) / "bin" / "java"
+    check = [str(java), "-Xshare:on", f"-XX:SharedArchiveFile={archive}", "-cp", classpath, "-version"]
+    done = subprocess.run(check, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_class_archive_flag_is_added_to_the_driver_options_with_an_absolute_path(tmp_path):
+    (tmp_path / "classes.jsa").write_bytes(b"archive")
+    options = with_class_archive("-XX:TieredStopAtLevel=1", str(tmp_path / "classes.jsa"))
+    assert options == f"-XX:TieredStopAtLevel=1 -XX:SharedArchiveFile={tmp_path / 'classes.jsa'}"
+
+
+def test_a_missing_class_archive_leaves_the_driver_options_as_they_are_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="backforth_spark.session"):
+        options = with_class_archive("-XX:TieredStopAtLevel=1", str(tmp_path / "absent.jsa"))
+    assert options == "-XX:TieredStopAtLevel=1"
+    assert "no JVM class archive" in caplog.text and "make setup" in caplog.text
