@@ -15,9 +15,21 @@ LOCAL_CONF = REPO / "conf" / "local.yaml"
 DOLMA_SAMPLE = REPO.parent / "shared" / "data" / "dolma-sample"
 
 
+# The suite's one Spark session lives as long as the suite (tens of minutes), so HotSpot's C2 compiler
+# earns back its compile time there; conf/local.yaml stops at C1 for CLI runs of a few minutes (a CLI real
+# run with C2 was no faster). Measured: tests/test_generate.py 367 s with C1 only, 232 s with C2.
+LONG_LIVED_JIT = "-XX:TieredStopAtLevel=4"
+
+
 @pytest.fixture(scope="session")
 def base_cfg(tmp_path_factory) -> Config:
-    return load_config(LOCAL_CONF, [f"workdir={tmp_path_factory.mktemp('work')}"])
+    return load_config(
+        LOCAL_CONF,
+        [
+            f"workdir={tmp_path_factory.mktemp('work')}",
+            f"spark.conf.spark.driver.extraJavaOptions={LONG_LIVED_JIT}",
+        ],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -288,45 +300,81 @@ def served(server: VLLMServer, stage: str, key_env: str = "BACKFORTH_TEST_KEY") 
     )  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def real_run(tmp_path_factory, mlflow_server, vllm_server_starting) -> RealRun:
-    """`backforth run` of every stage on the sample (plus bad lines and a copy), tracked to a real MLflow
-    server, Spark's event log on. The real vLLM CPU engine in the Python workers runs a stand-in backward
-    model for backtranslate and the default model for score, rewrite and ground; distill goes to
-    `vllm serve` with an API key (each stage its own model and engine). Tests read it; tests that write
-    copy it first."""
+def _reads_the_real_run(item) -> bool:
+    return "real_run" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items):
+    # The tests that read the shared real run go last, in their order: the run starts in the background
+    # with the first test (real_run_started), and the tests that do not need it run meanwhile (the run
+    # alone leaves about a third of the two cores idle, waiting on Spark's driver and on vLLM's start).
+    items.sort(key=_reads_the_real_run)
+
+
+@dataclass
+class _Started:
+    root: Path
+    process: subprocess.Popen
+    n_lines: int
+    tracking_uri: str
+    server: VLLMServer
+    server_proc: subprocess.Popen
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_run_started(request, tmp_path_factory):
+    """`backforth run` of every stage on the sample (plus bad lines and a copy), started in a subprocess
+    with the session when a collected test reads it (`real_run` waits for it); else nothing."""
+    if not any(_reads_the_real_run(item) for item in request.session.items):
+        yield None
+        return
+    mlflow_url = request.getfixturevalue("mlflow_server")
+    server_proc, base, model, server_log = request.getfixturevalue("vllm_server_starting")
     root = tmp_path_factory.mktemp("real-run")
     link_stand_in_backward()
     n_lines = write_corpus(root / "in")
     (root / "events").mkdir()
-    summary_path = root / "summary.json"
     # the server loads beside the run: distill, the stage it serves, comes last, minutes later
-    server_proc, base, model, server_log = vllm_server_starting
     server = VLLMServer(base + "/v1", model, server_log)
     chosen = (
-        *REAL_RUN_SETTINGS, f"tracking.tracking_uri={mlflow_server}", *served(server, "distill"),
+        *REAL_RUN_SETTINGS, f"tracking.tracking_uri={mlflow_url}", *served(server, "distill"),
         "spark.conf.spark.eventLog.enabled=true", f"spark.conf.spark.eventLog.dir={root / 'events'}",
         # plain text, so the tests can read it (Spark 4 compresses it with zstd by default)
         "spark.conf.spark.eventLog.compress=false",
     )  # fmt: skip
-    run = subprocess.Popen(
-        [sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(LOCAL_CONF),
-         "--workdir", str(root / "work"), "--input", str(root / "in"), "--summary-json", str(summary_path),
-         *[x for s in chosen for x in ("--set", s)]],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "BACKFORTH_TEST_KEY": API_KEY},
-    )  # fmt: skip
-    try:
-        _wait_healthy(server_proc, base, server_log)
-    except BaseException:
+    # its output to files, not pipes: nobody reads it until the run ends, and a full pipe would stall it
+    with open(root / "stdout.txt", "w") as out, open(root / "stderr.txt", "w") as err:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(LOCAL_CONF),
+             "--workdir", str(root / "work"), "--input", str(root / "in"),
+             "--summary-json", str(root / "summary.json"), *[x for s in chosen for x in ("--set", s)]],
+            cwd=REPO, stdout=out, stderr=err, text=True, env={**os.environ, "BACKFORTH_TEST_KEY": API_KEY},
+        )  # fmt: skip
+    yield _Started(root, run, n_lines, mlflow_url, server, server_proc)
+    if run.poll() is None:  # the session ended before any test waited for it
         run.kill()
+        run.wait()
+
+
+@pytest.fixture(scope="session")
+def real_run(real_run_started: _Started) -> RealRun:
+    """The shared real run, finished: the real vLLM CPU engine in the Python workers runs a stand-in
+    backward model for backtranslate and the default model for score, rewrite and ground; distill goes
+    to `vllm serve` with an API key (each stage its own model and engine), tracked to a real MLflow
+    server, Spark's event log on. Tests read it; tests that write copy it first."""
+    started = real_run_started
+    try:
+        _wait_healthy(started.server_proc, started.server.url.removesuffix("/v1"), started.server.log)
+        started.process.wait(timeout=1800)
+    except BaseException:
+        started.process.kill()
         raise
-    stdout, stderr = run.communicate(timeout=1800)
-    proc = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    root = started.root
+    stdout, stderr = (root / "stdout.txt").read_text(), (root / "stderr.txt").read_text()
+    assert started.process.returncode == 0, stderr[-4000:]
     return RealRun(
-        root / "work", root / "in", n_lines, json.loads(summary_path.read_text()), proc.stdout, proc.stderr,
-        mlflow_server, root / "events",
+        root / "work", root / "in", started.n_lines, json.loads((root / "summary.json").read_text()),
+        stdout, stderr, started.tracking_uri, root / "events",
     )  # fmt: skip
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from backforth_spark.config import load_config
 from backforth_spark.session import delta_jar_files, with_class_archive
-from tests.conftest import REPO
+from tests.conftest import LOCAL_CONF, LONG_LIVED_JIT, REPO
 
 
 def test_a_local_session_takes_the_delta_jars_from_the_setup_folder_not_the_resolver(spark):
@@ -21,9 +22,15 @@ def test_a_local_session_takes_the_delta_jars_from_the_setup_folder_not_the_reso
     assert spark._jvm.io.delta.tables.DeltaTable is not None
 
 
-def test_the_local_driver_jvm_runs_with_c1_only(spark):
+def test_the_driver_jvm_starts_with_the_configured_java_options(spark):
+    # the suite's session sets its own (tests/conftest.py): what the config says reaches the JVM
     runtime = spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
-    assert "-XX:TieredStopAtLevel=1" in list(runtime.getInputArguments())
+    assert LONG_LIVED_JIT in list(runtime.getInputArguments())
+
+
+def test_cli_runs_of_the_local_config_stop_at_c1():
+    conf = load_config(LOCAL_CONF).spark.conf
+    assert conf["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
 
 
 def test_an_empty_delta_jars_folder_is_an_error_that_says_how_to_fill_it(tmp_path):
