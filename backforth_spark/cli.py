@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     if (every is not None and every < 0) or (times is not None and (times < 1 or every is None)):
         print("error: --every takes seconds >= 0; --times a count >= 1, with --every", file=sys.stderr)
         return 2
+    if every is not None:  # this process stays up: its Spark session gets the long-lived settings
+        cfg = cfg.model_copy(update={"spark": cfg.spark.long_lived()})
     try:
         stages = select(args.stages, cfg)
     except ValueError as exc:

@@ -37,14 +37,22 @@ class SparkConfig(_Strict):
     # it instead of loading and verifying them again. A missing file only costs that time (a warning).
     class_archive: str | None = None
     conf: dict[str, str] = Field(default_factory=dict)
+    # Settings that replace conf's in a process that stays up (`refresh --every`): what pays off only
+    # over a long life, such as the JVM's optimising compiler, which a run of a few minutes never
+    # earns back.
+    long_lived_conf: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("conf", mode="before")
+    @field_validator("conf", "long_lived_conf", mode="before")
     @classmethod
     def _conf_values_as_text(cls, conf: Any) -> Any:
         # Spark takes every value as a string; YAML reads 64 or true as a number or a bool
         if isinstance(conf, dict):
             return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in conf.items()}
         return conf
+
+    def long_lived(self) -> SparkConfig:
+        """This config for a process that stays up: long_lived_conf's settings over conf's."""
+        return self.model_copy(update={"conf": {**self.conf, **self.long_lived_conf}})
 
 
 class IngestConfig(_Strict):

@@ -15,7 +15,8 @@ the pipeline names each stage's jobs by their job group).
 
 Then the same again in one long-lived process, as in a notebook or any driver that stays up: a fresh
 workdir, the full run and, once the same new file has landed, the refresh, both through
-`pipeline.run_pipeline` in one Spark session (the full run's clock includes starting it). A refresh in
+`pipeline.run_pipeline` in one Spark session (the full run's clock includes starting it), with the
+long-lived settings `refresh --every` uses (`spark.long_lived_conf`: the JVM's full JIT). A refresh in
 a fresh process pays the JVM's and the Python workers' warm-up again (class loading, code generation,
 imports); this second pair shows what the refresh costs without it. Last line:
 RESULT n_docs=... new_docs=... full_s=... refresh_s=... ratio=... rows_read_full=i/d/c rows_read_refresh=i/d/c
@@ -103,6 +104,8 @@ def in_one_session(input_dir: Path, workdir: Path, n_new: int) -> dict:
     from backforth_spark.stages import select
 
     cfg = load_config(REPO / "conf" / "local.yaml", cli_settings(workdir))
+    # the process `refresh --every` runs: it stays up, with the long-lived Spark settings
+    cfg = cfg.model_copy(update={"spark": cfg.spark.long_lived()})
     stages = select(",".join(STAGES), cfg)
     out = {}
     for name in ("full", "refresh"):

@@ -15,21 +15,11 @@ LOCAL_CONF = REPO / "conf" / "local.yaml"
 DOLMA_SAMPLE = REPO.parent / "shared" / "data" / "dolma-sample"
 
 
-# The suite's one Spark session lives as long as the suite (tens of minutes), so HotSpot's C2 compiler
-# earns back its compile time there; conf/local.yaml stops at C1 for CLI runs of a few minutes (a CLI real
-# run with C2 was no faster). Measured: tests/test_generate.py 367 s with C1 only, 232 s with C2.
-LONG_LIVED_JIT = "-XX:TieredStopAtLevel=4"
-
-
 @pytest.fixture(scope="session")
 def base_cfg(tmp_path_factory) -> Config:
-    return load_config(
-        LOCAL_CONF,
-        [
-            f"workdir={tmp_path_factory.mktemp('work')}",
-            f"spark.conf.spark.driver.extraJavaOptions={LONG_LIVED_JIT}",
-        ],
-    )
+    cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path_factory.mktemp('work')}"])
+    # the suite's one session lives as long as the suite (tens of minutes): a long-lived process
+    return cfg.model_copy(update={"spark": cfg.spark.long_lived()})
 
 
 @pytest.fixture(scope="session")

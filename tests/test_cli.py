@@ -282,12 +282,22 @@ def test_a_refresh_that_stays_up_reads_only_what_landed_since_the_last(tmp_path,
         _docs_file(folder / f"b{len(waits)}.jsonl", [f"b{len(waits)}-1", f"b{len(waits)}-2"])
 
     monkeypatch.setattr(cli_module, "_wait", a_file_lands_meanwhile)
+    started_with = []
+    start_spark = cli_module._start_spark
+
+    def recording_start(cfg, log_file):
+        started_with.append(cfg.spark.conf)
+        start_spark(cfg, log_file)
+
+    monkeypatch.setattr(cli_module, "_start_spark", recording_start)
     summary = tmp_path / "summary.json"
     code = main(["refresh", "--config", str(LOCAL_CONF), "--workdir", str(tmp_path / "work"),
                  "--input", str(folder), "--stages", "ingest", "--set", "tracking.enabled=false",
                  "--summary-json", str(summary), "--every", "600", "--times", "3"])  # fmt: skip
     assert code == 0
     assert len(waits) == 2 and all(0 < w <= 600 for w in waits)  # the period counts from each start
+    # a process that stays up asks for the long-lived settings (conf/local.yaml: the full JIT)
+    assert [conf["spark.driver.extraJavaOptions"] for conf in started_with] == ["-XX:TieredStopAtLevel=4"]
     run_ids = re.findall(r"run id: (\S+)", capsys.readouterr().out)
     assert len(set(run_ids)) == 3
     last = json.loads(summary.read_text())  # the third refresh: the file that landed before it

@@ -45,6 +45,7 @@ def _submit(job: str, cluster, pyfiles: Path, workdir: Path, cwd: Path, *extra: 
         "--config", str(LOCAL_CONF), "--workdir", str(workdir), "--summary-json", str(summary),
         "--set", "chunk.max_passages_per_doc=1",
         "--set", "llm.gpus_per_task=1", "--set", "llm.cpus_per_task=1", "--set", "llm.num_partitions=2",
+        "--set", "llm.cpu_threads=1",
         "--set", "tracking.enabled=false", *extra,
         # the mechanics, not the quality: short outputs (the shared real run has the full ones)
         "--set", "llm.rewrite.sampling.max_tokens=160", "--set", "llm.backtranslate.sampling.max_tokens=64",

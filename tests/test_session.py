@@ -8,7 +8,7 @@ import pytest
 
 from backforth_spark.config import load_config
 from backforth_spark.session import delta_jar_files, with_class_archive
-from tests.conftest import LOCAL_CONF, LONG_LIVED_JIT, REPO
+from tests.conftest import LOCAL_CONF, REPO
 
 
 def test_a_local_session_takes_the_delta_jars_from_the_setup_folder_not_the_resolver(spark):
@@ -22,15 +22,21 @@ def test_a_local_session_takes_the_delta_jars_from_the_setup_folder_not_the_reso
     assert spark._jvm.io.delta.tables.DeltaTable is not None
 
 
-def test_the_driver_jvm_starts_with_the_configured_java_options(spark):
-    # the suite's session sets its own (tests/conftest.py): what the config says reaches the JVM
-    runtime = spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
-    assert LONG_LIVED_JIT in list(runtime.getInputArguments())
+def test_the_suites_long_lived_session_runs_the_full_jit(spark):
+    # tests/conftest.py builds it with the long-lived settings; what they say reaches the JVM
+    arguments = list(spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
+    assert "-XX:TieredStopAtLevel=4" in arguments
+    assert "-XX:TieredStopAtLevel=1" not in arguments
 
 
-def test_cli_runs_of_the_local_config_stop_at_c1():
-    conf = load_config(LOCAL_CONF).spark.conf
-    assert conf["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
+def test_cli_runs_stop_at_c1_and_a_long_lived_process_replaces_only_that_setting():
+    spark = load_config(LOCAL_CONF).spark
+    assert spark.conf["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
+    long_lived = spark.long_lived().conf
+    assert long_lived["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=4"
+    assert {k: v for k, v in long_lived.items() if k != "spark.driver.extraJavaOptions"} == {
+        k: v for k, v in spark.conf.items() if k != "spark.driver.extraJavaOptions"
+    }
 
 
 def test_an_empty_delta_jars_folder_is_an_error_that_says_how_to_fill_it(tmp_path):
