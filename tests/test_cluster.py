@@ -55,7 +55,7 @@ def _submit(job: str, cluster, pyfiles: Path, workdir: Path, cwd: Path, *extra: 
         cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     ) as run:
         killer = threading.Thread(
-            target=_kill_a_worker_during_backtranslate, args=(workdir, run), daemon=True
+            target=_kill_a_worker_during_backtranslate, args=(workdir, run, cluster.worker_pid), daemon=True
         )
         killer.start()
         stdout, stderr = run.communicate(timeout=1500)
@@ -68,29 +68,40 @@ def _submit(job: str, cluster, pyfiles: Path, workdir: Path, cwd: Path, *extra: 
 KILLED: list[int] = []
 
 
-def _python_workers() -> dict[int, int]:
-    """pid -> resident KiB of each forked PySpark worker (a pyspark.daemon process whose parent is one)."""
-    procs = {}
+def _python_workers(under: int) -> dict[int, int]:
+    """pid -> resident KiB of each forked PySpark worker (a pyspark.daemon process whose parent is one)
+    that descends from process `under`, the cluster's worker: other Spark applications on this machine
+    (the shared real run, which runs beside this test) are not this test's to kill."""
+    parents, daemons = {}, {}
     for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
         try:
-            if not d.name.isdigit() or b"pyspark.daemon" not in (d / "cmdline").read_bytes():
-                continue
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            rss = re.search(r"VmRSS:\s+(\d+)", (d / "status").read_text())
+            parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"pyspark.daemon" in (d / "cmdline").read_bytes():
+                rss = re.search(r"VmRSS:\s+(\d+)", (d / "status").read_text())
+                daemons[int(d.name)] = int(rss.group(1)) if rss else 0
         except OSError:
             continue
-        procs[int(d.name)] = (ppid, int(rss.group(1)) if rss else 0)
-    return {pid: rss for pid, (ppid, rss) in procs.items() if ppid in procs}
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == under:
+                return True
+        return False
+
+    return {pid: rss for pid, rss in daemons.items() if parents.get(pid) in daemons and descends(pid)}
 
 
-def _kill_a_worker_during_backtranslate(workdir: Path, run: subprocess.Popen) -> None:
-    """Once the backtranslate stage has frozen its inputs, SIGKILL the busiest Python worker: the task it
-    ran fails and Spark retries it elsewhere."""
+def _kill_a_worker_during_backtranslate(workdir: Path, run: subprocess.Popen, cluster_worker: int) -> None:
+    """Once the backtranslate stage has frozen its inputs, SIGKILL the cluster's busiest Python worker: the
+    task it ran fails and Spark retries it elsewhere."""
     staging = workdir / "tables" / "_staging"
     while run.poll() is None:
         if any(staging.glob("*/backtranslate_todo")):
             time.sleep(3)  # its tasks are loading the engine or generating by now
-            workers = _python_workers()
+            workers = _python_workers(under=cluster_worker)
             if workers:
                 pid = max(workers, key=workers.get)
                 os.kill(pid, signal.SIGKILL)
