@@ -89,6 +89,12 @@ class DedupConfig(_Strict):
     driver_components_max_edges: int = Field(
         500_000, ge=0, description="verified pairs up to which components are found on the driver; 0: never"
     )
+    # A refresh's few new documents are decided on the driver with the old rows they touch (about 1 KB
+    # each there): a handful of Spark jobs instead of about a hundred. More, and the whole stage runs in
+    # Spark. 0: always in Spark.
+    driver_max_new_docs: int = Field(
+        20_000, ge=0, description="new documents up to which dedup decides on the driver; 0: never"
+    )
     # Components converge in rounds that grow with the log of their size (pointer jumping); None: no cap.
     max_iterations: int | None = Field(None, ge=1, description="connected-components rounds before giving up")
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -11,6 +12,13 @@ from backforth_spark.model import resolve_model
 from backforth_spark.tables import Tables
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The suite runs the shared pipeline run, a cluster and the other tests side by side on two cores. An
+# engine's OpenMP threads that spin while they wait (the default) take the core from whatever runs
+# beside them: the same prompts on a two-thread engine beside one busy process took 71 s spinning and
+# 42 s sleeping. Set before any engine, Spark worker or CLI subprocess starts (they inherit it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 LOCAL_CONF = REPO / "conf" / "local.yaml"
 DOLMA_SAMPLE = REPO.parent / "shared" / "data" / "dolma-sample"
 
@@ -51,15 +59,22 @@ DOC_COLUMNS = (
 )
 
 
-def add_documents(ctx: StageContext, docs: list[tuple[str, str]], representatives: set[str] | None = None):
-    """Write (doc_key, text) rows into `documents`; with `representatives`, also their dedup decisions."""
+def add_documents(
+    ctx: StageContext,
+    docs: list[tuple[str, str]],
+    representatives: set[str] | None = None,
+    urls: dict[str, str] | None = None,
+):
+    """Write (doc_key, text) rows into `documents` (`urls`: doc_key -> metadata.url); with
+    `representatives`, also their dedup decisions."""
     from pyspark.sql import functions as F
 
     from backforth_spark import schemas as s
 
     lineage = [F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")]
+    urls = urls or {}
     rows = [
-        (k, "cc", k.split("/")[1], text, None, None, None, None, "f", i + 1)
+        (k, "cc", k.split("/")[1], text, None, None, None, urls.get(k), "f", i + 1)
         for i, (k, text) in enumerate(docs)
     ]
     df = ctx.spark.createDataFrame(rows, DOC_COLUMNS).select("*", *lineage)
@@ -81,7 +96,6 @@ def add_documents(ctx: StageContext, docs: list[tuple[str, str]], representative
 import contextlib  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -92,6 +106,8 @@ import urllib.request  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import zstandard  # noqa: E402
+
+from tests.cluster_run import ClusterRun  # noqa: E402
 
 
 def free_port() -> int:
@@ -290,15 +306,38 @@ def served(server: VLLMServer, stage: str, key_env: str = "BACKFORTH_TEST_KEY") 
     )  # fmt: skip
 
 
+def _reads(item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
 def _reads_the_real_run(item) -> bool:
-    return "real_run" in getattr(item, "fixturenames", ())
+    return _reads(item, "real_run")
 
 
 def pytest_collection_modifyitems(items):
-    # The tests that read the shared real run go last, in their order: the run starts in the background
-    # with the first test (real_run_started), and the tests that do not need it run meanwhile (the run
-    # alone leaves about a third of the two cores idle, waiting on Spark's driver and on vLLM's start).
-    items.sort(key=_reads_the_real_run)
+    # The tests that read the shared real run go last, in their order, and those that read the cluster
+    # run after them: both runs start in the background with the first test (real_run_started,
+    # cluster_run_started), and the tests that need neither run meanwhile (one run alone leaves about a
+    # third of the two cores idle, waiting on Spark's driver and on vLLM's start).
+    items.sort(key=lambda item: (_reads(item, "cluster_run"), _reads_the_real_run(item)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cluster_run_started(request, tmp_path_factory):
+    """The standalone-cluster run (tests/cluster_run.py), started in the background with the session
+    when a collected test reads it (`cluster_run` waits for it); else nothing."""
+    if not any(_reads(item, "cluster_run") for item in request.session.items):
+        yield None
+        return
+    run = ClusterRun(tmp_path_factory.mktemp("cluster"), REPO, DOLMA_SAMPLE, LOCAL_CONF)
+    yield run
+    run.stop()  # a session that ended before any test waited for it: end the submitted driver
+
+
+@pytest.fixture(scope="session")
+def cluster_run(cluster_run_started: ClusterRun) -> dict:
+    """The cluster run, finished: its summary ("full"), the applications the master saw, its workdir."""
+    return cluster_run_started.result()
 
 
 @dataclass

@@ -5,9 +5,12 @@ from pyspark.testing import assertDataFrameEqual
 
 from backforth_spark import schemas as t
 from backforth_spark.components import NEW, OLD, near_labels
+from backforth_spark.config import load_config
+from backforth_spark.context import StageContext
 from backforth_spark.stages import dedup
+from backforth_spark.tables import Tables
 from tests import near_dup_corpus
-from tests.conftest import DOLMA_SAMPLE, add_documents
+from tests.conftest import DOLMA_SAMPLE, LOCAL_CONF, add_documents
 
 
 def _decisions(ctx):
@@ -75,7 +78,8 @@ def drifting_chain(n: int, words: int = 200, step: int = 2, seed: int = 3) -> li
 
 
 def test_a_long_chain_of_drifting_near_copies_ends_in_one_cluster(make_ctx):
-    ctx = make_ctx("dedup.driver_components_max_edges=0")  # label propagation in Spark
+    # the whole stage in Spark, label propagation included
+    ctx = make_ctx("dedup.driver_max_new_docs=0", "dedup.driver_components_max_edges=0")
     docs = drifting_chain(400)
     first, last = set(docs[0][1].split()), set(docs[-1][1].split())
     assert len(first & last) < 40  # the ends are not near duplicates of each other
@@ -87,6 +91,44 @@ def test_a_long_chain_of_drifting_near_copies_ends_in_one_cluster(make_ctx):
     clusters = {r["doc_key"]: r["cluster_id"] for r in ctx.tables.read(t.DEDUP).collect()}
     assert {clusters[k] for k, _ in docs} == {"cc/chain00000"}  # the smallest key represents the chain
     assert clusters["cc/zz-other"] == "cc/zz-other"
+
+
+def _two_rounds(spark, root, *overrides):
+    """The planted corpus deduplicated in two runs, the second a refresh over the first's
+    representatives, which also brings an exact copy and a URL copy of two of them: (the two runs'
+    counts, every decision)."""
+    cfg = load_config(LOCAL_CONF, [f"workdir={root}", "dedup.url=true", *overrides])
+    docs = near_dup_corpus.build(DOLMA_SAMPLE, seed=7)
+    random.Random(5).shuffle(docs)
+    half = len(docs) // 2
+    first = [*docs[:half], ("cc/unique", _words(200, 50_000)), ("cc/url-first", _words(200, 60_000))]
+    second = [
+        *docs[half:],
+        ("cc/unique-copy", _words(200, 50_000).upper()),
+        ("cc/url-copy", _words(200, 70_000)),
+    ]
+    urls = {"cc/url-first": "https://example.com/a", "cc/url-copy": "https://example.com/a"}
+    counts = []
+    for i, part in enumerate((first, second)):
+        ctx = StageContext(spark, cfg, Tables(spark, root / "tables", f"r{i}"), f"r{i}")
+        add_documents(ctx, part, urls=urls)
+        counts.append(dedup.run(ctx))
+    rows = Tables(spark, root / "tables").read(t.DEDUP).drop("run_id", "written_at").collect()
+    return counts, sorted(tuple(r) for r in rows)
+
+
+def test_a_refresh_decided_on_the_driver_matches_the_spark_path(spark, tmp_path):
+    # small buckets give pairs, larger ones stars and some count as oversized: every rule on both paths
+    buckets = ("dedup.pairwise_bucket_size=3", "dedup.max_bucket_size=3")
+    on_driver = _two_rounds(spark, tmp_path / "driver", *buckets)
+    in_spark = _two_rounds(spark, tmp_path / "spark", *buckets, "dedup.driver_max_new_docs=0")
+    assert on_driver == in_spark
+    refresh = on_driver[0][1]
+    assert refresh["url_duplicates"] == 1 and refresh["exact_duplicates"] >= 1
+    assert refresh["near_duplicates"] > 0 and refresh["oversized_buckets"] > 0
+    assert refresh["candidate_pairs"] > refresh["verified_pairs"] > 0
+    reps = {r[0] for r in on_driver[1] if r[3]}
+    assert any(r[2] in reps and r[4] == "near" for r in on_driver[1])
 
 
 def test_components_in_spark_and_on_the_driver_agree(make_ctx, spark):

@@ -19,6 +19,7 @@ CORE = {
     "backforth_spark.text",
     "backforth_spark.minhash",
     "backforth_spark.components",
+    "backforth_spark.dedup_local",
     "backforth_spark.dolma",
     "backforth_spark.chunking",
     "backforth_spark.prompts",

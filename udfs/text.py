@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pandas as pd
 from pyspark.sql.functions import pandas_udf
 
@@ -13,7 +12,8 @@ from pyspark.sql.types import DoubleType, StringType
 
 from backforth_spark import minhash
 from backforth_spark.config import DedupConfig
-from backforth_spark.text import NormHashing, norm_hash, normalise
+from backforth_spark.dedup_local import signature_similarity, text_similarity
+from backforth_spark.text import NormHashing, norm_hash
 
 
 @pandas_udf(StringType())
@@ -49,12 +49,7 @@ def hashes_and_signatures(cfg: DedupConfig) -> Callable[[Iterator[pd.DataFrame]]
 
 @pandas_udf(DoubleType())
 def estimated_jaccard_udf(sig_a: pd.Series, sig_b: pd.Series) -> pd.Series:
-    return pd.Series(
-        [
-            float(np.mean(np.frombuffer(x, dtype="<u4") == np.frombuffer(y, dtype="<u4")))
-            for x, y in zip(sig_a, sig_b, strict=True)
-        ]
-    )
+    return pd.Series([signature_similarity(x, y) for x, y in zip(sig_a, sig_b, strict=True)])
 
 
 def exact_jaccard(ngram: int):
@@ -62,13 +57,6 @@ def exact_jaccard(ngram: int):
 
     @pandas_udf(DoubleType())
     def run(text_a: pd.Series, text_b: pd.Series) -> pd.Series:
-        return pd.Series(
-            [
-                minhash.jaccard_of_arrays(
-                    minhash.shingle_hashes(normalise(x), ngram), minhash.shingle_hashes(normalise(y), ngram)
-                )
-                for x, y in zip(text_a, text_b, strict=True)
-            ]
-        )
+        return pd.Series([text_similarity(x, y, ngram) for x, y in zip(text_a, text_b, strict=True)])
 
     return run

@@ -7,6 +7,10 @@ Incremental: only documents without a decision are processed, and only they get 
 (kept in `minhash_signatures`). A document that is already a representative stays one: a new copy of
 it is marked a duplicate of it. Among new documents the representative is the smallest doc_key, so the
 result does not depend on partitioning.
+
+Up to `dedup.driver_max_new_docs` new documents (a scheduled refresh) are decided on the driver
+(backforth_spark/dedup_local.py) from the few old rows they touch, by the same rules: a handful of Spark
+jobs and two MERGEs instead of about a hundred jobs.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 from pyspark import StorageLevel
-from pyspark.sql import Window
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from backforth_spark import dedup_local as local
 from backforth_spark import schemas as s
 from backforth_spark.components import near_labels
 from backforth_spark.context import StageContext
@@ -33,7 +38,7 @@ NEW_SCHEMA = struct(
 # new documents' band rows broadcast to pick the old buckets they touch (2M rows: about 32 MB)
 BROADCAST_BAND_ROWS = 2_000_000
 
-REPRESENTATIVE, EXACT, URL, NEAR = "representative", "exact", "url", "near"
+REPRESENTATIVE, EXACT, URL, NEAR = local.REPRESENTATIVE, local.EXACT, local.URL, local.NEAR
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -57,6 +62,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:
         new = undecided.select("doc_key", "url", norm_hash_udf("text").alias("norm_hash"))
     new = new.persist(StorageLevel.MEMORY_AND_DISK)
+    if cfg.driver_max_new_docs:
+        with ctx.tables.timed("collect new documents"):
+            few = new.limit(cfg.driver_max_new_docs + 1).collect()
+        if len(few) <= cfg.driver_max_new_docs:
+            new.unpersist()
+            return _on_driver(ctx, few, decided.where("is_representative"), docs)
     cached = [new]
     counts: dict[str, Any] = {}
 
@@ -121,12 +132,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
         by_reason = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
     for df in cached:
         df.unpersist()
+    return counts | decision_counts(by_reason)
+
+
+def decision_counts(by_reason: dict[str, int]) -> dict[str, Any]:
+    """rows_in, rows_out, the duplicates of each kind and the rate, from the decisions by reason."""
     # every new document gets exactly one decision, so the decisions count the input too
-    counts["rows_in"] = sum(by_reason.values())
-    counts["rows_out"] = by_reason.get(REPRESENTATIVE, 0)
+    n_in = sum(by_reason.values())
+    counts: dict[str, Any] = {"rows_in": n_in, "rows_out": by_reason.get(REPRESENTATIVE, 0)}
     for reason in (EXACT, URL, NEAR):
         counts[f"{reason}_duplicates"] = by_reason.get(reason, 0)
-    n_in = counts["rows_in"]
     counts["dedup_rate"] = round(1 - counts["rows_out"] / n_in, 4) if n_in else 0.0
     return counts
 
@@ -139,6 +154,125 @@ def nothing_new(near: bool) -> dict[str, Any]:
         near_counts = ("signatures_computed", "oversized_buckets", "candidate_pairs", "verified_pairs")
         counts |= dict.fromkeys((*near_counts, "cc_rounds"), 0)
     return counts
+
+
+def _lineage(ctx: StageContext):
+    return [F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")]
+
+
+def _keys(ctx: StageContext, column: str, values) -> DataFrame:
+    """A small one-column DataFrame of `values`, broadcast to whatever it is joined with."""
+    return F.broadcast(ctx.spark.createDataFrame([(v,) for v in sorted(values)], f"{column} string"))
+
+
+def _on_driver(ctx: StageContext, rows, old_reps: DataFrame, docs: DataFrame) -> dict[str, Any]:
+    """Decide the new documents (`rows` of NEW_SCHEMA, collected) on the driver: the old rows they can
+    touch are looked up in Spark, the rules run in backforth_spark/dedup_local.py, the decisions are
+    written in one MERGE (after the signatures, as the Spark path writes them)."""
+    cfg = ctx.cfg.dedup
+    new = [
+        local.NewDoc(
+            r["doc_key"],
+            r["url"],
+            r["norm_hash"],
+            *((r["signature"], tuple(r["bands"])) if cfg.near else (b"", ())),
+        )
+        for r in rows
+    ]
+    with ctx.tables.timed("find old hashes"):
+        hashes = old_reps.join(_keys(ctx, "norm_hash", {d.norm_hash for d in new}), "norm_hash", "left_semi")
+        known = dict(hashes.groupBy("norm_hash").agg(F.min("doc_key")).collect())
+    exact, survivors = local.first_by(new, lambda d: d.norm_hash, known)
+    by_url: list = []
+    if cfg.url:
+        with ctx.tables.timed("find old urls"):
+            urls = _keys(ctx, "url", {d.url for d in survivors if d.url is not None})
+            old_urls = docs.select("doc_key", "url").join(urls, "url", "left_semi")
+            old_urls = old_urls.join(old_reps.select("doc_key"), "doc_key", "left_semi")
+            known_url = dict(old_urls.groupBy("url").agg(F.min("doc_key")).collect())
+        by_url, survivors = local.first_by(survivors, lambda d: d.url, known_url)
+    counts: dict[str, Any] = {}
+    near: dict[str, tuple[str, float]] = {}
+    if cfg.near:
+        near, counts = _near_on_driver(ctx, survivors, old_reps)
+    decided = local.decisions(exact, by_url, near, survivors)
+    df = ctx.spark.createDataFrame(decided, struct(s.DEDUP_COLUMNS)).select("*", *_lineage(ctx))
+    ctx.tables.merge_insert_new(s.DEDUP, df, ["doc_key"])
+    by_reason: dict[str, int] = {}
+    for row in decided:
+        by_reason[row[4]] = by_reason.get(row[4], 0) + 1
+    return counts | decision_counts(by_reason)
+
+
+def _near_on_driver(ctx: StageContext, survivors: list[local.NewDoc], old_reps: DataFrame):
+    """The near duplicates among `survivors` (new documents left after exact and URL dedup) and the
+    near-dedup counts, deciding on the driver; the survivors' signatures are stored first."""
+    cfg = ctx.cfg.dedup
+    sigs = ctx.spark.createDataFrame(
+        [(d.doc_key, d.signature, list(d.bands)) for d in survivors], struct(s.MINHASH_COLUMNS)
+    )
+    counts: dict[str, Any] = {}
+    counts["signatures_computed"] = ctx.tables.merge_insert_new(
+        s.MINHASH, sigs.select("*", *_lineage(ctx)), ["doc_key"]
+    )
+    new_buckets = local.touched_buckets(survivors)
+    stored = ctx.tables.read(s.MINHASH)
+    with ctx.tables.timed("find old buckets"):
+        touched = F.broadcast(ctx.spark.createDataFrame(list(new_buckets), "band int, h long"))
+        old = (
+            stored.join(old_reps.select("doc_key"), "doc_key", "left_semi")
+            .select("doc_key", F.posexplode("bands").alias("band", "h"))
+            .join(touched, ["band", "h"], "left_semi")
+            .groupBy("band", "h")
+            .agg(
+                F.count("*").alias("size"),
+                F.min("doc_key").alias("smallest"),
+                # every key only where the bucket can give every pair (a hot bucket can hold millions)
+                F.when(
+                    F.count("*") <= cfg.pairwise_bucket_size, F.sort_array(F.collect_list("doc_key"))
+                ).alias("keys"),
+            )
+        )
+        old_buckets = {
+            (r["band"], r["h"]): local.OldBucket(
+                r["size"], r["smallest"], None if r["keys"] is None else tuple(r["keys"])
+            )
+            for r in old.collect()
+        }
+    edges, counts["oversized_buckets"] = local.candidate_edges(
+        new_buckets, old_buckets, cfg.pairwise_bucket_size, cfg.max_bucket_size
+    )
+    signature = {d.doc_key: d.signature for d in survivors}
+    ends = {e[0] for e in edges} | {e[2] for e in edges}
+    if ends - signature.keys():
+        with ctx.tables.timed("find old signatures"):
+            old_sigs = stored.select("doc_key", "signature").join(
+                _keys(ctx, "doc_key", ends - signature.keys()), "doc_key", "left_semi"
+            )
+            signature |= {r["doc_key"]: bytes(r["signature"]) for r in old_sigs.collect()}
+
+    def similarity(a: str, b: str) -> float:
+        return local.signature_similarity(signature[a], signature[b])
+
+    if cfg.verify == "exact" and edges:
+        with ctx.tables.timed("find candidate texts"):
+            texts = ctx.tables.rows_for_keys(s.DOCUMENTS, _keys(ctx, "doc_key", ends)).select(
+                "doc_key", "text"
+            )
+            text = dict(texts.collect())
+
+        def passes(a: str, b: str) -> bool:
+            return local.text_similarity(text[a], text[b], cfg.ngram) >= cfg.threshold
+    else:
+
+        def passes(a: str, b: str) -> bool:
+            return similarity(a, b) >= cfg.threshold
+
+    with ctx.tables.timed("verify and components"):
+        near, counts["verified_pairs"] = local.near_duplicates(edges, similarity, passes)
+    counts["candidate_pairs"] = len(edges)
+    counts["cc_rounds"] = 0
+    return near, counts
 
 
 def _decisions(df, reason: str, similarity: float | None):
