@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from backforth_spark.standalone import standalone_cluster
+from tests.background import Background
 
 DOCS = 6
 
@@ -24,32 +25,20 @@ class ClusterRun:
     for it, `stop()` ends it early (kills the submitted driver; the cluster then stops)."""
 
     def __init__(self, root: Path, repo: Path, sample_dir: Path, conf: Path) -> None:
-        self._args = (root, repo, sample_dir, conf)
         self._submitted: list[subprocess.Popen] = []
         self._killed: list[int] = []
-        self._outcome: dict | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="cluster-run", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._outcome = _run_on_a_cluster(*self._args, self._submitted, self._killed)
-        except BaseException as exc:  # handed to the test that waits
-            self._outcome = exc
+        self._run = Background(
+            "cluster-run", _run_on_a_cluster, root, repo, sample_dir, conf, self._submitted, self._killed
+        )
 
     def result(self, timeout: float = 1800) -> dict:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"the cluster run did not finish in {timeout} s")
-        if isinstance(self._outcome, BaseException):
-            raise self._outcome
-        return self._outcome
+        return self._run.result(timeout)
 
     def stop(self) -> None:
         for proc in self._submitted:
             if proc.poll() is None:
                 proc.kill()
-        self._thread.join(120)
+        self._run.join(120)
 
 
 def _run_on_a_cluster(

@@ -107,6 +107,8 @@ from dataclasses import dataclass  # noqa: E402
 
 import zstandard  # noqa: E402
 
+from tests import after_real_run  # noqa: E402
+from tests.background import Background  # noqa: E402
 from tests.cluster_run import ClusterRun  # noqa: E402
 
 
@@ -225,8 +227,9 @@ REAL_RUN_SETTINGS = (
     "curate.min_grounding=1",
     "curate.distillation_baseline=true",
     f"llm.backtranslate.model={STAND_IN_BACKWARD}",
-    # two passages per document (the demo keeps three): every behaviour, a third less generation
-    "chunk.max_passages_per_doc=2",
+    # one passage per document (the demo keeps three): every behaviour, and generation (mostly the
+    # prompts' prefill on two cores) for 10 passages instead of 14 (the suite is CPU-bound)
+    "chunk.max_passages_per_doc=1",
 )
 
 
@@ -314,12 +317,23 @@ def _reads_the_real_run(item) -> bool:
     return _reads(item, "real_run")
 
 
+# the follow-ups of the real run (tests/after_real_run.py): name -> the fixture a test reads
+FOLLOW_UPS = ("killed_generation", "refresh_after_new_file")
+
+
 def pytest_collection_modifyitems(items):
-    # The tests that read the shared real run go last, in their order, and those that read the cluster
-    # run after them: both runs start in the background with the first test (real_run_started,
-    # cluster_run_started), and the tests that need neither run meanwhile (one run alone leaves about a
-    # third of the two cores idle, waiting on Spark's driver and on vLLM's start).
-    items.sort(key=lambda item: (_reads(item, "cluster_run"), _reads_the_real_run(item)))
+    # The tests that read the shared real run go last, in their order (those that wait for one of its
+    # follow-ups after the rest), and those that read the cluster run after them: both runs start in
+    # the background with the first test (real_run_started, cluster_run_started), the follow-ups when
+    # the real run ends, and the tests that need none of them run meanwhile (one run alone leaves about
+    # a third of the two cores idle, waiting on Spark's driver and on vLLM's start).
+    items.sort(
+        key=lambda item: (
+            _reads(item, "cluster_run"),
+            _reads_the_real_run(item),
+            any(_reads(item, name) for name in FOLLOW_UPS),
+        )
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -348,6 +362,8 @@ class _Started:
     tracking_uri: str
     server: VLLMServer
     server_proc: subprocess.Popen
+    follow_ups: dict[str, Background]
+    follow_up_procs: list[subprocess.Popen]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -379,10 +395,47 @@ def real_run_started(request, tmp_path_factory):
              "--summary-json", str(root / "summary.json"), *[x for s in chosen for x in ("--set", s)]],
             cwd=REPO, stdout=out, stderr=err, text=True, env={**os.environ, "BACKFORTH_TEST_KEY": API_KEY},
         )  # fmt: skip
-    yield _Started(root, run, n_lines, mlflow_url, server, server_proc)
-    if run.poll() is None:  # the session ended before any test waited for it
-        run.kill()
-        run.wait()
+    started = _Started(root, run, n_lines, mlflow_url, server, server_proc, {}, [])
+    for name in FOLLOW_UPS:
+        if any(_reads(item, name) for item in request.session.items):
+            started.follow_ups[name] = Background(name, _follow_up, started, name, root / name)
+    yield started
+    for proc in [run, *started.follow_up_procs]:
+        if proc.poll() is None:  # the session ended before any test waited for it
+            proc.kill()
+            proc.wait()
+
+
+def _finished(started: _Started) -> RealRun:
+    """The real run, once its process has ended well."""
+    started.process.wait(timeout=1800)
+    root = started.root
+    stdout, stderr = (root / "stdout.txt").read_text(), (root / "stderr.txt").read_text()
+    assert started.process.returncode == 0, stderr[-4000:]
+    return RealRun(
+        root / "work", root / "in", started.n_lines, json.loads((root / "summary.json").read_text()),
+        stdout, stderr, started.tracking_uri, root / "events",
+    )  # fmt: skip
+
+
+# the refresh follow-up: the real run's models (its backtranslate model too), only the paper's stages, a
+# threshold (2) above what the small judge gives most pairs
+REFRESH_SETTINGS = (
+    *REAL_RUN_SETTINGS, "curate.grounding=false", "curate.distillation_baseline=false", "curate.min_score=2",
+)  # fmt: skip
+
+
+def _follow_up(started: _Started, name: str, root: Path) -> dict:
+    """Follow-up `name` of the real run (tests/after_real_run.py), on a copy of it, once it has ended."""
+    run = _finished(started)
+    root.mkdir()
+    work = copy_run(run, root / "work")
+    procs = started.follow_up_procs
+    if name == "killed_generation":
+        return after_real_run.kill_then_rerun_backtranslate(work, REPO, LOCAL_CONF, procs)
+    corpus = root / "in"
+    shutil.copytree(run.corpus, corpus)
+    return after_real_run.refresh_after_a_new_file(work, corpus, REPO, LOCAL_CONF, REFRESH_SETTINGS, procs)
 
 
 @pytest.fixture(scope="session")
@@ -394,17 +447,22 @@ def real_run(real_run_started: _Started) -> RealRun:
     started = real_run_started
     try:
         _wait_healthy(started.server_proc, started.server.url.removesuffix("/v1"), started.server.log)
-        started.process.wait(timeout=1800)
+        return _finished(started)
     except BaseException:
         started.process.kill()
         raise
-    root = started.root
-    stdout, stderr = (root / "stdout.txt").read_text(), (root / "stderr.txt").read_text()
-    assert started.process.returncode == 0, stderr[-4000:]
-    return RealRun(
-        root / "work", root / "in", started.n_lines, json.loads((root / "summary.json").read_text()),
-        stdout, stderr, started.tracking_uri, root / "events",
-    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def killed_generation(real_run_started: _Started) -> dict:
+    """The kill-and-rerun follow-up of the real run (after_real_run.kill_then_rerun_backtranslate)."""
+    return real_run_started.follow_ups["killed_generation"].result()
+
+
+@pytest.fixture(scope="session")
+def refresh_after_new_file(real_run_started: _Started) -> dict:
+    """The refresh follow-up of the real run (after_real_run.refresh_after_a_new_file)."""
+    return real_run_started.follow_ups["refresh_after_new_file"].result()
 
 
 def copy_run(run: RealRun, dest: Path) -> Path:

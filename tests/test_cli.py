@@ -202,52 +202,56 @@ class StageAware(ScriptedEngine):
         return out
 
 
-def test_documents_whose_old_keys_collided_both_reach_the_export(tmp_path, spark):
-    text = (
-        "Feed a sourdough starter once a day with equal weights of flour and water, and keep it in a jar "
-        "at room temperature. Discard half before each feeding so the acidity stays in balance and the "
-        "jar does not overflow. A healthy starter doubles within six to eight hours of a feeding."
-    )
-    other = text.replace("sourdough starter", "rye starter").replace("six to eight", "four to six")
-    other = other.replace("Discard half", "Pour off half").replace("acidity", "sourness")
-    # under the old key "<source>/<id>" both were "cc/news/a"
-    docs = [{"source": "cc/news", "id": "a", "text": text}, {"source": "cc", "id": "news/a", "text": other}]
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path / 'work'}", "tracking.enabled=false",
-                                   "chunk.min_words=null", "dedup.near=false"])  # fmt: skip
-    summary = run_pipeline(cfg, [str(tmp_path / "in")], select(None, cfg), echo=lambda _: None,
+STARTER = (
+    "Feed a sourdough starter once a day with equal weights of flour and water, and keep it in a jar "
+    "at room temperature. Discard half before each feeding so the acidity stays in balance and the "
+    "jar does not overflow. A healthy starter doubles within six to eight hours of a feeding."
+)
+RYE = (
+    STARTER.replace("sourdough starter", "rye starter").replace("six to eight", "four to six")
+    .replace("Discard half", "Pour off half").replace("acidity", "sourness")
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_documents_run(tmp_path_factory, spark) -> dict:
+    """Every stage over two documents whose keys collided under the old "<source>/<id>" scheme (both
+    were "cc/news/a"), with the production templates (_v3: the marker named after the fixed text) and a
+    model double that answers each stage as asked; its summary."""
+    root = tmp_path_factory.mktemp("two-documents")
+    docs = [{"source": "cc/news", "id": "a", "text": STARTER}, {"source": "cc", "id": "news/a", "text": RYE}]
+    (root / "in").mkdir()
+    (root / "in" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    v3 = [f"llm.{stage}.template={stage}_v3" for stage in ("backtranslate", "score", "rewrite")]
+    cfg = load_config(LOCAL_CONF, [f"workdir={root / 'work'}", "tracking.enabled=false",
+                                   "chunk.min_words=null", "dedup.near=false", *v3])  # fmt: skip
+    summary = run_pipeline(cfg, [str(root / "in")], select(None, cfg), echo=lambda _: None,
                            engine_factory=StageAware)  # fmt: skip
     assert summary["error"] is None, summary["error"]
-    assert summary["stages"]["ingest"]["documents"] == 2 and summary["stages"]["dedup"]["rows_out"] == 2
+    return summary
+
+
+def _exported(summary: dict) -> list[dict]:
     export_dir = Path(summary["export"]["path"])
-    rows = [json.loads(line) for f in sorted(export_dir.glob("data/*.jsonl")) for line in f.open()]
-    assert sorted((r["source"], r["id"], r["doc_key"]) for r in rows) == [
+    return [json.loads(line) for f in sorted(export_dir.glob("data/*.jsonl")) for line in f.open()]
+
+
+def test_documents_whose_old_keys_collided_both_reach_the_export(two_documents_run):
+    stages = two_documents_run["stages"]
+    assert stages["ingest"]["documents"] == 2 and stages["dedup"]["rows_out"] == 2
+    assert sorted((r["source"], r["id"], r["doc_key"]) for r in _exported(two_documents_run)) == [
         ("cc", "news/a", "cc/news%2Fa"),
         ("cc/news", "a", "cc%2Fnews/a"),
     ]
 
 
-def test_the_production_templates_carry_pairs_through_every_llm_stage_to_the_export(tmp_path, spark):
-    # the _v3 layout (marker named after the fixed text) with a model that answers each stage as asked:
-    # the stages find their inputs in the prompts and the parsers read the replies
-    text = (
-        "Feed a sourdough starter once a day with equal weights of flour and water, and keep it in a jar "
-        "at room temperature. Discard half before each feeding so the acidity stays in balance and the "
-        "jar does not overflow. A healthy starter doubles within six to eight hours of a feeding."
-    )
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "docs.jsonl").write_text(json.dumps({"source": "cc", "id": "a", "text": text}) + "\n")
-    v3 = [f"llm.{stage}.template={stage}_v3" for stage in ("backtranslate", "score", "rewrite")]
-    cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path / 'work'}", "tracking.enabled=false",
-                                   "chunk.min_words=null", "dedup.near=false", *v3])  # fmt: skip
-    summary = run_pipeline(cfg, [str(tmp_path / "in")], select(None, cfg), echo=lambda _: None,
-                           engine_factory=StageAware)  # fmt: skip
-    assert summary["error"] is None, summary["error"]
-    assert all(summary["stages"][stage]["rows_out"] == 1 for stage in ("backtranslate", "score", "rewrite"))
-    export = Path(summary["export"]["path"])
-    [pair] = [json.loads(line) for f in export.glob("data/*.jsonl") for line in f.open()]
-    assert pair["messages"][-1]["content"] == text  # the draft, copied from its fenced block
+def test_the_production_templates_carry_pairs_through_every_llm_stage_to_the_export(two_documents_run):
+    # the stages find their inputs in the _v3 prompts and the parsers read the replies
+    stages = two_documents_run["stages"]
+    assert all(stages[stage]["rows_out"] == 2 for stage in ("backtranslate", "score", "rewrite"))
+    # each response is its draft, copied from its fenced block
+    answers = {r["doc_key"]: r["messages"][-1]["content"] for r in _exported(two_documents_run)}
+    assert answers == {"cc%2Fnews/a": STARTER, "cc/news%2Fa": RYE}
 
 
 def test_a_refresh_with_nothing_new_does_no_llm_work_and_says_so(real_run, tmp_path, capsys):

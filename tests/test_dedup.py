@@ -1,4 +1,5 @@
 import random
+import shutil
 from itertools import combinations
 
 from pyspark.testing import assertDataFrameEqual
@@ -93,11 +94,9 @@ def test_a_long_chain_of_drifting_near_copies_ends_in_one_cluster(make_ctx):
     assert clusters["cc/zz-other"] == "cc/zz-other"
 
 
-def _two_rounds(spark, root, *overrides):
-    """The planted corpus deduplicated in two runs, the second a refresh over the first's
-    representatives, which also brings an exact copy and a URL copy of two of them: (the two runs'
-    counts, every decision)."""
-    cfg = load_config(LOCAL_CONF, [f"workdir={root}", "dedup.url=true", *overrides])
+def _planted_rounds() -> tuple[list, list, dict[str, str]]:
+    """The planted corpus in two halves, the second also bringing an exact copy and a URL copy of two
+    documents of the first; and the URLs."""
     docs = near_dup_corpus.build(DOLMA_SAMPLE, seed=7)
     random.Random(5).shuffle(docs)
     half = len(docs) // 2
@@ -108,27 +107,35 @@ def _two_rounds(spark, root, *overrides):
         ("cc/url-copy", _words(200, 70_000)),
     ]
     urls = {"cc/url-first": "https://example.com/a", "cc/url-copy": "https://example.com/a"}
-    counts = []
-    for i, part in enumerate((first, second)):
-        ctx = StageContext(spark, cfg, Tables(spark, root / "tables", f"r{i}"), f"r{i}")
-        add_documents(ctx, part, urls=urls)
-        counts.append(dedup.run(ctx))
-    rows = Tables(spark, root / "tables").read(t.DEDUP).drop("run_id", "written_at").collect()
-    return counts, sorted(tuple(r) for r in rows)
+    return first, second, urls
+
+
+def _decide(spark, root, run_id, docs, urls, *overrides) -> dict:
+    cfg = load_config(LOCAL_CONF, [f"workdir={root}", "dedup.url=true", *overrides])
+    ctx = StageContext(spark, cfg, Tables(spark, root / "tables", run_id), run_id)
+    add_documents(ctx, docs, urls=urls)
+    return dedup.run(ctx)
 
 
 def test_a_refresh_decided_on_the_driver_matches_the_spark_path(spark, tmp_path):
     # small buckets give pairs, larger ones stars and some count as oversized: every rule on both paths
     buckets = ("dedup.pairwise_bucket_size=3", "dedup.max_bucket_size=3")
-    on_driver = _two_rounds(spark, tmp_path / "driver", *buckets)
-    in_spark = _two_rounds(spark, tmp_path / "spark", *buckets, "dedup.driver_max_new_docs=0")
-    assert on_driver == in_spark
-    refresh = on_driver[0][1]
+    first, second, urls = _planted_rounds()
+    _decide(spark, tmp_path / "first", "r0", first, urls, *buckets)
+    # the same refresh over copies of the first run's tables, on each path
+    results = {}
+    for path, extra in (("driver", ()), ("spark", ("dedup.driver_max_new_docs=0",))):
+        shutil.copytree(tmp_path / "first", tmp_path / path)
+        counts = _decide(spark, tmp_path / path, "r1", second, urls, *buckets, *extra)
+        rows = Tables(spark, tmp_path / path / "tables").read(t.DEDUP).drop("run_id", "written_at").collect()
+        results[path] = (counts, sorted(tuple(r) for r in rows))
+    assert results["driver"] == results["spark"]
+    refresh, decisions = results["driver"]
     assert refresh["url_duplicates"] == 1 and refresh["exact_duplicates"] >= 1
     assert refresh["near_duplicates"] > 0 and refresh["oversized_buckets"] > 0
     assert refresh["candidate_pairs"] > refresh["verified_pairs"] > 0
-    reps = {r[0] for r in on_driver[1] if r[3]}
-    assert any(r[2] in reps and r[4] == "near" for r in on_driver[1])
+    reps = {r[0] for r in decisions if r[3]}
+    assert any(r[2] in reps and r[4] == "near" for r in decisions)
 
 
 def test_components_in_spark_and_on_the_driver_agree(make_ctx, spark):

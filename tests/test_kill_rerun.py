@@ -3,71 +3,40 @@ and check that every key has one row and that the rerun generated only what was 
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 from pyspark.sql import functions as F
 
 from backforth_spark import schemas as s
 from backforth_spark.generation import BACKTRANSLATE
-from tests.conftest import LOCAL_CONF, REAL_RUN_SETTINGS, REPO, copy_run
-
-# another backtranslation fingerprint than the shared run's: every passage is owed again
-NEW_FINGERPRINT = "llm.backtranslate.sampling.max_tokens=64"
-
-
-def _cli(workdir, *args):
-    return [
-        sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(LOCAL_CONF),
-        "--workdir", str(workdir), "--set", "tracking.enabled=false", "--set", NEW_FINGERPRINT,
-        "--stages", "backtranslate", *args,
-    ]  # fmt: skip
+from tests.conftest import LOCAL_CONF, REAL_RUN_SETTINGS
 
 
 @pytest.mark.e2e
-def test_killed_generation_resumes_without_duplicates_or_regeneration(real_run, tmp_path, spark):
-    workdir = copy_run(real_run, tmp_path / "work")
-    table = workdir / "tables" / BACKTRANSLATE.table
+def test_killed_generation_resumes_without_duplicates_or_regeneration(killed_generation, spark):
+    """A backtranslate stage (a new fingerprint: every passage owed again) committing every 3 prompts is
+    SIGKILLed after its first commit, then rerun (tests/after_real_run.py, on a copy of the real run)."""
+    run = killed_generation
+    workdir = run["workdir"]
+    table = str(workdir / "tables" / BACKTRANSLATE.table)
     total = (
         spark.read.format("delta").load(str(workdir / "tables" / s.PASSAGES)).where("status = 'ok'").count()
     )
     assert total >= 8
-    version = len(list((table / "_delta_log").glob("*.json")))  # the first MERGE of the new run commits this
-
-    # commit every 3 prompts, one partition: the stage MERGEs several times; kill it after the first
-    first = subprocess.Popen(
-        _cli(workdir, "--set", "llm.commit_rows=3", "--set", "llm.num_partitions=1"),
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    merged = table / "_delta_log" / f"{version:020d}.json"
-    deadline = time.monotonic() + 600
-    while not merged.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert merged.exists(), "the stage never committed a slice"
-    os.killpg(first.pid, signal.SIGKILL)  # the driver, its JVM and Python workers: no clean-up at all
-    first.wait()
+    assert run["sliced_before_kill"], "the stage never committed a slice"
 
     fingerprint_rows = lambda df: df.where(F.col("sampling").contains('"max_tokens": 64'))  # noqa: E731
-    before = fingerprint_rows(spark.read.format("delta").load(str(table)))
-    # collected now: a DataFrame would read the table again, after the rerun
+    # the table as the kill left it
+    as_killed = spark.read.format("delta").option("versionAsOf", run["killed_at_version"]).load(table)
+    before = fingerprint_rows(as_killed)
     kept = {(r["passage_id"], r["run_id"]) for r in before.where("status = 'ok'").collect()}
     ok_before = len(kept)
     assert 0 < before.count() < total, "the kill should land between commits"
 
-    summary = tmp_path / "summary.json"
-    rerun = subprocess.run(
-        _cli(workdir, "--summary-json", str(summary)), cwd=REPO, capture_output=True, text=True, timeout=900
-    )
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    counts = json.loads(summary.read_text())["stages"]["backtranslate"]
+    assert run["rerun_returncode"] == 0, run["rerun_stderr"][-3000:]
+    counts = run["summary"]["stages"]["backtranslate"]
     assert counts["generated"] == total - ok_before  # only the missing (and failed) rows
 
-    after = fingerprint_rows(spark.read.format("delta").load(str(table)))
+    after = fingerprint_rows(spark.read.format("delta").load(table))
     assert after.groupBy("passage_id").count().where(F.col("count") > 1).count() == 0
     assert after.select("passage_id").distinct().count() == total == after.count()
     # rows committed before the kill kept their original run: they were not generated again

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import pytest
@@ -83,57 +82,26 @@ def test_two_refresh_processes_at_once_leave_every_key_once(tmp_path, spark):
     assert sum(s["stages"]["ingest"]["documents"] for s in summaries) == 10
 
 
-NEW_DOC = {
-    "id": "new-1",
-    "source": "web",
-    "added": "2024-06-01",
-    "text": (
-        "Sourdough starter needs regular feeding to stay active. Keep it in a glass jar at room "
-        "temperature and feed it once a day with equal weights of flour and water. Discard about half "
-        "of the starter before each feeding so the jar does not overflow and the acidity stays in "
-        "balance. A healthy starter doubles in size within six to eight hours of a feeding and smells "
-        "pleasantly sour. If you bake only once a week, store the starter in the refrigerator and feed "
-        "it the day before you plan to mix your dough."
-    ),
-}
-
-
 @pytest.mark.e2e
-def test_a_refresh_after_a_new_file_generates_only_for_it(real_run, tmp_path, spark):
-    """A scheduled refresh on a copy of the real run after a new file lands: only the new document flows
-    through the LLM stages, old successes are untouched; its threshold (2) is above what the small judge
-    gives most pairs, so real pairs are removed for their score and counted. (A refresh with nothing new:
-    tests/test_cluster.py.)"""
-    import json
-
+def test_a_refresh_after_a_new_file_generates_only_for_it(refresh_after_new_file, real_run, spark):
+    """A scheduled refresh on a copy of the real run after a new file lands (tests/after_real_run.py):
+    only the new document flows through the LLM stages, old successes are untouched; its threshold (2)
+    is above what the small judge gives most pairs, so real pairs are removed for their score and
+    counted. (A refresh with nothing new: tests/test_cli.py.)"""
     from pyspark.sql import functions as F
 
     from backforth_spark.generation import LLM_TASKS
-    from tests.conftest import LOCAL_CONF, REAL_RUN_SETTINGS, cli, copy_run
 
-    work = copy_run(real_run, tmp_path / "work")
-    corpus = tmp_path / "in"
-    shutil.copytree(real_run.corpus, corpus)
-    (corpus / "new.jsonl").write_text(json.dumps(NEW_DOC) + "\n")
-    tables = Tables(spark, work / "tables")
+    refresh = refresh_after_new_file
+    assert refresh["returncode"] == 0, refresh["stderr"][-3000:]
+    tables = Tables(spark, refresh["workdir"] / "tables")
+    original = Tables(spark, real_run.workdir / "tables")  # what the refresh's copy held before it
 
-    def ok_rows(task):
+    def ok_rows(tables, task):
         df = tables.read(task.table).where("status = 'ok'")
         return {tuple(r) for r in df.select("passage_id", "run_id", "raw_output").collect()}
 
-    before = {task.name: ok_rows(task) for task in LLM_TASKS}
-    # the real run's models (its backtranslate model too), a higher threshold, only the paper's stages
-    chosen = (*REAL_RUN_SETTINGS, "curate.grounding=false", "curate.distillation_baseline=false")
-    settings = [x for st in (*chosen, "curate.min_score=2", "tracking.enabled=false") for x in ("--set", st)]
-
-    def refresh(name):
-        proc = cli("refresh", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input", str(corpus),
-                   "--summary-json", str(tmp_path / name), *settings)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads((tmp_path / name).read_text())
-
-    again = refresh("again.json")
-    stages = again["stages"]
+    stages = refresh["summary"]["stages"]
     assert stages["ingest"]["documents"] == 1
     new_passages = tables.read(t.PASSAGES).where("doc_key = 'web/new-1' AND status = 'ok'").count()
     # backtranslation samples at temperature 1.0 here: its old failures may be sampled again, and say so
@@ -149,8 +117,8 @@ def test_a_refresh_after_a_new_file_generates_only_for_it(real_run, tmp_path, sp
         F.col("passage_id").isin(new_ids) & (F.col("status") == "ok")
     )
     assert stages["score"]["generated"] == new_instructions.count()
-    for name, rows in before.items():
-        assert rows <= ok_rows(next(task for task in LLM_TASKS if task.name == name)), name
+    for task in LLM_TASKS:
+        assert ok_rows(original, task) <= ok_rows(tables, task), task.name
     # removed for their score: every current ok score below 2, counted independently from the table
     scores = tables.read("scores").where("status = 'ok'")
     fingerprint = scores.groupBy("fingerprint").count().orderBy("count", ascending=False).first()[0]

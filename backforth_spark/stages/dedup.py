@@ -48,14 +48,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
     require_columns(docs, ["doc_key", "text", "url"], s.DOCUMENTS)
     decided = ctx.tables.read(s.DEDUP)
     old_reps = decided.where("is_representative").select("doc_key", "norm_hash")
-    pending = docs.select("doc_key").join(decided.select("doc_key"), "doc_key", "left_anti")
-    runs = ctx.tables.runs_with_keys(s.DOCUMENTS, pending)
+    # the undecided keys with the runs that wrote them, from one scan of each table's key columns
+    pending = docs.select("doc_key", "run_id").join(decided.select("doc_key"), "doc_key", "left_anti")
+    with ctx.tables.timed(f"find {s.DOCUMENTS} rows"):
+        runs = sorted(r["run_id"] for r in pending.select("run_id").distinct().collect())
     if not runs:
         # nothing new (a scheduled refresh after a quiet day): no jobs, no empty commits
         for name in (s.DEDUP, s.MINHASH) if cfg.near else (s.DEDUP,):
             ctx.tables.ensure(name)
         return nothing_new(cfg.near)
-    undecided = ctx.tables.rows_for_keys(s.DOCUMENTS, pending, runs=runs)
+    # those runs' files only (Delta skips the rest by run_id), less what was decided since they wrote
+    undecided = docs.where(F.col("run_id").isin(runs)).join(decided.select("doc_key"), "doc_key", "left_anti")
     if cfg.near:
         # one pass over the text: the exact hash and the MinHash signature from one normalisation
         new = undecided.select("doc_key", "url", "text").mapInPandas(hashes_and_signatures(cfg), NEW_SCHEMA)
