@@ -88,6 +88,8 @@ class OpenAIEngine:
             body["repetition_penalty"] = params.repetition_penalty  # vLLM's extension
         if params.json_schema and self.cfg.vllm_extensions:
             schema = json.loads(params.json_schema)
+            # the request's switch is ignored by vLLM 0.32 (its server's own config decides; see
+            # docs/ARCHITECTURE.md), kept for servers that read it
             body["structured_outputs"] = {"json": schema, "disable_any_whitespace": True}
         elif params.json_schema:
             body["response_format"] = {

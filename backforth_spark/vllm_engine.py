@@ -82,8 +82,9 @@ def sampling_params(params: GenerationParams):
 
     structured = None
     if params.json_schema:
-        # no free whitespace: with the schema's maxLength, the object then always fits max_tokens
-        structured = StructuredOutputsParams(json=json.loads(params.json_schema), disable_any_whitespace=True)
+        # Free whitespace is switched off for the whole engine (llm.compact_json, vllm_engine_args):
+        # vLLM 0.32 ignores StructuredOutputsParams.disable_any_whitespace (only the engine's config is read)
+        structured = StructuredOutputsParams(json=json.loads(params.json_schema))
     elif params.choice:
         structured = StructuredOutputsParams(choice=list(params.choice))
     elif params.regex:
@@ -132,6 +133,11 @@ def vllm_engine_args(cfg: LLMConfig) -> dict:
         args["max_num_seqs"] = cfg.max_num_seqs
     if cfg.enable_prefix_caching is not None:
         args["enable_prefix_caching"] = cfg.enable_prefix_caching
+    if cfg.compact_json:
+        # vLLM refuses the switch under its "auto" backend choice; xgrammar is what "auto" picks for
+        # every pattern and schema the templates use. Without it, the object (its reason capped by the
+        # schema's maxLength) no longer always fits max_tokens.
+        args["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     if cfg.speculative_ngram_tokens is not None:
         args["speculative_config"] = {
             "method": "ngram",

@@ -3,6 +3,7 @@ shared real run): the tests that need none of it run meanwhile, on the cores it 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -10,15 +11,19 @@ from typing import Any
 
 class Background:
     """`target(*args)` in a daemon thread, started now; `result()` waits for its value (or raises what it
-    raised, in the test that waits)."""
+    raised, in the test that waits). With `nice`, the thread and every process it starts run at that
+    niceness: on Linux it is per thread, and a child inherits its parent thread's."""
 
-    def __init__(self, name: str, target: Callable[..., Any], *args: Any) -> None:
+    def __init__(self, name: str, target: Callable[..., Any], *args: Any, nice: int = 0) -> None:
         self._outcome: Any = None
         self._failed = False
+        self._nice = nice
         self._thread = threading.Thread(target=self._run, args=(target, args), name=name, daemon=True)
         self._thread.start()
 
     def _run(self, target: Callable[..., Any], args: tuple) -> None:
+        if self._nice:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
         try:
             self._outcome = target(*args)
         except BaseException as exc:  # handed to the test that waits

@@ -27,9 +27,12 @@ class ClusterRun:
     def __init__(self, root: Path, repo: Path, sample_dir: Path, conf: Path) -> None:
         self._submitted: list[subprocess.Popen] = []
         self._killed: list[int] = []
+        # Its tests come last, so it has until the end of the session; at a lower priority it takes the
+        # cores the shared real run (whose follow-ups and readers wait for it) and the tests leave idle.
         self._run = Background(
-            "cluster-run", _run_on_a_cluster, root, repo, sample_dir, conf, self._submitted, self._killed
-        )
+            "cluster-run", _run_on_a_cluster, root, repo, sample_dir, conf, self._submitted, self._killed,
+            nice=5,
+        )  # fmt: skip
 
     def result(self, timeout: float = 1800) -> dict:
         return self._run.result(timeout)
@@ -103,10 +106,12 @@ def _submit(
     return {"stdout": stdout, "logs": logs, "killed": killed[:], **json.loads(summary.read_text())}
 
 
-def _python_workers(under: int) -> dict[int, int]:
+def _engine_workers(under: int) -> dict[int, int]:
     """pid -> resident KiB of each forked PySpark worker (a pyspark.daemon process whose parent is one)
-    that descends from process `under`, the cluster's worker: other Spark applications on this machine
-    (the shared real run, which runs beside this test) are not this test's to kill."""
+    that descends from process `under`, the cluster's worker, and has torch loaded: it is running an LLM
+    task (only the engine imports torch). Idle workers kept for reuse hold no task, so killing one fails
+    nothing; other Spark applications on this machine (the shared real run, which runs beside this test)
+    are not this test's to kill."""
     parents, daemons = {}, {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -126,19 +131,28 @@ def _python_workers(under: int) -> dict[int, int]:
                 return True
         return False
 
-    return {pid: rss for pid, rss in daemons.items() if parents.get(pid) in daemons and descends(pid)}
+    def has_torch(pid: int) -> bool:
+        try:
+            return b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes()
+        except OSError:
+            return False
+
+    return {
+        pid: rss
+        for pid, rss in daemons.items()
+        if parents.get(pid) in daemons and descends(pid) and has_torch(pid)
+    }
 
 
 def _kill_a_worker_during_backtranslate(
     workdir: Path, run: subprocess.Popen, cluster_worker: int, killed: list
 ) -> None:
-    """Once the backtranslate stage has frozen its inputs, SIGKILL the cluster's busiest Python worker: the
-    task it ran fails and Spark retries it elsewhere."""
+    """Once the backtranslate stage has frozen its inputs and one of its tasks is loading the engine,
+    SIGKILL the busiest such Python worker: the task it runs fails and Spark retries it elsewhere."""
     staging = workdir / "tables" / "_staging"
     while run.poll() is None:
         if any(staging.glob("*/backtranslate_todo")):
-            time.sleep(3)  # its tasks are loading the engine or generating by now
-            workers = _python_workers(under=cluster_worker)
+            workers = _engine_workers(under=cluster_worker)
             if workers:
                 pid = max(workers, key=workers.get)
                 os.kill(pid, signal.SIGKILL)

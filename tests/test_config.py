@@ -80,6 +80,10 @@ def test_vllm_options_reach_the_engine_arguments_only_when_set():
 
     plain = vllm_engine_args(load_config(LOCAL_CONF).llm)
     assert "speculative_config" not in plain and "max_num_seqs" not in plain
+    assert plain["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
+    assert "structured_outputs_config" not in vllm_engine_args(
+        load_config(LOCAL_CONF, ["llm.compact_json=false"]).llm
+    )
     tuned = vllm_engine_args(
         load_config(
             LOCAL_CONF,

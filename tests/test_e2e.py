@@ -79,6 +79,10 @@ def test_the_judge_graded_every_pair_through_json_structured_outputs(real_run, s
     ok = real_run.table(spark, TABLE["score"]).where("status = 'ok'").collect()
     # the grade in the column is the one in the model's own JSON output
     assert ok and all(json.loads(r["raw_output"])["score"] == r["score"] for r in ok)
+    # compact JSON (llm.compact_json): no free whitespace, where the small judge once spent whole budgets
+    # on newlines between `"score":` and its value
+    raws = [r["raw_output"] for r in real_run.table(spark, TABLE["score"]).select("raw_output").collect()]
+    assert all(raw.startswith('{"reason":"') for raw in raws if raw), raws
 
 
 def test_every_rewrite_is_exported_or_removed_for_a_named_reason(real_run, spark):
