@@ -110,13 +110,20 @@ def test_a_refresh_after_a_new_file_generates_only_for_it(refresh_after_new_file
     # the judges and the rewrite run at temperature 0: no old failure is paid for again
     for name in ("score", "rewrite"):
         assert [k for k in stages[name] if k.startswith("retried_") and k != "retried_engine_error"] == []
-    new_ids = [
+
+    # the judge owes a grade for each instruction that became ok in this refresh: the new passages' and
+    # any old failure the backtranslation retry above turned into a success (seen in a CI run)
+    def ok_instructions(tables):
+        df = tables.read("instructions").where(F.col("status") == "ok")
+        return {tuple(r) for r in df.select("passage_id", "fingerprint").collect()}
+
+    now_ok = ok_instructions(tables)
+    became_ok = now_ok - ok_instructions(original)
+    new_ids = {
         r[0] for r in tables.read(t.PASSAGES).where("doc_key = 'web/new-1'").select("passage_id").collect()
-    ]
-    new_instructions = tables.read("instructions").where(
-        F.col("passage_id").isin(new_ids) & (F.col("status") == "ok")
-    )
-    assert stages["score"]["generated"] == new_instructions.count()
+    }
+    assert {key for key in now_ok if key[0] in new_ids} <= became_ok
+    assert stages["score"]["generated"] == len(became_ok) + stages["score"].get("retried_engine_error", 0)
     for task in LLM_TASKS:
         assert ok_rows(original, task) <= ok_rows(tables, task), task.name
     # removed for their score: every current ok score below 2, counted independently from the table
