@@ -160,7 +160,7 @@ class EngineSettings(_Strict):
     enable_prefix_caching: bool | None = None
     speculative_ngram_tokens: int | None = Field(None, gt=0)
     compact_json: bool | None = None
-    cpu_kvcache_gib: int | None = Field(None, ge=1)
+    cpu_kvcache_gib: float | None = Field(None, gt=0)
     cpu_threads: int | None = Field(None, gt=0)
     gpus_per_task: float | None = Field(None, ge=0)
     cpus_per_task: int | None = Field(None, ge=1)
@@ -209,7 +209,9 @@ class LLMConfig(_Strict):
     gpus_per_task: float = Field(1.0, ge=0, description="0: no GPU request (CPU-only cluster)")
     cpus_per_task: int = Field(1, ge=1)
     partitions_per_slot: int = Field(2, ge=1, description="LLM input partitions per concurrent task slot")
-    cpu_kvcache_gib: int = Field(1, ge=1, description="vLLM CPU build only: KV cache size")
+    # The CPU build reserves this much memory for the KV cache whatever the model needs; each engine holds
+    # it as long as its worker keeps the engine. GPU builds size theirs from gpu_memory_utilization.
+    cpu_kvcache_gib: float = Field(1.0, gt=0, description="vLLM CPU build only: KV cache size (GiB)")
     # Spark starts Python workers with OMP_NUM_THREADS = spark.task.cpus (1 by default), which leaves a
     # CPU-build engine on one core. Set this to the cores one LLM task may use; None keeps Spark's value.
     cpu_threads: int | None = Field(None, gt=0, description="OpenMP threads of an in-process engine")
@@ -220,6 +222,9 @@ class LLMConfig(_Strict):
         None, gt=0, description="MERGE results every this many prompts (bounds work lost to a crash)"
     )
     batch_size: int = Field(512, gt=0, description="prompts handed to the engine per call")
+    # a task whose GPU another Python worker's engine holds waits this long for that worker to go idle
+    # and close it (udfs/device_claim.py), then fails (Spark retries it)
+    device_wait_s: float = Field(1800, gt=0)
     max_attempts: int = Field(3, ge=1)
     backtranslate: StageConfig = Field(
         default_factory=lambda: StageConfig(
@@ -284,6 +289,7 @@ class LLMConfig(_Strict):
         two stages with equal identities share a worker's engine."""
         stage_sections = {n for n, f in type(self).model_fields.items() if f.annotation is StageConfig}
         per_run = {"extra_stages", "batch_size", "max_attempts", "commit_rows", "num_partitions"}
+        per_run |= {"device_wait_s"}
         skip = stage_sections | per_run
         return self.model_dump_json(exclude=skip)
 

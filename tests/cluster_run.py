@@ -83,7 +83,7 @@ def _submit(
         "--config", str(conf), "--workdir", str(workdir), "--summary-json", str(summary),
         "--set", "chunk.max_passages_per_doc=1", "--set", "chunk.max_tokens=128",
         "--set", "llm.gpus_per_task=1", "--set", "llm.cpus_per_task=1", "--set", "llm.num_partitions=2",
-        "--set", "llm.cpu_threads=1",
+        "--set", "llm.cpu_threads=1", "--set", "llm.cpu_kvcache_gib=0.25",  # 128-token passages, 2 engines
         "--set", "tracking.enabled=false", *extra,
         # the mechanics, not the quality: short passages and outputs (the shared real run has full ones)
         "--set", "llm.rewrite.sampling.max_tokens=160", "--set", "llm.backtranslate.sampling.max_tokens=64",

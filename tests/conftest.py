@@ -10,6 +10,7 @@ from backforth_spark.config import Config, load_config
 from backforth_spark.context import StageContext
 from backforth_spark.model import resolve_model
 from backforth_spark.tables import Tables
+from backforth_spark.vllm_engine import cpu_has_native_bf16, engine_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,8 +37,19 @@ def spark(base_cfg):
 
     session = get_spark(base_cfg.spark)
     session.sparkContext.setLogLevel("ERROR")
+    _spare_from_the_oom_killer(session.sparkContext._gateway.proc.pid)
     yield session
     session.stop()
+
+
+def _spare_from_the_oom_killer(pid: int) -> None:
+    """Make the kernel's OOM killer pick any other process before the session's JVM (where allowed).
+
+    Every test that uses Spark shares that JVM: killed, it fails them all (a CI run lost 55 tests so).
+    The background runs lose a Python worker instead, which costs a task retry (test_cluster kills one
+    on purpose)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/oom_score_adj").write_text("-900")
 
 
 @pytest.fixture
@@ -256,14 +268,15 @@ def _start_vllm_server(log: Path) -> tuple[subprocess.Popen, str, str]:
     """`vllm serve` (CPU build) with the default model on 127.0.0.1, requiring API_KEY, started in the
     background: (process, base URL, model folder)."""
     model = resolve_model(load_config(LOCAL_CONF).llm)
+    dtype = engine_dtype("auto", cpu_build=True, native_bf16=cpu_has_native_bf16())  # as in-process engines
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": API_KEY}
+    env = {**os.environ, "VLLM_API_KEY": API_KEY}
     # the module, not the `vllm serve` script: that asks for the distribution "vllm", and the CPU
     # build is installed as "vllm-cpu"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
-        "--served-model-name", "smollm2",
+        "--port", str(port), "--dtype", dtype, "--max-model-len", "2048", "--enforce-eager",
+        "--served-model-name", "smollm2", "--kv-cache-memory-bytes", str(2**29),  # conf/local.yaml's 0.5 GiB
     ]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -469,3 +482,18 @@ def copy_run(run: RealRun, dest: Path) -> Path:
     """A private copy of the real run's workdir (tables, export, logs) for a test that writes."""
     shutil.copytree(run.workdir, dest, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
     return dest
+
+
+def pytest_terminal_summary(terminalreporter):
+    # A JVM or engine that vanished mid-suite leaves every later Spark test failing on a refused
+    # connection; say what the kernel's OOM killer and the JVM's crash files recorded, if anything.
+    found = [p.read_text(errors="replace")[:2000] for p in sorted(REPO.glob("hs_err_pid*.log"))]
+    try:
+        kernel = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+        found += [line for line in kernel.splitlines() if "Out of memory" in line or "oom-kill" in line]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if found:
+        terminalreporter.section("processes the kernel or the JVM ended")
+        for item in found:
+            terminalreporter.write_line(item)

@@ -95,6 +95,31 @@ def test_vllm_options_reach_the_engine_arguments_only_when_set():
     assert tuned["speculative_config"] == spec
 
 
+def test_the_cpu_kv_cache_size_reaches_a_cpu_build_in_bytes_and_never_a_gpu_build():
+    from backforth_spark.vllm_engine import vllm_engine_args
+
+    llm = load_config(None, ["llm.cpu_kvcache_gib=0.5"]).llm
+    assert vllm_engine_args(llm, cpu_build=True)["kv_cache_memory_bytes"] == 536870912
+    # on a GPU an explicit size would override gpu_memory_utilization
+    assert "kv_cache_memory_bytes" not in vllm_engine_args(llm, cpu_build=False)
+
+
+@pytest.mark.parametrize(
+    ("requested", "cpu_build", "native_bf16", "loaded"),
+    [
+        ("auto", True, False, "float32"),  # emulated bfloat16 is several times slower
+        ("auto", True, True, "bfloat16"),
+        ("auto", False, False, "auto"),  # a GPU build keeps the model's own dtype
+        ("bfloat16", True, False, "bfloat16"),  # an explicit choice stands
+    ],
+)
+def test_auto_dtype_on_a_cpu_build_follows_its_bfloat16_support(requested, cpu_build, native_bf16, loaded):
+    from backforth_spark.vllm_engine import vllm_engine_args
+
+    llm = load_config(None, [f"llm.dtype={requested}"]).llm
+    assert vllm_engine_args(llm, cpu_build, native_bf16)["dtype"] == loaded
+
+
 def test_a_stage_names_its_own_model_and_engine_settings():
     cfg = load_config(
         LOCAL_CONF,

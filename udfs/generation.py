@@ -5,11 +5,15 @@ Spark assigned that task (`CUDA_VISIBLE_DEVICES`, set before vLLM or torch is im
 the engine and holds it. Spark reuses Python workers across tasks and stages, so later tasks on that
 worker reuse the loaded model instead of loading it again. A worker holds one engine at a time: a stage
 that runs another model (or other engine settings) closes the held engine first, freeing its memory.
+An in-process engine on GPUs also claims its devices host-wide (udfs/device_claim.py): a worker that
+gets a task for a device another, idle worker's engine holds asks it to close that engine first.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,11 +25,18 @@ from backforth_spark.engine import Engine
 from backforth_spark.generation import ENGINE_ERROR, TOO_LONG, StageSpec, run_batch
 from backforth_spark.openai_engine import OpenAIEngine
 from backforth_spark.vllm_engine import create_vllm_engine
+from udfs.device_claim import DeviceClaim
+
+log = logging.getLogger(__name__)
 
 # at most one entry: the engine of the last LLM stage this worker ran, by what it was built from
 _HELD: dict[tuple, Engine] = {}
 # the devices CUDA was pinned to: CUDA reads the variable once, so a worker never moves
 _PINNED: list[str] = []
+# the host-wide claim on the devices of the held engine (in-process vLLM on GPUs only)
+_CLAIMS: list[DeviceClaim] = []
+# held while a task of this worker runs: the claim's watcher closes the engine only between tasks
+_IN_TASK = threading.Lock()
 
 
 def assigned_gpus() -> list[str]:
@@ -60,24 +71,53 @@ def create_engine(cfg: LLMConfig, model: str, api_key: str | None = None) -> Eng
     return create_vllm_engine(cfg, model)
 
 
-def held_engine(cfg: LLMConfig, model: str, api_key: str | None) -> Engine:
+def held_engine(cfg: LLMConfig, model: str, api_key: str | None, devices: list[str] | None = None) -> Engine:
     """The engine for (model, engine settings, key): the one this worker holds, or a new one built after
-    the held one is released."""
+    the held one is released. `devices`: the GPUs this worker is pinned to, claimed before an in-process
+    engine is built on them."""
     key = (model, cfg.engine_identity(), api_key)
     if key not in _HELD:
         release_engine()
+        if cfg.engine == "vllm" and devices:
+            claim = DeviceClaim(devices)
+            claim.acquire(cfg.device_wait_s, on_wait=lambda gpu: log.warning(WAITING, gpu))
+            _CLAIMS.append(claim)
         if cfg.cpu_threads and cfg.engine == "vllm":
             # read by OpenMP when torch loads, which happens inside create_engine
             os.environ["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
-        _HELD[key] = create_engine(cfg, model, api_key)
+        try:
+            _HELD[key] = create_engine(cfg, model, api_key)
+        except BaseException:
+            release_engine()
+            raise
+        for claim in _CLAIMS:
+            claim.start_watching(_IN_TASK, _let_go)
     return _HELD[key]
 
 
+WAITING = "GPU %s holds another Python worker's engine: asking it to close it once idle"
+
+
+def _let_go() -> None:
+    log.warning("closing this worker's engine: another Python worker needs its GPU")
+    release_engine()
+
+
 def release_engine() -> None:
-    """Close the engine this worker holds, if any (its model and GPU memory go with it)."""
+    """Close the engine this worker holds, if any (its model and GPU memory go with it), then let go of
+    its devices."""
     while _HELD:
         _, engine = _HELD.popitem()
         engine.close()
+    while _CLAIMS:
+        _CLAIMS.pop().release()
+
+
+def one_task(outputs: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """`outputs` with this worker marked busy, so a device claim's watcher waits for the task to end.
+    Module level: the stage's closure is pickled by value, and a lock it referenced would not pickle."""
+    with _IN_TASK:
+        yield from outputs
 
 
 def generate(
@@ -90,23 +130,26 @@ def generate(
     """The mapInPandas function for one stage. `engine_factory` replaces vLLM (failure injection);
     `task_seconds` (a Spark accumulator) sums each task's wall time, engine loading included."""
 
-    def fresh_engine() -> Engine:
+    def fresh_engine(devices: list[str]) -> Engine:
         if engine_factory:
             return engine_factory()
         release_engine()
-        return held_engine(cfg, spec.model, api_key)
+        return held_engine(cfg, spec.model, api_key, devices)
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         started = time.perf_counter()
         try:
-            yield from generate_all(batches)
+            yield from one_task(generate_all(batches))
         finally:
             if task_seconds is not None:
                 task_seconds.add(time.perf_counter() - started)
 
     def generate_all(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        device = pin_gpus(assigned_gpus())
-        engine = engine_factory() if engine_factory else held_engine(cfg, spec.model, api_key)
+        gpus = assigned_gpus()
+        device = pin_gpus(gpus)
+        # the GPUs the engine lands on are the pinned ones, which a reused worker keeps
+        devices = device.split(",") if gpus and device else []
+        engine = engine_factory() if engine_factory else held_engine(cfg, spec.model, api_key, devices)
         for batch in batches:
             for start in range(0, len(batch), cfg.batch_size):
                 out = run_batch(batch.iloc[start : start + cfg.batch_size], engine, spec, device)
@@ -116,6 +159,6 @@ def generate(
                     # every prompt failed, one by one too: the engine itself is likely gone (its
                     # process died, its server went away). Those rows are engine_error, retried on the
                     # next run; the next batch gets a new engine instead of failing the same way.
-                    engine = fresh_engine()
+                    engine = fresh_engine(devices)
 
     return run
