@@ -9,6 +9,7 @@ import pytest
 from backforth_spark.config import Config, load_config
 from backforth_spark.context import StageContext
 from backforth_spark.model import resolve_model
+from backforth_spark.session import DRIVER_JAVA_OPTIONS
 from backforth_spark.tables import Tables
 from backforth_spark.vllm_engine import cpu_has_native_bf16, engine_dtype
 
@@ -27,8 +28,16 @@ DOLMA_SAMPLE = REPO.parent / "shared" / "data" / "dolma-sample"
 @pytest.fixture(scope="session")
 def base_cfg(tmp_path_factory) -> Config:
     cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path_factory.mktemp('work')}"])
-    # the suite's one session lives as long as the suite (tens of minutes): a long-lived process
-    return cfg.model_copy(update={"spark": cfg.spark.long_lived()})
+    # the suite's one session lives as long as the suite (tens of minutes): a long-lived process.
+    # It is also the suite's largest CPU consumer, most of it compiling: whole-stage codegen compiles
+    # Java for every new plan, and hundreds of small tests each bring new plans that run once on a few
+    # rows (test_generate + test_dedup alone: 329 s with it, 290 s without). The serial collector
+    # spares the second core the parallel collector's threads on a heap this small.
+    spark_cfg = cfg.spark.long_lived()
+    conf = dict(spark_cfg.conf)
+    conf["spark.sql.codegen.wholeStage"] = "false"
+    conf[DRIVER_JAVA_OPTIONS] = f"{conf.get(DRIVER_JAVA_OPTIONS, '')} -XX:+UseSerialGC".strip()
+    return cfg.model_copy(update={"spark": spark_cfg.model_copy(update={"conf": conf})})
 
 
 @pytest.fixture(scope="session")
@@ -142,9 +151,12 @@ def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:
         str(root / "art"),
     ]
     log = (root / "server.log").open("w")
+    # MLflow 3's server starts a job runner that polls its store every few seconds (about 46 CPU-s per
+    # suite); the tests submit no jobs.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     # its own process group: the server forks workers, and stopping it must stop them too
     proc = subprocess.Popen(
-        [*cmd, "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        [*cmd, "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
