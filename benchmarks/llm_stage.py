@@ -1,6 +1,8 @@
 """Throughput of the three LLM stages through Spark against vLLM's `LLM.chat` called directly.
 
-    make bench-llm N=256     # or: .venv/bin/python benchmarks/llm_stage.py --prompts 256 [--config ...]
+    make bench-llm N=256        # the production prompts and decoding (Makefile: PRODUCTION_DECODING)
+    make bench-llm-local N=256  # conf/local.yaml's decoding
+    .venv/bin/python benchmarks/llm_stage.py --prompts 256 [--config ...] [--set ...]
 
 N distinct passages (the Dolma sample chunked to `chunk.max_tokens`, then word-rotated copies up to N)
 go through
