@@ -32,6 +32,12 @@ TOO_SHORT = "too_short"
 TOO_LONG = "too_long"  # dropped by the `drop` policy
 OVER_LIMIT = "over_limit"  # beyond max_passages_per_doc
 LOW_QUALITY = "low_quality"  # failed a quality filter, named in `quality_filter`
+STATUSES = (OK, TOO_SHORT, TOO_LONG, OVER_LIMIT, LOW_QUALITY)
+
+# the quality filters, in the order they are tried (quality_issue)
+TOO_FEW_WORDS, SYMBOL_RATIO, DIGIT_RATIO = "too_few_words", "symbol_ratio", "digit_ratio"
+REPEATED_LINES, NAVIGATION_LINES = "repeated_lines", "navigation_lines"
+QUALITY_FILTERS = (TOO_FEW_WORDS, SYMBOL_RATIO, DIGIT_RATIO, REPEATED_LINES, NAVIGATION_LINES)
 
 # Boundaries tried in order, coarsest first: blank lines, line breaks, sentence ends.
 _LEVELS = (re.compile(r"\n\s*\n"), re.compile(r"\n"), re.compile(r"(?<=[.!?])\s+"))
@@ -205,22 +211,22 @@ def symbol_and_digit_counts(text: str) -> tuple[int, int]:
 def quality_issue(text: str, cfg: ChunkConfig) -> str | None:
     """The name of the first quality filter `text` fails, or None. Disabled filters are None in cfg."""
     if cfg.min_words is not None and len(text.split()) < cfg.min_words:
-        return "too_few_words"
+        return TOO_FEW_WORDS
     chars = max(len(text), 1)
     symbols, digits = symbol_and_digit_counts(text)
     if cfg.max_symbol_ratio is not None and symbols / chars > cfg.max_symbol_ratio:
-        return "symbol_ratio"
+        return SYMBOL_RATIO
     if cfg.max_digit_ratio is not None and digits / chars > cfg.max_digit_ratio:
-        return "digit_ratio"
+        return DIGIT_RATIO
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if lines and cfg.max_repeated_line_ratio is not None:
         repeated = len(lines) - len(set(lines))
         if repeated / len(lines) > cfg.max_repeated_line_ratio:
-            return "repeated_lines"
+            return REPEATED_LINES
     if lines and cfg.max_navigation_line_ratio is not None:
         nav = sum(_looks_like_navigation(ln) for ln in lines)
         if nav / len(lines) > cfg.max_navigation_line_ratio:
-            return "navigation_lines"
+            return NAVIGATION_LINES
     return None
 
 

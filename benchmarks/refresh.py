@@ -11,7 +11,8 @@ workdir. The LLM stages are left out: this measures planning, dedup and Delta wo
 
 Prints both wall times (the CLI process, JVM start included) and their ratio, each stage's wall time,
 and the rows each stage read: input records of every Spark scan of the stage's jobs (Spark's event log;
-the pipeline names each stage's jobs by their job group).
+the pipeline names each stage's jobs by their job group). Then the refresh once more with nothing new:
+the cost of a fresh refresh process before any new data.
 
 Then the same again in one long-lived process, as in a notebook or any driver that stays up: a fresh
 workdir, the full run and, once the same new file has landed, the refresh, both through
@@ -19,8 +20,8 @@ workdir, the full run and, once the same new file has landed, the refresh, both 
 long-lived settings `refresh --every` uses (`spark.long_lived_conf`: the JVM's full JIT). A refresh in
 a fresh process pays the JVM's and the Python workers' warm-up again (class loading, code generation,
 imports); this second pair shows what the refresh costs without it. Last line:
-RESULT n_docs=... new_docs=... full_s=... refresh_s=... ratio=... rows_read_full=i/d/c rows_read_refresh=i/d/c
-session_full_s=... session_refresh_s=... session_ratio=...
+RESULT n_docs=... new_docs=... full_s=... refresh_s=... ratio=... idle_refresh_s=...
+rows_read_full=i/d/c rows_read_refresh=i/d/c session_full_s=... session_refresh_s=... session_ratio=...
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ def main() -> None:
     kinds = add_new_documents(input_dir, n_new)
     refresh_s, refresh = run_cli("refresh", input_dir, workdir, root / "events-refresh")
     read_full, read_refresh = rows_read(root / "events-full"), rows_read(root / "events-refresh")
+    # the same command once more, with nothing new: what a fresh process pays before any new data
+    # (JVM and Spark start, each table's Delta log, the stages' checks for pending rows)
+    idle_s, idle = run_cli("refresh", input_dir, workdir, root / "events-idle")
+    assert all(idle["stages"][st]["rows_out"] == 0 for st in STAGES), idle["stages"]
     (input_dir / "part-new.jsonl.gz").unlink()  # the long-lived process adds the same file again
     cmd = [sys.executable, __file__, "--only-session", "--docs", str(args.docs), "--workdir", str(root)]
     cmd += ["--new-share", str(args.new_share)]
@@ -185,6 +190,10 @@ def main() -> None:
     )
     ratio = refresh_s / full_s
     print(f"full run {full_s:.1f} s, refresh {refresh_s:.1f} s: ratio {ratio:.3f} (a CLI process each)")
+    print(
+        f"a refresh with nothing new: {idle_s:.1f} s ({idle_s / full_s:.3f} of the full run): the floor "
+        "of a refresh in a fresh process"
+    )
     s_full, s_refresh = session["full"]["seconds"], session["refresh"]["seconds"]
     s_ratio = s_refresh / s_full
     walls = " ".join(f"{st}={session['refresh']['stages'][st]['wall_s']:.1f}" for st in STAGES)
@@ -198,7 +207,7 @@ def main() -> None:
 
     print(
         f"RESULT n_docs={args.docs} new_docs={n_new} full_s={full_s:.1f} refresh_s={refresh_s:.1f} "
-        f"ratio={ratio:.3f} rows_read_full={per_stage(read_full)} "
+        f"ratio={ratio:.3f} idle_refresh_s={idle_s:.1f} rows_read_full={per_stage(read_full)} "
         f"rows_read_refresh={per_stage(read_refresh)} "
         f"session_full_s={s_full:.1f} session_refresh_s={s_refresh:.1f} session_ratio={s_ratio:.3f}"
     )

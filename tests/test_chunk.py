@@ -116,6 +116,49 @@ def test_chunk_stage_uses_the_model_tokenizer_and_only_new_representatives(make_
     assert ctx.tables.version(t.PASSAGES) == version  # and no empty commit
 
 
+_MIXED_DOCS = [
+    ("cc/good", "A plain sentence about rivers and the stones that sit along their banks today."),
+    ("cc/nav", "Home\nLogin\nContact us\nNews | Sport\nA line."),
+    ("cc/tiny", "Two words"),
+]
+
+
+def _counts_by_status_and_filter(rows) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        out[f"passages_{r['status']}"] = out.get(f"passages_{r['status']}", 0) + 1
+        if r["quality_filter"] is not None:
+            out[f"filtered_{r['quality_filter']}"] = out.get(f"filtered_{r['quality_filter']}", 0) + 1
+    return out
+
+
+def test_chunk_stage_counts_exactly_what_it_inserted(make_ctx):
+    from pyspark.sql import functions as F
+
+    ctx = make_ctx("chunk.max_tokens=64", "chunk.min_tokens=4", "chunk.min_words=5")
+    first, later = _MIXED_DOCS[:2], _MIXED_DOCS[2:] + [("cc/more", _MIXED_DOCS[0][1] + " Again.")]
+    add_documents(ctx, first, representatives={k for k, _ in first})
+    counts = chunk_stage.run(ctx)
+    rows = ctx.tables.read(t.PASSAGES).collect()
+    assert counts == {"rows_in": 2, "rows_out": 1, **_counts_by_status_and_filter(rows)}
+    assert counts["filtered_navigation_lines"] == 1
+    assert "count passages" not in dict(ctx.tables.phase_log)  # counted by the MERGE's own query
+
+    # a row already holding cc/more's first passage id (as a concurrent run's insert would): the
+    # MERGE skips that passage, and the counts are those of the rows this call did insert
+    add_documents(ctx, later, representatives={k for k, _ in later})
+    taken = ctx.spark.createDataFrame(
+        [(chunk.passage_id("cc/more", 0), "cc/elsewhere", 0, "x", 1, "ok", False, None)],
+        chunk_stage.CHUNK_SCHEMA,
+    ).select("*", F.lit("other-run").alias("run_id"), F.current_timestamp().alias("written_at"))
+    ctx.tables.merge_insert_new(t.PASSAGES, taken, ["passage_id"])
+    counts = chunk_stage.run(ctx)
+    mine = ctx.tables.read(t.PASSAGES).where(F.col("run_id") == ctx.run_id).collect()
+    added = [r for r in mine if r["doc_key"] in ("cc/tiny", "cc/more")]
+    assert [r["doc_key"] for r in added] == ["cc/tiny"]  # cc/more's only passage was taken
+    assert counts == {"rows_in": 1, "rows_out": 0, **_counts_by_status_and_filter(added)}
+
+
 def test_overlap_repeats_the_tail_of_the_previous_passage():
     text = "\n\n".join(_para(4, x) for x in "abcd")  # four units of 4 tokens
     ps = chunk.chunk_document(text, W, ChunkConfig(max_tokens=9, min_tokens=1, overlap_tokens=5))

@@ -375,5 +375,5 @@ def test_the_first_line_of_each_key_wins_whichever_way_repeats_are_dropped(
         ("k3", "c", 5, "t5"),
     ]
     expected = [("k1", "a", 2, "t4"), ("k2", "a", 1, "t3"), ("k3", "c", 5, "t5")]
-    got = ingest_stage.first_occurrences(spark.createDataFrame(rows, schema))
+    got = ingest_stage.first_occurrences(spark.createDataFrame(rows, schema), len(rows))
     assertDataFrameEqual(got, spark.createDataFrame(expected, schema))

@@ -87,14 +87,16 @@ def unread_files(ctx: StageContext, listing: DataFrame) -> tuple[list, int]:
 BROADCAST_REPEATS = 1_000_000
 
 
-def first_occurrences(docs: DataFrame) -> DataFrame:
-    """Each doc_key's first line (by input_file, line_number). Repeats are found by shuffling keys and
-    positions alone; the text moves only when repeats are too many to broadcast (a whole corpus fed in
-    twice), since ranking whole rows would shuffle every document's text."""
+def first_occurrences(docs: DataFrame, n_docs: int) -> DataFrame:
+    """Each doc_key's first line (by input_file, line_number) among `docs` (`n_docs` rows). Repeats
+    are found by shuffling keys and positions alone; the text moves only when repeats are too many to
+    broadcast (a whole corpus fed in twice), since ranking whole rows would shuffle every document's
+    text."""
     first = Window.partitionBy("doc_key").orderBy("input_file", "line_number")
     positions = docs.select("doc_key", "input_file", "line_number")
     later = positions.withColumn("_rank", F.row_number().over(first)).where("_rank > 1").drop("_rank")
-    if later.count() <= BROADCAST_REPEATS:
+    # repeats are fewer than the lines: only a large input needs them counted (a job of its own)
+    if n_docs <= BROADCAST_REPEATS or later.count() <= BROADCAST_REPEATS:
         return docs.join(F.broadcast(later), ["doc_key", "input_file", "line_number"], "left_anti")
     return docs.withColumn("_rank", F.row_number().over(first)).where("_rank = 1").drop("_rank")
 
@@ -126,7 +128,7 @@ def run(ctx: StageContext) -> dict[str, int]:
             kinds = parsed.groupBy("kind").agg(F.count("*").alias("n")).collect()
         counts = {r["kind"]: r["n"] for r in kinds}
         with ctx.tables.timed("find repeated keys"):
-            docs = first_occurrences(parsed.where("kind = 'doc'"))
+            docs = first_occurrences(parsed.where("kind = 'doc'"), counts.get("doc", 0))
         docs = docs.select(*s.names(s.DOCUMENTS_COLUMNS), *lineage)
         n_docs_parsed, n_quarantined = counts.get("doc", 0), counts.get("quarantine", 0)
         # the MERGE's own count: right even when a concurrent run inserts into the table too
