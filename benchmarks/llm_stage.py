@@ -11,27 +11,34 @@ go through
       slot (`llm.num_partitions=1` here), each stage with its own engine settings from the config
       (rewrite's n-gram speculative decoding, when set);
   (b) direct: one `vllm.LLM(...)` built with the base engine arguments (no per-stage speedups), then
-      one `LLM.chat` per stage over exactly the inputs that stage saw (recorded by the stage run),
-      rendered by the same templates, with the same sampling and per-row output budgets.
-The stage side first runs ingest, dedup and chunk over the Dolma sample (tables of their own, off
-the clock), as a pipeline run does before its LLM stages in the same Spark session.
+      one `LLM.chat` per stage over exactly the inputs that stage saw, rendered by the same templates,
+      with the same sampling and per-row output budgets.
+Both sides run in one process, turn by turn: for each stage the two runs follow each other, the stage
+first for backtranslate and rewrite and the direct call first for score, so a host whose speed drifts
+over the hour (10-30% within a day on the benchmark machine) shifts both sides of a stage alike
+instead of whichever side ran later. The stage's engine lives in a Spark Python worker and the direct
+one in the driver; each is idle while the other side runs. The stage side first runs ingest, dedup
+and chunk over the Dolma sample (tables of their own, off the clock), as a pipeline run does before
+its LLM stages in the same Spark session.
 Backtranslate's clocks include building the engine on both sides (importing vLLM and torch, loading
 the model); score and rewrite on the direct side are the `LLM.chat` call alone, while the stage side's
 include everything the stage does (planning, Delta reads and MERGEs, and, when rewrite's engine
-settings differ, closing the held engine and building another). Each side runs in its own process,
-after a one-prompt warm-up run, so neither pays alone for a cold page cache. Prints output tokens per
-second of both, per stage, and the ratios; nothing in it is CPU-specific. Last line:
+settings differ, closing the held engine and building another). A one-prompt warm-up process runs
+first, so neither side pays alone for a cold page cache. Prints output tokens per second of both, per
+stage, and the ratios; nothing in it is CPU-specific. Last line:
 RESULT n_prompts=... backtranslate=... score=... rewrite=... (ratios stage/direct)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,34 +72,63 @@ def passages(cfg: Config, n: int) -> list[tuple[str, int]]:
 STAGES = ("backtranslate", "score", "rewrite")
 
 
-def direct(cfg: Config, inputs: dict[str, list[dict]]) -> dict:
-    """One engine (base settings), then one LLM.chat per stage over the inputs that stage saw."""
-    from backforth_spark.generation import _within_budget, fingerprints
-    from backforth_spark.model import resolve_model
-    from backforth_spark.vllm_engine import create_vllm_engine
+class Direct:
+    """The direct side: one engine with the base settings, built at its first call (on the clock of
+    that call, as the stage side builds its own inside its first stage)."""
 
-    model = resolve_model(cfg.llm)
-    specs = fingerprints(cfg, model)
-    # torch and transformers are not imported yet (a Spark worker imports them too, inside the stage)
-    assert "torch" not in sys.modules, "the direct side must pay for importing torch, as the stage does"
-    started = time.perf_counter()
-    engine = create_vllm_engine(cfg.llm, model)
-    out: dict = {"load_s": time.perf_counter() - started}
-    for name in STAGES:
-        spec, records = specs[name], inputs[name]
+    def __init__(self, cfg: Config) -> None:
+        from backforth_spark.generation import fingerprints
+        from backforth_spark.model import resolve_model
+
+        self.cfg, self.model = cfg, resolve_model(cfg.llm)
+        self.specs = fingerprints(cfg, self.model)
+        self.engine = None
+        self.load_s = 0.0
+
+    def run(self, name: str, records: list[dict]) -> dict:
+        """One `LLM.chat` over the inputs stage `name` saw."""
+        from backforth_spark.generation import _within_budget
+        from backforth_spark.vllm_engine import create_vllm_engine
+
+        started = time.perf_counter()
+        if self.engine is None:
+            # the stage imports torch in its Python worker; the direct side must pay for it here too
+            assert "torch" not in sys.modules, "torch was imported before the direct side's first call"
+            self.engine = create_vllm_engine(self.cfg.llm, self.model)
+            self.load_s = time.perf_counter() - started
+        spec = self.specs[name]
         fields = spec.template.data_fields
         convs = [spec.template.render(**{f: str(r[f]) for f in fields}) for r in records]
         params = [_within_budget(spec.params, spec.max_tokens(r.get("passage_tokens"))) for r in records]
-        clock = time.perf_counter()
-        completions = engine.chat(convs, params)
-        seconds = time.perf_counter() - clock + (out["load_s"] if name == "backtranslate" else 0.0)
+        completions = self.engine.chat(convs, params)
+        seconds = time.perf_counter() - started
         tokens = sum(c.completion_tokens or 0 for c in completions)
-        out[name] = {"seconds": seconds, "tokens": tokens, "prompts": len(convs)}
-    return out
+        return {"seconds": seconds, "tokens": tokens, "prompts": len(convs)}
 
 
-def stage(cfg: Config, texts: list[tuple[str, int]], inputs_path: Path) -> dict:
-    """The three stages in Spark, one after the other; records each stage's inputs for the direct side."""
+@contextlib.contextmanager
+def python_workers_kept(spark, every_s: float = 20.0):
+    """Spark stops its idle Python workers, and with them the engine the stage's worker holds, after a
+    minute in which no Python task ended; while the direct side runs, a one-row Python task every
+    `every_s` seconds keeps them, as stages that run back to back in a pipeline do."""
+    stop = threading.Event()
+
+    def ping() -> None:
+        while not stop.wait(every_s):
+            spark.range(1, numPartitions=1).mapInPandas(lambda batches: batches, "id long").collect()
+
+    thread = threading.Thread(target=ping, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def both(cfg: Config, texts: list[tuple[str, int]]) -> dict:
+    """The three stages in Spark, one after the other, each followed or preceded by the direct call on
+    the inputs it saw."""
     from pyspark.sql import functions as F
 
     from backforth_spark import schemas
@@ -108,6 +144,12 @@ def stage(cfg: Config, texts: list[tuple[str, int]], inputs_path: Path) -> dict:
     # it the first stage alone pays the JVM's warm-up of Delta's and Spark's code paths and the
     # Python workers' start (measured with an instant engine: 9.5 s of Spark work cold, 3 s warm).
     # Chunking reads the tokenizer with the Rust library alone: no torch or vLLM gets imported.
+    # One idle Python worker kept: the one the last LLM task released, which holds the engine. Spark
+    # hands idle workers out first in, first out, so without the bound a worker the pipeline-before
+    # stages left (kept alive by the pings during the direct turns) would take the next stage's task
+    # and build a second engine.
+    conf = {**cfg.spark.conf, "spark.python.factory.idleWorkerMaxPoolSize": "1"}
+    cfg = cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"conf": conf})})
     before = cfg.model_copy(update={"workdir": str(Path(cfg.workdir) / "pipeline-before")})
     first = context_for(before, "bench-before", [str(SAMPLE)], PIPELINE[:3])
     first.spark.sparkContext.setLogLevel("ERROR")
@@ -124,25 +166,30 @@ def stage(cfg: Config, texts: list[tuple[str, int]], inputs_path: Path) -> dict:
         ["passage_id"],
     )  # fmt: skip
     by_name = {t.name: t for t in LLM_TASKS}
-    out: dict = {}
-    inputs: dict[str, list[dict]] = {}
-    for name in STAGES:
+    direct = Direct(cfg)
+    out: dict = {"stage": {}, "direct": {}}
+    for turn, name in enumerate(STAGES):
         task = by_name[name]
-        # what the stage will see, recorded before its clock starts (the direct side replays it)
+        # what the stage will see, recorded before either clock starts (the direct side replays it)
         seen = stage_inputs(ctx, task, current_specs(ctx)).toPandas()
-        inputs[name] = json.loads(seen.to_json(orient="records"))
-        started = time.perf_counter()
-        counts = generate.run(ctx, task)
-        seconds = time.perf_counter() - started
-        agg = tables.read(task.table).agg(F.sum("completion_tokens"), F.max("latency_s")).first()
-        out[name] = {
-            "seconds": seconds,
-            "tokens": int(agg[0] or 0),
-            "prompts": counts["generated"],
-            "chat_s": round(agg[1] or 0.0, 1),  # the longest engine call of a task
-            **{k: counts[k] for k in ("plan_s", "generate_s", "merge_s")},
-        }
-    inputs_path.write_text(json.dumps(inputs))
+        records = json.loads(seen.to_json(orient="records"))
+        for side in ("stage", "direct") if turn % 2 == 0 else ("direct", "stage"):
+            if side == "direct":
+                with python_workers_kept(ctx.spark):
+                    out["direct"][name] = direct.run(name, records)
+                continue
+            started = time.perf_counter()
+            counts = generate.run(ctx, task)
+            seconds = time.perf_counter() - started
+            agg = tables.read(task.table).agg(F.sum("completion_tokens"), F.max("latency_s")).first()
+            out["stage"][name] = {
+                "seconds": seconds,
+                "tokens": int(agg[0] or 0),
+                "prompts": counts["generated"],
+                "chat_s": round(agg[1] or 0.0, 1),  # the longest engine call of a task
+                **{k: counts[k] for k in ("plan_s", "generate_s", "merge_s", "engine_loads")},
+            }
+    out["direct"]["load_s"] = direct.load_s
     return out
 
 
@@ -151,18 +198,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--config", default=str(REPO / "conf" / "local.yaml"))
     parser.add_argument("--set", action="append", default=[], help="dotted config override")
-    parser.add_argument("--only", choices=["direct", "stage", "warm-up"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["both", "warm-up"], help=argparse.SUPPRESS)
     parser.add_argument("--passages", help=argparse.SUPPRESS)
-    parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.set)
-    if args.only == "stage":
+    if args.only == "both":
         texts = json.loads(Path(args.passages).read_text())[: args.prompts]
-        print(json.dumps(stage(cfg, texts, Path(args.inputs))))
-        return
-    if args.only == "direct":
-        print(json.dumps(direct(cfg, json.loads(Path(args.inputs).read_text()))))
+        print(json.dumps(both(cfg, texts)))
         return
     if args.only == "warm-up":  # read vLLM, torch and the model into the page cache
         from backforth_spark.model import resolve_model
@@ -179,19 +222,18 @@ def main() -> None:
         overrides += [*args.set, f"workdir={work}"]
         # computed here, once: tokenising them imports transformers and torch, which neither side may
         # have loaded before its clock starts
-        texts, inputs = Path(work) / "passages.json", Path(work) / "inputs.json"
+        texts = Path(work) / "passages.json"
         texts.write_text(json.dumps(passages(cfg, args.prompts)))
         results = {}
-        # the stage side first: it records the inputs each stage saw, which the direct side replays
-        for name in ("warm-up", "stage", "direct"):
+        for name in ("warm-up", "both"):
             cmd = [sys.executable, __file__, "--only", name, "--prompts", str(args.prompts)]
-            cmd += ["--passages", str(texts), "--inputs", str(inputs), "--config", args.config]
+            cmd += ["--passages", str(texts), "--config", args.config]
             cmd += [x for o in overrides for x in ("--set", o)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 raise SystemExit(f"{name} run failed:\n{out.stderr[-3000:]}")
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    d, s = results["direct"], results["stage"]
+    d, s = results["both"]["direct"], results["both"]["stage"]
     print(f"direct: engine load {d['load_s']:.1f} s (counted in backtranslate)")
     ratios = {}
     for name in STAGES:
@@ -200,7 +242,8 @@ def main() -> None:
         print(
             f"{name:<13} direct {d[name]['seconds']:7.1f} s {d[name]['tokens']:7d} tok {dr:7.1f} tok/s | "
             f"stage {s[name]['seconds']:7.1f} s {s[name]['tokens']:7d} tok {sr:7.1f} tok/s "
-            f"(plan {s[name]['plan_s']} s, generate {s[name]['generate_s']} s, merge {s[name]['merge_s']} s) "
+            f"(plan {s[name]['plan_s']} s, generate {s[name]['generate_s']} s, merge {s[name]['merge_s']} s, "
+            f"engine loads {s[name]['engine_loads']}) "
             f"| ratio {ratios[name]:.2f}"
         )
     shown = " ".join(f"{name}={ratio:.2f}" for name, ratio in ratios.items())

@@ -166,6 +166,8 @@ def test_a_stage_cut_into_slices_logs_its_progress_and_counts_tokens(make_ctx, c
         0,
         0,
     )
+    # the double is built afresh by each slice's one task (llm.num_partitions=1): three engine loads
+    assert counts["engine_loads"] == 3
 
 
 def test_score_stage_reads_only_ok_instructions_of_the_current_fingerprint(make_ctx):
@@ -437,12 +439,18 @@ def test_a_worker_holds_one_engine_and_releases_it_for_another_model(monkeypatch
     monkeypatch.setattr(worker, "_HELD", {})
     Closable.built = []
     llm = load_config(LOCAL_CONF, ["llm.backtranslate.model=/models/backward"]).llm
-    back = worker.held_engine(llm.for_stage("backtranslate"), "/models/backward", None)
-    again = worker.held_engine(llm.for_stage("backtranslate"), "/models/backward", None)
-    score = worker.held_engine(llm.for_stage("score"), "/models/default", None)
-    rewrite = worker.held_engine(llm.for_stage("rewrite"), "/models/default", None)
+    loads = []
+
+    def held(stage_llm, model):
+        return worker.held_engine(stage_llm, model, None, on_load=lambda: loads.append(model))
+
+    back = held(llm.for_stage("backtranslate"), "/models/backward")
+    again = held(llm.for_stage("backtranslate"), "/models/backward")
+    score = held(llm.for_stage("score"), "/models/default")
+    rewrite = held(llm.for_stage("rewrite"), "/models/default")
     assert again is back and rewrite is score  # same model and engine settings: the held engine
     assert back.closed and not score.closed and len(Closable.built) == 2
+    assert loads == ["/models/backward", "/models/default"]  # a load is reported only when one is built
     # other engine settings for the same model: another engine, the held one released first
     wide = llm.for_stage("score").model_copy(update={"max_model_len": 4096})
     assert worker.held_engine(wide, "/models/default", None) is not score and score.closed

@@ -5,6 +5,10 @@ Spark assigned that task (`CUDA_VISIBLE_DEVICES`, set before vLLM or torch is im
 the engine and holds it. Spark reuses Python workers across tasks and stages, so later tasks on that
 worker reuse the loaded model instead of loading it again. A worker holds one engine at a time: a stage
 that runs another model (or other engine settings) closes the held engine first, freeing its memory.
+Spark stops every idle Python worker of an executor once none of them has finished a task for
+a minute (PythonWorkerFactory's fixed idle timeout, Spark 4.2), and the held engine goes with it: a gap
+of more than a minute in which no task of the executor ends (a long MERGE between stages, a wait for another
+executor's straggler) costs the next task a load. Each stage counts its loads (`engine_loads`).
 An in-process engine on GPUs also claims its devices host-wide (udfs/device_claim.py): a worker that
 gets a task for a device another, idle worker's engine holds asks it to close that engine first.
 """
@@ -71,10 +75,16 @@ def create_engine(cfg: LLMConfig, model: str, api_key: str | None = None) -> Eng
     return create_vllm_engine(cfg, model)
 
 
-def held_engine(cfg: LLMConfig, model: str, api_key: str | None, devices: list[str] | None = None) -> Engine:
+def held_engine(
+    cfg: LLMConfig,
+    model: str,
+    api_key: str | None,
+    devices: list[str] | None = None,
+    on_load: Callable[[], None] | None = None,
+) -> Engine:
     """The engine for (model, engine settings, key): the one this worker holds, or a new one built after
     the held one is released. `devices`: the GPUs this worker is pinned to, claimed before an in-process
-    engine is built on them."""
+    engine is built on them. `on_load` is called when an engine gets built."""
     key = (model, cfg.engine_identity(), api_key)
     if key not in _HELD:
         release_engine()
@@ -92,6 +102,8 @@ def held_engine(cfg: LLMConfig, model: str, api_key: str | None, devices: list[s
             raise
         for claim in _CLAIMS:
             claim.start_watching(_IN_TASK, _let_go)
+        if on_load is not None:
+            on_load()
     return _HELD[key]
 
 
@@ -126,15 +138,23 @@ def generate(
     engine_factory: Callable[[], Engine] | None = None,
     api_key: str | None = None,
     task_seconds: Accumulator | None = None,
+    engine_loads: Accumulator | None = None,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The mapInPandas function for one stage. `engine_factory` replaces vLLM (failure injection);
-    `task_seconds` (a Spark accumulator) sums each task's wall time, engine loading included."""
+    `task_seconds` (a Spark accumulator) sums each task's wall time, engine loading included;
+    `engine_loads` counts the engines built (a held one reused is not counted)."""
 
-    def fresh_engine(devices: list[str]) -> Engine:
+    def loaded() -> None:
+        if engine_loads is not None:
+            engine_loads.add(1)
+
+    def new_engine(devices: list[str], fresh: bool) -> Engine:
         if engine_factory:
+            loaded()
             return engine_factory()
-        release_engine()
-        return held_engine(cfg, spec.model, api_key, devices)
+        if fresh:
+            release_engine()
+        return held_engine(cfg, spec.model, api_key, devices, on_load=loaded)
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         started = time.perf_counter()
@@ -149,7 +169,7 @@ def generate(
         device = pin_gpus(gpus)
         # the GPUs the engine lands on are the pinned ones, which a reused worker keeps
         devices = device.split(",") if gpus and device else []
-        engine = engine_factory() if engine_factory else held_engine(cfg, spec.model, api_key, devices)
+        engine = new_engine(devices, fresh=False)
         for batch in batches:
             for start in range(0, len(batch), cfg.batch_size):
                 out = run_batch(batch.iloc[start : start + cfg.batch_size], engine, spec, device)
@@ -159,6 +179,6 @@ def generate(
                     # every prompt failed, one by one too: the engine itself is likely gone (its
                     # process died, its server went away). Those rows are engine_error, retried on the
                     # next run; the next batch gets a new engine instead of failing the same way.
-                    engine = fresh_engine(devices)
+                    engine = new_engine(devices, fresh=True)
 
     return run

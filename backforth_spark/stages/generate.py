@@ -148,9 +148,10 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     gen_s = merge_s = 0.0
     done = 0
     task_seconds = ctx.spark.sparkContext.accumulator(0.0)
+    engine_loads = ctx.spark.sparkContext.accumulator(0)
     if n_todo:
         api_key = resolve_api_key(llm.openai, ctx.spark) if llm.engine == "openai" else None
-        worker = generate(spec, llm, ctx.engine_factory, api_key, task_seconds)
+        worker = generate(spec, llm, ctx.engine_factory, api_key, task_seconds, engine_loads)
         profile = llm_resource_profile(ctx, llm)
         parts = llm.num_partitions or _task_slots(ctx, llm) * llm.partitions_per_slot
         schema = without_lineage(struct(task.columns))
@@ -206,6 +207,9 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     # what the run cost: the tasks' wall time (engine loading included) x the GPUs each task held
     gpus = llm.gpus_per_task if _on_cluster(ctx) else 0.0
     counts["engine_task_s"] = round(task_seconds.value, 1)
+    # engines built by this stage's tasks: one per task slot when workers kept theirs, more when Spark
+    # stopped an idle worker that held one (see udfs/generation.py)
+    counts["engine_loads"] = engine_loads.value
     counts["accelerator_s"] = round(task_seconds.value * gpus, 1)
     counts["tokens_per_accelerator_s"] = (
         round(tokens_out / counts["accelerator_s"], 1) if counts["accelerator_s"] else 0.0
