@@ -235,9 +235,16 @@ class Tables:
         if not self.catalog_schema:
             shutil.rmtree(self.root / "_staging" / self.run_id, ignore_errors=True)
             return
-        for table in self.spark.catalog.listTables(self.catalog_schema):
-            if table.name.startswith(self._staging_prefix):
-                self.spark.sql(f"DROP TABLE IF EXISTS {self.catalog_schema}.{table.name}")
+        for name in self._table_names():
+            if name.startswith(self._staging_prefix):
+                self.spark.sql(f"DROP TABLE IF EXISTS {self.catalog_schema}.{name}")
+
+    def _table_names(self) -> list[str]:
+        """The names of the tables in the catalog schema."""
+        # SHOW TABLES, not catalog.listTables: the latter decodes its rows into Table objects, which fails
+        # (EXPRESSION_DECODING_FAILED) in a session that evaluates without generated code
+        # (spark.sql.codegen.factoryMode=NO_CODEGEN, as the test suite runs)
+        return [r["tableName"] for r in self.spark.sql(f"SHOW TABLES IN {self.catalog_schema}").collect()]
 
     def _create_with(self, name: str, df: DataFrame) -> int | None:
         """Create table `name` holding `df`'s rows if it does not exist yet; returns how many rows, or

@@ -47,14 +47,17 @@ def _versions(table: Path) -> list[int]:
     return sorted(int(f.stem) for f in (table / "_delta_log").glob("*.json") if f.stem.isdigit())
 
 
-def kill_then_rerun_backtranslate(workdir: Path, repo: Path, conf: Path, procs: list) -> dict:
+def kill_then_rerun_backtranslate(
+    workdir: Path, repo: Path, conf: Path, settings: tuple[str, ...], procs: list
+) -> dict:
     """On `workdir` (a copy of the real run): backtranslate with a new fingerprint, committing every 3
     prompts on one partition, SIGKILLed (driver, JVM, Python workers) once its first slice is committed;
-    then the same stage rerun to the end. Returns the table's version at the kill, whether a slice was
-    committed before it, and the rerun's return code, stderr and summary."""
+    then the same stage rerun to the end, both with `settings` too. Returns the table's version at the
+    kill, whether a slice was committed before it, and the rerun's return code, stderr and summary."""
     table = workdir / "tables" / BACKTRANSLATE.table
     first_new = _versions(table)[-1] + 1  # the first MERGE of the new run commits this version
-    stage = ("--set", NEW_FINGERPRINT, "--stages", "backtranslate")
+    chosen = [x for s in settings for x in ("--set", s)]
+    stage = ("--set", NEW_FINGERPRINT, "--stages", "backtranslate", *chosen)
     slices = ("--set", "llm.commit_rows=3", "--set", "llm.num_partitions=1")
     first = subprocess.Popen(
         _backforth(conf, "run", workdir, *stage, *slices), cwd=repo,

@@ -24,13 +24,16 @@ class ClusterRun:
     """The pipeline submitted to a fresh standalone cluster from a background thread; `result()` waits
     for it, `stop()` ends it early (kills the submitted driver; the cluster then stops)."""
 
-    def __init__(self, root: Path, repo: Path, sample_dir: Path, conf: Path) -> None:
+    def __init__(
+        self, root: Path, repo: Path, sample_dir: Path, conf: Path, spark_conf: dict[str, str]
+    ) -> None:
         self._submitted: list[subprocess.Popen] = []
         self._killed: list[int] = []
         # Its tests come last, so it has until the end of the session; at a lower priority it takes the
         # cores the shared real run (whose follow-ups and readers wait for it) and the tests leave idle.
         self._run = Background(
-            "cluster-run", _run_on_a_cluster, root, repo, sample_dir, conf, self._submitted, self._killed,
+            "cluster-run", _run_on_a_cluster, root, repo, sample_dir, conf, spark_conf, self._submitted,
+            self._killed,
             nice=5,
         )  # fmt: skip
 
@@ -45,8 +48,9 @@ class ClusterRun:
 
 
 def _run_on_a_cluster(
-    root: Path, repo: Path, sample_dir: Path, conf: Path, submitted: list, killed: list
-) -> dict:
+    root: Path, repo: Path, sample_dir: Path, conf: Path, spark_conf: dict[str, str], submitted: list,
+    killed: list,
+) -> dict:  # fmt: skip
     sys.path.insert(0, str(repo / "scripts"))
     from build_pyfiles import build
 
@@ -60,14 +64,16 @@ def _run_on_a_cluster(
     (sample / "sample.jsonl").write_text("\n".join(lines[:DOCS]) + "\n")
     with standalone_cluster(root / "cluster", cores=2, memory="8g", gpus=2) as cluster:
         job = repo / "jobs" / "pipeline.py"
-        full = _submit(job, conf, cluster, pyfiles, workdir, cwd, submitted, killed, "--input", str(sample))
+        full = _submit(
+            job, conf, spark_conf, cluster, pyfiles, workdir, cwd, submitted, killed, "--input", str(sample)
+        )
         state = cluster.state()
     return {"full": full, "apps": state["completedapps"] + state["activeapps"], "workdir": workdir}
 
 
 def _submit(
-    job: Path, conf: Path, cluster, pyfiles: Path, workdir: Path, cwd: Path, submitted: list, killed: list,
-    *extra: str,
+    job: Path, conf: Path, spark_conf: dict[str, str], cluster, pyfiles: Path, workdir: Path, cwd: Path,
+    submitted: list, killed: list, *extra: str,
 ) -> dict:  # fmt: skip
     spark_submit = Path(sys.executable).parent / "spark-submit"
     summary = cwd / f"{job.stem}.json"
@@ -79,6 +85,7 @@ def _submit(
         "--conf", "spark.executor.resource.gpu.amount=2",
         "--conf", f"spark.executor.resource.gpu.discoveryScript={cluster.gpu_discovery_script}",
         "--driver-memory", "1g", "--executor-memory", "6g",
+        *[x for key, value in spark_conf.items() for x in ("--conf", f"{key}={value}")],
         str(job),
         "--config", str(conf), "--workdir", str(workdir), "--summary-json", str(summary),
         "--set", "chunk.max_passages_per_doc=1", "--set", "chunk.max_tokens=128",

@@ -25,17 +25,25 @@ LOCAL_CONF = REPO / "conf" / "local.yaml"
 DOLMA_SAMPLE = REPO.parent / "shared" / "data" / "dolma-sample"
 
 
+# Every Spark process the suite starts evaluates its expressions without generated code. Its data is a
+# few rows per plan and hundreds of tests each bring new plans that run once, so compiling Java for them
+# is the work: with whole-stage codegen off (test_generate + test_dedup: 329 -> 290 s), a JFR profile of
+# the suite's session still spent 39% of its samples in expression codegen (Janino, and the regexes
+# that strip each generated class for its cache key); with it off too, test_generate + test_dedup +
+# test_chunk took 281 s against 353 s. A large run wants the codegen: these are settings of the suite.
+INTERPRETED = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
+# the same, as dotted overrides of a CLI run
+INTERPRETED_SETTINGS = tuple(f"spark.conf.{key}={value}" for key, value in INTERPRETED.items())
+
+
 @pytest.fixture(scope="session")
 def base_cfg(tmp_path_factory) -> Config:
     cfg = load_config(LOCAL_CONF, [f"workdir={tmp_path_factory.mktemp('work')}"])
     # the suite's one session lives as long as the suite (tens of minutes): a long-lived process.
-    # It is also the suite's largest CPU consumer, most of it compiling: whole-stage codegen compiles
-    # Java for every new plan, and hundreds of small tests each bring new plans that run once on a few
-    # rows (test_generate + test_dedup alone: 329 s with it, 290 s without). The serial collector
-    # spares the second core the parallel collector's threads on a heap this small.
+    # It is also the suite's largest CPU consumer (INTERPRETED above). The serial collector spares the
+    # second core the parallel collector's threads on a heap this small.
     spark_cfg = cfg.spark.long_lived()
-    conf = dict(spark_cfg.conf)
-    conf["spark.sql.codegen.wholeStage"] = "false"
+    conf = {**spark_cfg.conf, **INTERPRETED}
     conf[DRIVER_JAVA_OPTIONS] = f"{conf.get(DRIVER_JAVA_OPTIONS, '')} -XX:+UseSerialGC".strip()
     return cfg.model_copy(update={"spark": spark_cfg.model_copy(update={"conf": conf})})
 
@@ -368,7 +376,7 @@ def cluster_run_started(request, tmp_path_factory):
     if not any(_reads(item, "cluster_run") for item in request.session.items):
         yield None
         return
-    run = ClusterRun(tmp_path_factory.mktemp("cluster"), REPO, DOLMA_SAMPLE, LOCAL_CONF)
+    run = ClusterRun(tmp_path_factory.mktemp("cluster"), REPO, DOLMA_SAMPLE, LOCAL_CONF, INTERPRETED)
     yield run
     run.stop()  # a session that ended before any test waited for it: end the submitted driver
 
@@ -407,7 +415,8 @@ def real_run_started(request, tmp_path_factory):
     # the server loads beside the run: distill, the stage it serves, comes last, minutes later
     server = VLLMServer(base + "/v1", model, server_log)
     chosen = (
-        *REAL_RUN_SETTINGS, f"tracking.tracking_uri={mlflow_url}", *served(server, "distill"),
+        *REAL_RUN_SETTINGS, *INTERPRETED_SETTINGS, f"tracking.tracking_uri={mlflow_url}",
+        *served(server, "distill"),
         "spark.conf.spark.eventLog.enabled=true", f"spark.conf.spark.eventLog.dir={root / 'events'}",
         # plain text, so the tests can read it (Spark 4 compresses it with zstd by default)
         "spark.conf.spark.eventLog.compress=false",
@@ -446,7 +455,8 @@ def _finished(started: _Started) -> RealRun:
 # the refresh follow-up: the real run's models (its backtranslate model too), only the paper's stages, a
 # threshold (2) above what the small judge gives most pairs
 REFRESH_SETTINGS = (
-    *REAL_RUN_SETTINGS, "curate.grounding=false", "curate.distillation_baseline=false", "curate.min_score=2",
+    *REAL_RUN_SETTINGS, *INTERPRETED_SETTINGS, "curate.grounding=false", "curate.distillation_baseline=false",
+    "curate.min_score=2",
 )  # fmt: skip
 
 
@@ -457,7 +467,9 @@ def _follow_up(started: _Started, name: str, root: Path) -> dict:
     work = copy_run(run, root / "work")
     procs = started.follow_up_procs
     if name == "killed_generation":
-        return after_real_run.kill_then_rerun_backtranslate(work, REPO, LOCAL_CONF, procs)
+        return after_real_run.kill_then_rerun_backtranslate(
+            work, REPO, LOCAL_CONF, INTERPRETED_SETTINGS, procs
+        )
     corpus = root / "in"
     shutil.copytree(run.corpus, corpus)
     return after_real_run.refresh_after_a_new_file(work, corpus, REPO, LOCAL_CONF, REFRESH_SETTINGS, procs)

@@ -46,7 +46,7 @@ def test_two_refresh_processes_at_once_leave_every_key_once(tmp_path, spark):
     import sys
     import time
 
-    from tests.conftest import LOCAL_CONF
+    from tests.conftest import INTERPRETED_SETTINGS, LOCAL_CONF
 
     work = tmp_path / "work"
 
@@ -56,6 +56,7 @@ def test_two_refresh_processes_at_once_leave_every_key_once(tmp_path, spark):
         cmd += ["--summary-json", str(tmp_path / f"s{i}.json"), "--set", "tracking.enabled=false"]
         # dedup in Spark, which stages scratch tables: their folders show that the two runs overlapped
         cmd += ["--set", "dedup.driver_max_new_docs=0"]
+        cmd += [x for setting in INTERPRETED_SETTINGS for x in ("--set", setting)]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     procs = [refresh(i) for i in range(2)]
