@@ -11,13 +11,15 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from delta import exceptions as delta_errors
 from delta.tables import DeltaTable
+from pyspark import InheritableThread
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -66,6 +68,38 @@ def require_columns(df: DataFrame, columns: list[str], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ContractError(f"{what} lacks columns {missing}; it has {df.columns}")
+
+
+class Background:
+    """`fn()` run in a thread that keeps the caller's Spark job group and properties (pyspark's
+    InheritableThread); `result()` waits for it and returns its value or raises its error."""
+
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        self._outcome: dict[str, Any] = {}
+        self._thread = InheritableThread(target=self._run, args=(fn,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._outcome["value"] = fn()
+        except BaseException as exc:  # handed to the caller by result()
+            self._outcome["error"] = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["value"]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Rows a stage still owes: the runs that wrote them and, when few enough to collect, their keys
+    (a one-column DataFrame, small enough to broadcast) and how many."""
+
+    runs: list[str]
+    keys: DataFrame | None = None
+    count: int | None = None
 
 
 # Delta's optimistic-concurrency conflicts: another writer committed first
@@ -144,6 +178,17 @@ class Tables:
             return None
         return self._delta(name).history(1).first()["version"]
 
+    def build_states(self, names: Sequence[str]) -> None:
+        """Build the Delta state (the list of live files) of each existing table of `names`, for the
+        stages' first reads to find cached in the Delta log. Only a head start: an error here is left
+        for the stage's own read to report."""
+        for name in names:
+            try:
+                if self.exists(name):
+                    self._delta(name).toDF().inputFiles()
+            except Exception as exc:
+                log.debug("no head start on table %s: %s", name, exc)
+
     def read(self, name: str, version: int | None = None) -> DataFrame:
         """The table (empty with its schema if it does not exist yet); `version`: as of that Delta version."""
         self.read_log.append(name)
@@ -210,6 +255,21 @@ class Tables:
         reads its few pending rows, not the whole table's text."""
         run_ids = self.runs_with_keys(name, keys, key) if runs is None else runs
         return self.read(name).where(F.col("run_id").isin(run_ids)).join(keys, key, "left_semi")
+
+    def collect_pending(self, rows: DataFrame, limit: int, phase: str, key: str = "doc_key") -> Pending:
+        """The pending `rows` (a `key` and a `run_id` column), found in one job timed as `phase`: up
+        to `limit` of them come back to the driver, and the reads after it join that list of keys
+        instead of computing the anti-join of whole tables again (a refresh with few new rows). More
+        than `limit`: only their runs, and the caller keeps its anti-join."""
+        with self.timed(phase):
+            if limit > 0:
+                found = rows.select(key, "run_id").limit(limit + 1).collect()
+                if len(found) <= limit:
+                    keys = self.spark.createDataFrame(
+                        [(r[key],) for r in found], T.StructType([rows.schema[key]])
+                    )
+                    return Pending(sorted({r["run_id"] for r in found}), keys, len(found))
+            return Pending(sorted(r["run_id"] for r in rows.select("run_id").distinct().collect()))
 
     def stage(self, name: str, df: DataFrame) -> DataFrame:
         """Materialise `df` in a staging table (Delta, or Parquet by `staging_format`; overwritten each

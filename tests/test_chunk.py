@@ -116,6 +116,26 @@ def test_chunk_stage_uses_the_model_tokenizer_and_only_new_representatives(make_
     assert ctx.tables.version(t.PASSAGES) == version  # and no empty commit
 
 
+@pytest.mark.parametrize("collected_keys", [20_000, 1], ids=["keys-collected", "too-many-to-collect"])
+def test_chunk_stage_reads_only_pending_representatives_whether_or_not_their_keys_are_collected(
+    make_ctx, monkeypatch, collected_keys
+):
+    monkeypatch.setattr(chunk_stage, "COLLECTED_KEYS", collected_keys)
+    ctx = make_ctx("chunk.min_words=null", "chunk.min_tokens=4")
+    add_documents(ctx, [("cc/a", "An older document about harbours and the boats in them.")], {"cc/a"})
+    assert chunk_stage.run(ctx)["rows_in"] == 1
+    docs = [
+        ("cc/b", "A newer document about mountains and the paths that cross them."),
+        ("cc/c", "A third document, about kitchens and the knives kept in drawers."),
+        ("cc/d", "A copy that is not a representative."),
+    ]
+    add_documents(ctx, docs, representatives={"cc/b", "cc/c"})
+    counts = chunk_stage.run(ctx)
+    assert (counts["rows_in"], counts["rows_out"]) == (2, 2)
+    rows = ctx.tables.read(t.PASSAGES).groupBy("doc_key").count().collect()
+    assert sorted((r["doc_key"], r["count"]) for r in rows) == [("cc/a", 1), ("cc/b", 1), ("cc/c", 1)]
+
+
 _MIXED_DOCS = [
     ("cc/good", "A plain sentence about rivers and the stones that sit along their banks today."),
     ("cc/nav", "Home\nLogin\nContact us\nNews | Sport\nA line."),

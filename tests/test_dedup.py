@@ -2,6 +2,7 @@ import random
 import shutil
 from itertools import combinations
 
+import pytest
 from pyspark.testing import assertDataFrameEqual
 
 from backforth_spark import schemas as t
@@ -238,3 +239,23 @@ def _datasketch_pairs(docs, cfg, truth):
     for k in parent:
         groups.setdefault(find(k), []).append(k)
     return {tuple(sorted(p)) for g in groups.values() for p in combinations(g, 2)}
+
+
+def test_a_failed_look_up_on_the_driver_fails_the_stage_after_the_signatures_commit(make_ctx, monkeypatch):
+    ctx = make_ctx()
+    add_documents(ctx, [("cc/m", _words(300)), ("cc/n", _words(300, 1000))])
+    dedup.run(ctx)
+    add_documents(ctx, [("cc/p", _words(300, 5000))])
+
+    def lost_worker(*_):
+        raise RuntimeError("executor lost")
+
+    monkeypatch.setattr(dedup, "_near_pairs_on_driver", lost_worker)
+    with pytest.raises(RuntimeError, match="executor lost"):
+        dedup.run(ctx)
+    # the signatures' MERGE beside the look-up finished before the error left the stage; no decision
+    assert ctx.tables.read(t.MINHASH).where("doc_key = 'cc/p'").count() == 1
+    assert ctx.tables.read(t.DEDUP).where("doc_key = 'cc/p'").count() == 0
+    monkeypatch.undo()
+    rerun = dedup.run(ctx)  # the rerun decides it, and does not sign it again
+    assert (rerun["rows_in"], rerun["signatures_computed"]) == (1, 0)

@@ -133,9 +133,12 @@ def test_each_stage_names_its_spark_jobs_and_times_its_phases(real_run):
     assert {"collect new documents", "find old buckets", "create dedup_decisions"} <= set(phases["dedup"])
     # the passages' counts ride on the write's own query (observed metrics): nothing read back
     assert set(phases["chunk"]) == {"find documents rows", "create passages"}
+    # the signatures' write runs beside dedup's look-ups: every other phase runs one after another
+    beside = {f"create {s.MINHASH}", f"merge {s.MINHASH}"}
     for stage, seconds in phases.items():
         assert all(x >= 0 for x in seconds.values())
-        assert sum(seconds.values()) <= real_run.summary["stages"][stage]["wall_s"] + 0.1, stage
+        in_turn = sum(x for phase, x in seconds.items() if phase not in beside)
+        assert in_turn <= real_run.summary["stages"][stage]["wall_s"] + 0.1, stage
 
 
 def test_the_run_reached_the_mlflow_server_with_a_nested_run_per_stage(real_run):

@@ -146,3 +146,85 @@ def test_a_table_created_by_another_writer_meanwhile_is_merged_into(spark, tmp_p
     n = store.merge_insert_new(t.INPUT_FILES, _input_files(spark, "mine", ["a", "b"]), ["input_file"])
     rows = sorted((r["input_file"], r["run_id"]) for r in store.read(t.INPUT_FILES).collect())
     assert (n, rows) == (1, [("a", "other"), ("b", "mine")])
+
+
+def _pending_rows(spark, rows):
+    return spark.createDataFrame(rows, "doc_key string, run_id string")
+
+
+def test_few_pending_rows_come_back_as_their_keys_runs_and_count(spark, tmp_path):
+    store = tables.Tables(spark, tmp_path / "tables")
+    rows = _pending_rows(spark, [("k2", "r2"), ("k1", "r1"), ("k3", "r2")])
+    pending = store.collect_pending(rows, limit=3, phase="find")
+    assert pending.runs == ["r1", "r2"] and pending.count == 3
+    assertDataFrameEqual(pending.keys, [Row(doc_key="k1"), Row(doc_key="k2"), Row(doc_key="k3")])
+    assert [phase for phase, _ in store.phase_log] == ["find"]
+
+
+def test_more_pending_rows_than_the_limit_give_only_their_runs(spark, tmp_path):
+    store = tables.Tables(spark, tmp_path / "tables")
+    rows = _pending_rows(spark, [("k1", "r1"), ("k2", "r2"), ("k3", "r2")])
+    pending = store.collect_pending(rows, limit=2, phase="find")
+    assert (pending.runs, pending.keys, pending.count) == (["r1", "r2"], None, None)
+
+
+def test_a_limit_of_zero_never_collects_keys(spark, tmp_path):
+    store = tables.Tables(spark, tmp_path / "tables")
+    pending = store.collect_pending(_pending_rows(spark, [("k1", "r1")]), limit=0, phase="find")
+    assert (pending.runs, pending.keys, pending.count) == (["r1"], None, None)
+
+
+def test_nothing_pending_has_no_runs_and_a_count_of_zero(spark, tmp_path):
+    store = tables.Tables(spark, tmp_path / "tables")
+    pending = store.collect_pending(_pending_rows(spark, []), limit=5, phase="find")
+    assert pending.runs == [] and pending.count == 0
+
+
+def _jobs_of(spark, group: str, action) -> int:
+    """How many Spark jobs `action` runs (counted by a job group of its own)."""
+    sc = spark.sparkContext
+    sc.setJobGroup(group, group)
+    try:
+        action()
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    return len(sc.statusTracker().getJobIdsForGroup(group))
+
+
+def test_a_table_state_built_ahead_leaves_its_first_read_fewer_jobs(spark, tmp_path):
+    store = tables.Tables(spark, tmp_path / "tables")
+    for run_id, names in (("r1", ["a", "b"]), ("r2", ["c"]), ("r3", ["d"])):
+        store.merge_insert_new(t.INPUT_FILES, _input_files(spark, run_id, names), ["input_file"])
+    delta_log = spark.sparkContext._jvm.org.apache.spark.sql.delta.DeltaLog
+
+    def first_read() -> None:
+        assert store.read(t.INPUT_FILES).count() == 4
+
+    group = f"cold-{uuid.uuid4().hex[:6]}"
+    delta_log.clearCache()
+    cold = _jobs_of(spark, group, first_read)
+    delta_log.clearCache()
+    # a table that does not exist is passed over
+    store.build_states([t.INPUT_FILES, t.PASSAGES])
+    warm = _jobs_of(spark, group.replace("cold", "warm"), first_read)
+    assert warm < cold
+
+
+def test_background_work_hands_back_its_value_or_its_error():
+    assert tables.Background(lambda: 41 + 1, "answer").result() == 42
+
+    def fails():
+        raise ValueError("no table")
+
+    with pytest.raises(ValueError, match="no table"):
+        tables.Background(fails, "failing").result()
+
+
+def test_background_work_keeps_the_callers_job_group(spark):
+    sc = spark.sparkContext
+    sc.setJobGroup("bg-group", "background work")
+    try:
+        seen = tables.Background(lambda: sc.getLocalProperty("spark.jobGroup.id"), "group").result()
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert seen == "bg-group"

@@ -16,22 +16,39 @@ from udfs.chunking import chunk_documents
 
 CHUNK_SCHEMA = struct(s.PASSAGES_COLUMNS)
 TASKS_PER_CORE = 4
+DOCS_PER_TASK = 1_000
+# pending documents up to which their keys are collected to the driver (about 20 bytes each)
+COLLECTED_KEYS = 20_000
 
 
 def run(ctx: StageContext) -> dict[str, int]:
     """Chunk representatives that have no passages yet."""
     reps = ctx.tables.read(s.DEDUP).where("is_representative").select("doc_key")
     done = ctx.tables.read(s.PASSAGES).select("doc_key").distinct()
-    pending = reps.join(done, "doc_key", "left_anti")
-    # Spread over several tasks per core by key: the documents' own file splits can be far apart in
-    # size (a 128 MB row group beside a 22 MB one), and one task tokenising most of the text would
-    # leave the other cores idle (measured: 88% of 100k documents' passages from one task).
-    runs = ctx.tables.runs_with_keys(s.DOCUMENTS, pending)
-    if not runs:
+    pending_keys = reps.join(done, "doc_key", "left_anti")
+    docs = ctx.tables.read(s.DOCUMENTS)
+    pending = ctx.tables.collect_pending(
+        docs.select("doc_key", "run_id").join(pending_keys, "doc_key", "left_semi"),
+        COLLECTED_KEYS,
+        f"find {s.DOCUMENTS} rows",
+    )
+    if not pending.runs:
         ctx.tables.ensure(s.PASSAGES)
         return {"rows_in": 0, "rows_out": 0}  # nothing new: no Python workers, no empty commit
-    parts = ctx.spark.sparkContext.defaultParallelism * TASKS_PER_CORE
-    todo = ctx.tables.rows_for_keys(s.DOCUMENTS, pending, runs=runs)
+    # only the runs that wrote pending documents: each commit writes files of its own run_id, so
+    # Delta's file statistics skip every other file
+    todo = docs.where(F.col("run_id").isin(pending.runs))
+    todo = todo.join(
+        pending_keys if pending.keys is None else F.broadcast(pending.keys), "doc_key", "left_semi"
+    )
+    # Spread over several tasks per core by key: the documents' own file splits can be far apart in
+    # size (a 128 MB row group beside a 22 MB one), and one task tokenising most of the text would
+    # leave the other cores idle (measured: 88% of 100k documents' passages from one task). A few
+    # documents (a refresh) take a task per core: more only adds tasks.
+    cores = ctx.spark.sparkContext.defaultParallelism
+    parts = cores * TASKS_PER_CORE
+    if pending.count is not None:
+        parts = max(cores, min(parts, -(-pending.count // DOCS_PER_TASK)))
     todo = todo.select("doc_key", "text").repartition(parts, "doc_key")
     model = resolve_model(ctx.cfg.llm)
     # one timestamp for every row of this call: with the run id it names what this call inserted

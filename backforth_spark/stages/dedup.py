@@ -25,7 +25,7 @@ from backforth_spark import dedup_local as local
 from backforth_spark import schemas as s
 from backforth_spark.components import near_labels
 from backforth_spark.context import StageContext
-from backforth_spark.tables import require_columns, struct
+from backforth_spark.tables import Background, require_columns, struct
 from udfs.text import estimated_jaccard_udf, exact_jaccard, hashes_and_signatures, norm_hash_udf
 
 # the new documents with their exact hash and MinHash signature (computed together, before any dedup)
@@ -48,29 +48,31 @@ def run(ctx: StageContext) -> dict[str, Any]:
     require_columns(docs, ["doc_key", "text", "url"], s.DOCUMENTS)
     decided = ctx.tables.read(s.DEDUP)
     old_reps = decided.where("is_representative").select("doc_key", "norm_hash")
-    # the undecided keys with the runs that wrote them, from one scan of each table's key columns
-    pending = docs.select("doc_key", "run_id").join(decided.select("doc_key"), "doc_key", "left_anti")
-    with ctx.tables.timed(f"find {s.DOCUMENTS} rows"):
-        runs = sorted(r["run_id"] for r in pending.select("run_id").distinct().collect())
-    if not runs:
+    # the undecided keys with the runs that wrote them, from one scan of each table's key columns;
+    # up to driver_max_new_docs of them come back to the driver (their keys)
+    undecided_keys = docs.select("doc_key", "run_id").join(decided.select("doc_key"), "doc_key", "left_anti")
+    pending = ctx.tables.collect_pending(undecided_keys, cfg.driver_max_new_docs, f"find {s.DOCUMENTS} rows")
+    if not pending.runs:
         # nothing new (a scheduled refresh after a quiet day): no jobs, no empty commits
         for name in (s.DEDUP, s.MINHASH) if cfg.near else (s.DEDUP,):
             ctx.tables.ensure(name)
         return nothing_new(cfg.near)
     # those runs' files only (Delta skips the rest by run_id), less what was decided since they wrote
-    undecided = docs.where(F.col("run_id").isin(runs)).join(decided.select("doc_key"), "doc_key", "left_anti")
+    undecided = docs.where(F.col("run_id").isin(pending.runs))
+    if pending.keys is not None:
+        undecided = undecided.join(F.broadcast(pending.keys), "doc_key", "left_semi")
+    else:
+        undecided = undecided.join(decided.select("doc_key"), "doc_key", "left_anti")
     if cfg.near:
         # one pass over the text: the exact hash and the MinHash signature from one normalisation
         new = undecided.select("doc_key", "url", "text").mapInPandas(hashes_and_signatures(cfg), NEW_SCHEMA)
     else:
         new = undecided.select("doc_key", "url", norm_hash_udf("text").alias("norm_hash"))
-    new = new.persist(StorageLevel.MEMORY_AND_DISK)
-    if cfg.driver_max_new_docs:
+    if pending.keys is not None:
         with ctx.tables.timed("collect new documents"):
-            few = new.limit(cfg.driver_max_new_docs + 1).collect()
-        if len(few) <= cfg.driver_max_new_docs:
-            new.unpersist()
-            return _on_driver(ctx, few, decided.where("is_representative"), docs)
+            few = new.collect()
+        return _on_driver(ctx, few, decided.where("is_representative"), docs)
+    new = new.persist(StorageLevel.MEMORY_AND_DISK)
     cached = [new]
     counts: dict[str, Any] = {}
 
@@ -209,15 +211,26 @@ def _on_driver(ctx: StageContext, rows, old_reps: DataFrame, docs: DataFrame) ->
 
 def _near_on_driver(ctx: StageContext, survivors: list[local.NewDoc], old_reps: DataFrame):
     """The near duplicates among `survivors` (new documents left after exact and URL dedup) and the
-    near-dedup counts, deciding on the driver; the survivors' signatures are stored first."""
-    cfg = ctx.cfg.dedup
+    near-dedup counts, deciding on the driver; the survivors' signatures are stored beside it."""
     sigs = ctx.spark.createDataFrame(
         [(d.doc_key, d.signature, list(d.bands)) for d in survivors], struct(s.MINHASH_COLUMNS)
-    )
+    ).select("*", *_lineage(ctx))
+    # The signatures' MERGE runs beside the look-ups below (they read old representatives only, which
+    # the new signatures are not), and is waited for before anything else: the decisions go in after it.
+    stored_sigs = Background(lambda: ctx.tables.merge_insert_new(s.MINHASH, sigs, ["doc_key"]), "minhash")
+    try:
+        near, counts = _near_pairs_on_driver(ctx, survivors, old_reps)
+    finally:  # also when a look-up failed: no MERGE of this stage runs on after it
+        with ctx.tables.timed(f"wait for {s.MINHASH}"):
+            signatures = stored_sigs.result()
+    return near, {"signatures_computed": signatures, **counts}
+
+
+def _near_pairs_on_driver(ctx: StageContext, survivors: list[local.NewDoc], old_reps: DataFrame):
+    """The near duplicates among `survivors` and the counts of `_near_on_driver`, from the old
+    representatives' buckets, signatures and texts that the survivors' buckets touch."""
+    cfg = ctx.cfg.dedup
     counts: dict[str, Any] = {}
-    counts["signatures_computed"] = ctx.tables.merge_insert_new(
-        s.MINHASH, sigs.select("*", *_lineage(ctx)), ["doc_key"]
-    )
     new_buckets = local.touched_buckets(survivors)
     stored = ctx.tables.read(s.MINHASH)
     with ctx.tables.timed("find old buckets"):
