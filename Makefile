@@ -6,7 +6,7 @@ WORKDIR ?= .backforth
 N ?= 25000
 
 .PHONY: setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-llm-local bench-components \
-	bench-big-docs bench-big-file bench-injection bench-refresh clean
+	bench-big-docs bench-big-file bench-injection bench-refresh bench-load bench-export bench-object-store pack-env cluster-packed clean
 
 setup:
 	bash scripts/setup.sh
@@ -66,6 +66,22 @@ bench-dedup: setup
 
 bench-refresh: setup
 	$(PY) benchmarks/refresh.py --docs $(N)
+
+# ingest, dedup and chunk of N documents with conf/local.yaml: wall time, documents/s, peak memory
+bench-load: setup
+	$(PY) benchmarks/load.py --docs $(N)
+
+pack-env: setup
+	bash scripts/pack_env.sh
+
+cluster-packed: pack-env pyfiles
+	$(PY) scripts/run_packed.py
+
+bench-object-store: setup
+	$(PY) benchmarks/object_store.py --docs $(or $(N),20000)
+
+bench-export: setup
+	$(PY) benchmarks/export.py --pairs $(or $(PAIRS),100000)
 
 clean:
 	rm -rf $(WORKDIR) spark-warehouse metastore_db

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from backforth_spark import storage
 from backforth_spark.config import Config, ConfigError, load_config
 from backforth_spark.model import pull
 from backforth_spark.pipeline import context_for, plan, preflight, run_pipeline
@@ -121,16 +122,22 @@ def _quiet_third_parties(cfg: Config, verbose: bool) -> Path | None:
     the workdir, whose path is returned. `verbose` keeps it all on the console."""
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
+    # a record with a traceback is for the log file: the console gets the run's one-line reason
+    console.addFilter(lambda record: record.exc_info is None)
     log.setLevel(logging.INFO)
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return None
-    logs = cfg.workdir_path / "logs"
+    logs = cfg.driver_path / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / "backforth.log"
     to_file = logging.FileHandler(path, encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[to_file], force=True)
+    # py4j logs each connection it closes at INFO, from __del__ during garbage collection: after the JVM
+    # died that can happen deep in a stack, where formatting the record overflows it and Python prints
+    # the RecursionError on the console at exit
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     log.addHandler(console)
     # vLLM configures its own logging in the Python workers (which inherit this environment in local
     # mode): point it at the same file
@@ -277,8 +284,8 @@ def _report(summary: dict, args: argparse.Namespace, log_file: Path | None) -> i
         new_docs = summary["stages"].get("ingest", {}).get("documents")
         if generated == 0:
             print(f"no LLM work: nothing new to generate (new documents: {new_docs})")
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    if args.summary_json:  # a local path or any URI the workdir could be (its folder is made)
+        storage.write_text(storage.absolute(args.summary_json), json.dumps(summary, indent=2))
     if summary["error"]:
         print(f"error: stage {summary['failed_stage']} failed: {summary['error']}", file=sys.stderr)
         if log_file is not None:
@@ -288,8 +295,8 @@ def _report(summary: dict, args: argparse.Namespace, log_file: Path | None) -> i
 
 
 def _status(cfg: Config, as_json: bool, verbose: bool) -> int:
-    if cfg.tables.catalog_schema is None and not (cfg.workdir_path / "tables").exists():
-        print(f"error: no tables under {cfg.workdir_path}; run `backforth run` first", file=sys.stderr)
+    if cfg.tables.catalog_schema is None and not storage.exists(storage.join(cfg.workdir_uri, "tables")):
+        print(f"error: no tables under {cfg.workdir_uri}; run `backforth run` first", file=sys.stderr)
         return 2
     log_file = _quiet_third_parties(cfg, verbose)
     try:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from backforth_spark import storage
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
@@ -342,7 +344,7 @@ class ExportConfig(_Strict):
 
 class TrackingConfig(_Strict):
     enabled: bool = True
-    tracking_uri: str | None = Field(None, description="None: SQLite store under the workdir")
+    tracking_uri: str | None = Field(None, description="None: SQLite store under driver_dir")
     experiment: str = "backforth-spark"
 
 
@@ -365,7 +367,12 @@ class TablesConfig(_Strict):
 
 
 class Config(_Strict):
+    # Tables, staging, checkpoints and the export: a local path or any Hadoop/Arrow filesystem URI
+    # (s3a://bucket/w, abfss://..., gs://..., dbfs:/..., /Volumes/...)
     workdir: str = "./.backforth"
+    # Where the driver keeps what a person reads on its machine: the logs and the SQLite MLflow store.
+    # None: the workdir when that is a local path, else ./.backforth-driver
+    driver_dir: str | None = None
     tables: TablesConfig = Field(default_factory=TablesConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -377,6 +384,15 @@ class Config(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
+    def _parquet_staging_where_a_rename_is_atomic(self) -> Config:
+        if self.tables.staging_format == "parquet" and storage.is_object_store(self.workdir):
+            raise ValueError(
+                f"tables.staging_format parquet needs a filesystem with atomic renames (a local disk, "
+                f"HDFS); the workdir {self.workdir} is an object store: stage in delta"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _overlap_below_passage(self) -> Config:
         # checks that need the stage records (templates, output room per stage) are in
         # generation.check_config, which every entry point runs before any work
@@ -385,12 +401,33 @@ class Config(_Strict):
         return self
 
     @property
-    def workdir_path(self) -> Path:
-        return Path(os.path.expanduser(self.workdir)).resolve()
+    def workdir_uri(self) -> str:
+        """The workdir as a URI Spark and Arrow take: a local path made absolute, any other as given."""
+        return storage.absolute(self.workdir)
+
+    @property
+    def driver_path(self) -> Path:
+        """The driver's local folder for logs and the SQLite MLflow store (see `driver_dir`)."""
+        if self.driver_dir is not None:
+            return Path(os.path.abspath(os.path.expanduser(self.driver_dir)))
+        if storage.is_local(self.workdir):
+            return Path(self.workdir_uri)
+        return Path(os.path.abspath(".backforth-driver"))
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as dotted keys, for MLflow params."""
         return _flatten(self.model_dump())
+
+
+# Spark's sizes: a number with an optional unit ("16777216", "16m", "64MB", "2g")
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """Bytes in a size as Spark spells it: 2g, 2048m, 64MB, 16777216b, 16777216."""
+    value = text.strip().lower().removesuffix("b")
+    number = value.rstrip("kmgt")
+    return int(number) * _UNITS[value[len(number) :]]
 
 
 def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
@@ -420,7 +457,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {item!r} has an empty key segment")
-    if parts[:2] == ["spark", "conf"] and len(parts) > 3:
+    if parts[0] == "spark" and len(parts) > 3 and parts[1] in ("conf", "long_lived_conf"):
         # Spark's own keys contain dots: spark.conf.spark.executor.memory sets "spark.executor.memory"
         parts = [*parts[:2], ".".join(parts[2:])]
     return parts, yaml.safe_load(raw) if raw.strip() else ""

@@ -1,26 +1,27 @@
-"""The exported dataset's shape (pure Python): records, shard names and the dataset card. The `export`
-stage (backforth_spark/stages/export.py) writes:
+"""The exported dataset's shape (pure Python): records, the layout of its folder and the dataset card.
+The `export` stage (backforth_spark/stages/export.py) writes, on any filesystem the workdir is on:
 
-    <workdir>/export/pairs/README.md                         dataset card (counts, distributions, lineage)
-    <workdir>/export/pairs/data/train-00000-of-00001.jsonl   one pair a line
-    <workdir>/export/pairs/data/train-00000-of-00001.parquet the same rows
+    <workdir>/export/pairs/README.md            the dataset card, written last: its YAML names the
+                                                current version's files, so it is the export's pointer
+    <workdir>/export/pairs/<version>/data/part-*.parquet   the pairs, sharded (Spark's executors write
+    <workdir>/export/pairs/<version>/data/part-*.json      them); the same rows as JSON lines
 
-Hugging Face `datasets` loads the folder as is (the card's YAML names the data files); the chat style
-is TRL's SFT format ({"messages": [system?, user, assistant]}), the alpaca style has instruction, input
-and output. Every row keeps its source ids and score. The curation policies (backforth_spark/curate.py,
-and the grounding check when enabled) decide which rewrites are kept; every removal is counted by its
-reason. With the distillation baseline on, `export/distilled/` holds the same instructions answered
-without their passage.
+Hugging Face `datasets` loads the folder as is (`load_dataset("<workdir>/export/pairs")` reads the
+card and the files it names); the chat style is TRL's SFT format ({"messages": [system?, user,
+assistant]}), the alpaca style has instruction, input and output. Every row keeps its source ids and
+score. A new export writes a new version folder, then the card, then removes the older versions: a
+reader sees the last whole export throughout. With the distillation baseline on, `export/distilled/`
+holds the same instructions answered without their passage.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from backforth_spark.config import Config, ExportConfig
+from backforth_spark import storage
+from backforth_spark.config import Config
 
 PAIRS_DIR = "pairs"
 BASELINE_DIR = "distilled"  # the distillation baseline, when enabled
@@ -35,25 +36,19 @@ LICENSE_NOTES = {
 # ---- pure core: records, shard names, dataset card ------------------------------------------------
 
 
-def to_record(row: dict, cfg: ExportConfig) -> dict:
-    """One exported row from a joined (instruction, response, lineage) row, in the configured style."""
-    lineage = {k: row[k] for k in (*LINEAGE_FIELDS, *METRIC_FIELDS)}
-    if cfg.style == "alpaca":
-        return {"instruction": row["instruction"], "input": "", "output": row["response"], **lineage}
-    messages = []
-    if cfg.include_system:
-        messages.append({"role": "system", "content": cfg.system_prompt})
-    messages += [
-        {"role": "user", "content": row["instruction"]},
-        {"role": "assistant", "content": row["response"]},
-    ]
-    return {"messages": messages, **lineage}
+def shard_count(n_rows: int, shard_rows: int) -> int:
+    """How many data files of at most `shard_rows` rows hold `n_rows` (at least one, even empty)."""
+    return max(1, -(-n_rows // shard_rows))
 
 
-def shard_names(n_rows: int, shard_rows: int) -> list[str]:
-    """File stems of the shards, Hugging Face style: train-00000-of-00003 (at least one, even empty)."""
-    n = max(1, -(-n_rows // shard_rows))
-    return [f"train-{i:05d}-of-{n:05d}" for i in range(n)]
+# the data files' extension for each export format (Spark's JSON writer names JSON lines `.json`)
+EXTENSIONS = {"parquet": "parquet", "jsonl": "json"}
+CARD = "README.md"
+
+
+def data_files(version: str, fmt: str) -> str:
+    """The data files of one format of an export version, relative to the export's folder."""
+    return f"{version}/data/*.{EXTENSIONS[fmt]}"
 
 
 def buckets(edges: list[int]) -> list[tuple[int, int | None, str]]:
@@ -68,12 +63,17 @@ def buckets(edges: list[int]) -> list[tuple[int, int | None, str]]:
 WORD_EDGES = [0, 25, 50, 100, 200, 400, 800]
 
 
-def dataset_card(title: str, stats: dict[str, Any], lineage: dict[str, Any], cfg: Config) -> str:
-    """The dataset's README.md: YAML metadata `datasets` reads, then counts, distributions and lineage."""
+def dataset_card(
+    title: str, stats: dict[str, Any], lineage: dict[str, Any], cfg: Config, version: str
+) -> str:
+    """The dataset's README.md: YAML metadata `datasets` reads (naming `version`'s files), then counts,
+    distributions and lineage."""
     # `datasets` builds every config of a folder with one loader, so the card names one format: Parquet
-    # when written; JSONL files beside it load with load_dataset("json", data_files=".../data/*.jsonl")
+    # when written; JSON lines beside it load with load_dataset("json", data_files=...)
     fmt = "parquet" if "parquet" in cfg.export.formats else "jsonl"
-    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": f"data/train-*.{fmt}"}]}]
+    configs = [
+        {"config_name": "default", "data_files": [{"split": "train", "path": data_files(version, fmt)}]}
+    ]
     meta = {
         "license": cfg.export.source_license,
         "task_categories": ["text-generation"],
@@ -95,11 +95,13 @@ def dataset_card(title: str, stats: dict[str, Any], lineage: dict[str, Any], cfg
         "back-and-forth translation (Nguyen et al., 2024, arXiv 2408.04614): a web passage is backtranslated",
         "into the instruction it answers, the pair is scored by an LLM judge, and the passage is rewritten",
         f"into the response. Style: `{cfg.export.style}`; files: {', '.join(cfg.export.formats)};",
-        f"{stats['shards']} shard(s) of at most {cfg.export.shard_rows} rows.",
+        f"{stats['shards']} shard(s) of at most {cfg.export.shard_rows} rows, in `{version}/data/`.",
         "",
         f'Load it with `datasets.load_dataset("<this folder>")` ({fmt} files)'
         + (
-            ', or the JSONL files with `load_dataset("json", data_files="<this folder>/data/*.jsonl")`.'
+            ', or the JSON lines with `load_dataset("json", data_files="<this folder>/'
+            + data_files(version, "jsonl")
+            + '")`.'
             if fmt == "parquet" and "jsonl" in cfg.export.formats
             else "."
         ),
@@ -163,19 +165,42 @@ def _analysis_lines(analysis: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def read_sample(dataset_dir: Path, n: int = 50):
-    """The first `n` exported rows of a dataset folder as a flat pandas DataFrame (instruction,
-    response, score, passage_id), whatever the export style and file format."""
-    import pandas as pd
+def current_files(export_uri: str) -> tuple[str | None, list[str]]:
+    """(the version the export's card names, its data files of the card's format, as URIs), from the
+    card; (None, []) when there is no export."""
+    card = storage.read_text(storage.join(export_uri, CARD))
+    if card is None:
+        return None, []
+    meta = yaml.safe_load(card.split("---\n")[1])
+    pattern = meta["configs"][0]["data_files"][0]["path"]  # <version>/data/*.<ext>
+    version, ext = pattern.split("/")[0], pattern.rsplit(".", 1)[1]
+    folder = storage.join(export_uri, version, "data")
+    return version, [storage.join(folder, n) for n in storage.file_names(folder) if n.endswith("." + ext)]
 
-    files = sorted((dataset_dir / "data").glob("train-*"))
-    if not files:
-        return pd.DataFrame(columns=["instruction", "response", "score", "passage_id"])
-    first = files[0]
-    df = pd.read_parquet(first) if first.suffix == ".parquet" else pd.read_json(first, lines=True)
+
+def read_sample(export_uri: str, n: int = 50):
+    """The first `n` exported rows of an export folder (any filesystem) as a flat pandas DataFrame
+    (instruction, response, score, passage_id), whatever the export style and file format."""
+    import pandas as pd
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    empty = pd.DataFrame(columns=["instruction", "response", "score", "passage_id"])
+    _, files = current_files(export_uri)
+    for uri in files:
+        fs, path = storage.filesystem(uri)
+        if uri.endswith(".parquet"):
+            df = pq.read_table(path, filesystem=fs).to_pandas()
+        elif fs.get_file_info(path).size:
+            with fs.open_input_stream(path) as stream:
+                df = pajson.read_json(stream).to_pandas()
+        else:  # an export of zero pairs: an empty file
+            df = empty
+        if not df.empty:
+            break
+    else:
+        return empty
     df = df.head(n)
-    if df.empty:  # an export of zero pairs
-        return pd.DataFrame(columns=["instruction", "response", "score", "passage_id"])
     if "messages" in df:
 
         def turn(messages, role: str) -> str:

@@ -210,6 +210,8 @@ def parse_file(path: str, data: bytes | BinaryIO, cfg: IngestConfig) -> Iterator
             raw, size = next(lines)
         except StopIteration:
             return
+        except MemoryError:  # the worker's shortage, not the file's: the stage fails and says so
+            raise
         except Exception as exc:  # a truncated gzip, a corrupt zstd frame
             yield ParsedLine(
                 "quarantine",
@@ -234,6 +236,8 @@ def _parsed(path: str, line_number: int, raw: bytes, size: int, cfg: IngestConfi
         )
     try:
         return parse_line(path, line_number, raw, cfg)
+    except MemoryError:  # the worker's shortage, not the line's: quarantined, a good line would be lost
+        raise
     except Exception as exc:
         detail = f"{type(exc).__name__}: {exc}"
         return ParsedLine(

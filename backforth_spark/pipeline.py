@@ -8,20 +8,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pyspark import InheritableThread
 from pyspark.sql import functions as F
 
+from backforth_spark import storage
 from backforth_spark.config import Config
 from backforth_spark.context import StageContext
-from backforth_spark.dataset import read_sample
+from backforth_spark.dataset import CARD, PAIRS_DIR, read_sample
 from backforth_spark.engine import Engine
+from backforth_spark.failures import memory_shortage
 from backforth_spark.generation import check_config
 from backforth_spark.model import resolve_model
 from backforth_spark.prompts import template_source
-from backforth_spark.session import get_spark
+from backforth_spark.session import error_text, get_spark, jvm_stopping, launched_jvm_exit, memory_settings
 from backforth_spark.stages import STAGES, Stage, llm_tasks
 from backforth_spark.stages.generate import current_specs
 from backforth_spark.stages.ingest import input_files
@@ -48,6 +49,9 @@ def preflight(
     model. Raises ValueError (ConfigError) or FileNotFoundError (ModelNotFoundError) saying what to fix."""
     if any(st.name == "ingest" for st in stages) and not inputs:
         raise ValueError("the ingest stage needs --input (Dolma files, folders or globs)")
+    # the workdir's store, from the driver: a scheme without a filesystem or a store that refuses is one
+    # line now, not a stage's traceback later
+    storage.check_reachable(cfg.workdir_uri)
     tasks = llm_tasks(pipeline)
     check_config(cfg, tasks)
     # a model that was never pulled: one clear error, before Spark starts
@@ -112,6 +116,8 @@ def run_pipeline(
         "phases": {},  # per stage: seconds of each timed Spark action (Tables.timed), summed by phase
     }
     ok = False
+    jvm_alive = True
+    settings = memory_settings(ctx.spark)
     head_start = start_head_start(ctx, stages)
     try:
         for stage in stages:
@@ -134,7 +140,9 @@ def run_pipeline(
             echo(format_counts(stage.name, counts))
             if stage.name == "export":
                 summary["export"] = {"path": counts["path"], "pairs": counts["rows_out"]}
-                tracker.export(counts, read_sample(Path(counts["path"])), Path(counts["path"]))
+                card = storage.read_text(storage.join(counts["path"], CARD)) if tracker.active else None
+                sample = read_sample(counts["path"]) if tracker.active else None
+                tracker.export(counts, sample, card, PAIRS_DIR)
                 if "baseline_path" in counts:
                     baseline = {"path": counts["baseline_path"], "pairs": counts["baseline_pairs"]}
                     summary["export"]["baseline"] = baseline
@@ -142,12 +150,18 @@ def run_pipeline(
         summary["failed_stage"] = None
     except Exception as exc:
         log.exception("stage %s failed", summary["failed_stage"])
-        summary["error"] = error_line(exc)
+        jvm_alive = not jvm_stopping(ctx.spark, exc)
+        jvm_exit = None if jvm_alive else launched_jvm_exit()
+        summary["error"] = failure_line(exc, settings, jvm_alive, jvm_exit)
     finally:
         head_start.join()
-        ctx.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
-        ctx.spark.sparkContext.setLocalProperty("spark.job.description", None)
-        tables.drop_staging()
+        if jvm_alive:
+            ctx.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+            ctx.spark.sparkContext.setLocalProperty("spark.job.description", None)
+        try:
+            tables.drop_staging()
+        except Exception as exc:  # a catalog's staging needs the JVM the failure may have taken
+            log.warning("staging of run %s not dropped: %s", run_id, error_line(exc))
         tracker.end(ok)
         summary["tracking_error"] = tracker.error
     return summary
@@ -188,10 +202,25 @@ def phase_seconds(log: Sequence[tuple[str, float]]) -> dict[str, float]:
     return out
 
 
+def failure_line(
+    exc: BaseException, settings: dict[str, str], jvm_alive: bool = True, jvm_exit: int | None = None
+) -> str:
+    """One line saying why a stage failed: what ran out and the setting to raise when it ran out of
+    memory, that the JVM died when it did, else the error's own line (error_line)."""
+    local = settings.get("spark.master", "").startswith("local")
+    shortage = memory_shortage(error_text(exc), local=local, jvm_exit=jvm_exit)
+    if shortage is not None:
+        return shortage.sentence(settings)
+    if not jvm_alive:
+        code = "" if jvm_exit is None else f" (exit code {jvm_exit})"
+        return f"the driver's JVM stopped answering{code}: its log (logs/spark.log) says why"
+    return error_line(exc)
+
+
 def error_line(exc: BaseException) -> str:
     """One line saying what failed. A Python worker's failure reaches the driver as Spark's wrapper
     around the worker's traceback: its own exception line is what says why."""
-    text = str(exc)
+    text = error_text(exc)
     lines = text.splitlines()
     for i in range(len(lines) - 1, -1, -1):
         if "Traceback (most recent call last):" in lines[i]:
@@ -199,7 +228,9 @@ def error_line(exc: BaseException) -> str:
             cause = next((ln for ln in lines[i + 1 :] if ln.strip() and not ln.startswith(" ")), None)
             if cause:
                 return cause.strip()
-    return f"{type(exc).__name__}: {text}"
+    # a Java error: its message, without the JVM's stack (that stays in the log)
+    first = " ".join(ln.strip() for ln in lines[:2] if ln.strip() and not ln.lstrip().startswith("at "))
+    return f"{type(exc).__name__}: {first or text}"
 
 
 def format_counts(stage: str, counts: dict[str, Any]) -> str:
@@ -217,7 +248,7 @@ def plan(
     ctx = context_for(cfg, "dry-run", inputs, stages, pipeline)
     out: dict[str, Any] = {
         "stages": [st.name for st in stages],
-        "workdir": str(cfg.workdir_path),
+        "workdir": cfg.workdir_uri,
         "input_files": None,
     }
     if any(st.name == "ingest" for st in stages):

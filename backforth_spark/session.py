@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from backforth_spark.config import SparkConfig
 log = logging.getLogger(__name__)
 
 DRIVER_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
+# settings of conf/local.yaml that suit one small machine only: left out on any other master
+LOCAL_ONLY = {
+    "spark.databricks.delta.snapshotPartitions",  # one partition rebuilds a small table's state fastest
+}
 
 
 def get_spark(cfg: SparkConfig) -> SparkSession:
@@ -29,7 +34,8 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     # off its cluster
     if cfg.master and _submitted_master() is None:
         builder = builder.master(cfg.master)
-    conf = dict(cfg.conf)
+    master = _submitted_master() or cfg.master or "local[*]"  # pyspark's default
+    conf = conf_for_master(cfg, master)
     if cfg.class_archive and _launches_jvm():
         conf[DRIVER_JAVA_OPTIONS] = with_class_archive(conf.get(DRIVER_JAVA_OPTIONS, ""), cfg.class_archive)
     for key, value in conf.items():
@@ -46,7 +52,32 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
             from delta import configure_spark_with_delta_pip
 
             builder = configure_spark_with_delta_pip(builder)
-    return builder.getOrCreate()
+    session = builder.getOrCreate()
+    _accumulator_errors_to_the_log(session)
+    return session
+
+
+def _accumulator_errors_to_the_log(spark: SparkSession) -> None:
+    """Send the accumulator server's connection errors to the log, not the console. PySpark serves
+    accumulator updates from a socket server thread whose error handler prints a traceback to stderr;
+    when the JVM dies (of an out-of-memory error, say) that connection ends mid-read and the console
+    would show an EOFError traceback above the run's own one-line reason."""
+    server = getattr(spark.sparkContext, "_accumulatorServer", None)
+    if server is not None:
+        server.handle_error = lambda _request, address: log.warning(
+            "accumulator connection from %s ended abnormally (the JVM stopped?)", address, exc_info=True
+        )
+
+
+def conf_for_master(cfg: SparkConfig, master: str) -> dict[str, str]:
+    """The session settings of `cfg` for `master`: on any master but a local one, without those that
+    suit one machine only (LOCAL_ONLY), each left out with a warning."""
+    conf = dict(cfg.conf)
+    if not master.startswith("local"):
+        for key in sorted(LOCAL_ONLY & conf.keys()):
+            log.warning("%s=%s suits one machine only; the %s master runs without it", key, conf[key], master)
+            del conf[key]
+    return conf
 
 
 def delta_jar_files(folder: str) -> list[str]:
@@ -87,3 +118,79 @@ def _submitted_master() -> str | None:
 
     SparkContext._ensure_initialized()
     return SparkConf().get("spark.master", None)
+
+
+# the settings that bound a run's memory, read at its start for the sentence a shortage ends with
+MEMORY_SETTINGS = (
+    "spark.master",
+    "spark.driver.memory",
+    "spark.executor.memory",
+    "spark.executor.memoryOverhead",
+    "spark.executor.pyspark.memory",
+)
+
+
+def memory_settings(spark: SparkSession) -> dict[str, str]:
+    """The session's values of MEMORY_SETTINGS (those it sets)."""
+    out = {}
+    for key in MEMORY_SETTINGS:
+        value = spark.conf.get(key, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+# what a call into a dying JVM returns: the connection is gone, or the JVM answered while its shutdown
+# hook was stopping Spark (a job cancelled "because SparkContext was shut down")
+_DYING_JVM = (
+    "Answer from Java side is empty",
+    "Error while sending or receiving",
+    "because SparkContext was shut down",
+)
+
+
+def error_text(exc: BaseException) -> str:
+    """`str(exc)`, also for a Java error whose JVM is gone: py4j asks the JVM for its text, and a dead
+    JVM makes that ask fail."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"{type(exc).__name__} (its text is lost with the JVM that raised it)"
+
+
+def lost_jvm(exc: BaseException) -> bool:
+    """Whether `exc` says the driver's JVM is gone or going (it died under a call)."""
+    from py4j.protocol import Py4JNetworkError
+
+    text = error_text(exc)
+    return isinstance(exc, Py4JNetworkError | ConnectionError) or any(sign in text for sign in _DYING_JVM)
+
+
+def jvm_stopping(spark: SparkSession, exc: BaseException) -> bool:
+    """Whether the driver's JVM is gone or on its way out after `exc`: the connection is lost, or the
+    SparkContext is stopped (Spark's handler for a fatal error stops it while the JVM exits, and calls
+    meanwhile fail with whatever half-stopped Spark raises)."""
+    if lost_jvm(exc):
+        return True
+    jsc = getattr(spark.sparkContext, "_jsc", None) if hasattr(spark, "sparkContext") else None
+    if jsc is None:
+        return False
+    try:
+        return bool(jsc.sc().isStopped())
+    except Exception:  # no answer: the JVM is gone
+        return True
+
+
+def launched_jvm_exit(wait_s: float = 10.0) -> int | None:
+    """The exit code of the JVM this process launched, once it has exited (waiting up to `wait_s` for
+    it to finish dying); None while it runs, or when this process did not launch it (spark-submit,
+    Spark Connect)."""
+    from pyspark import SparkContext
+
+    proc = getattr(SparkContext._gateway, "proc", None)
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        return None

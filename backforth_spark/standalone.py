@@ -45,16 +45,19 @@ def standalone_cluster(
     memory: str = "6g",
     gpus: int = 0,
     start_timeout_s: float = 90.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
     """Start a master and one worker with `cores` and `memory`; stop both on exit. With `gpus`, the
     worker offers that many `gpu` addresses ("0", "1", ...) through a discovery script: Spark's
-    scheduling of GPUs can then be exercised on a machine without any."""
+    scheduling of GPUs can then be exercised on a machine without any. `env` joins the environment of
+    both, so of every executor (as a node's own settings do: an object store's endpoint and keys)."""
     from pyspark.find_spark_home import _find_spark_home
 
     spark_class = str(Path(_find_spark_home()) / "bin" / "spark-class")
     workdir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
+        **(env or {}),
         "SPARK_LOG_DIR": str(workdir / "logs"),
         # executors start Python workers with this interpreter unless the application says otherwise
         "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),

@@ -14,7 +14,7 @@ def status(ctx: StageContext) -> dict[str, Any]:
     """Row count and Delta version per table; per LLM stage (current fingerprints): done, pending (owed,
     with attempts left), failed rows by status, and failures out of attempts; the last run seen."""
     out: dict[str, Any] = {
-        "workdir": str(ctx.cfg.workdir_path),
+        "workdir": ctx.cfg.workdir_uri,
         "tables": {},
         "llm_stages": {},
         "last_run": None,

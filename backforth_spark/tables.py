@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from delta import exceptions as delta_errors
@@ -25,6 +23,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from backforth_spark import storage
+from backforth_spark.config import byte_size
 from backforth_spark.generation import LLM_TASKS, LLMTask
 from backforth_spark.schemas import CORE_TABLES, LINEAGE, LINEAGE_NAMES, Column
 
@@ -52,6 +52,12 @@ def table_schemas(tasks: Sequence[LLMTask] = LLM_TASKS) -> dict[str, T.StructTyp
     """Every table of a pipeline with these LLM stages, with lineage: the core tables, then one per stage."""
     out = {name: struct((*cols, *LINEAGE)) for name, cols in CORE_TABLES.items()}
     return out | {task.table: struct(task.columns) for task in tasks}
+
+
+def arrow_batch_bytes(spark: SparkSession) -> int:
+    """The most bytes of a batch between the JVM and a Python worker
+    (`spark.sql.execution.arrow.maxBytesPerBatch`): every stage's Python batches follow it."""
+    return byte_size(spark.conf.get("spark.sql.execution.arrow.maxBytesPerBatch", "64m"))
 
 
 def without_lineage(schema: T.StructType) -> T.StructType:
@@ -129,16 +135,22 @@ class Tables:
     either way, so concurrent runs never overwrite each other's."""
 
     spark: SparkSession
-    root: Path
+    root: str  # the tables' folder: a local path or any Hadoop filesystem URI (a Path is taken too)
     run_id: str = "shared"
     merge_retries: int = 5
     catalog_schema: str | None = None
     staging_format: str = "delta"  # or "parquet" (path-based tables only; see TablesConfig)
+    # where a catalog-based run keeps its scratch files (checkpoints): the workdir; path-based runs keep
+    # them with their staging tables
+    scratch_root: str | None = None
     schemas: Mapping[str, T.StructType] = field(default_factory=table_schemas)
     # names of the tables read through this object, in order (checked against the stage records)
     read_log: list[str] = field(default_factory=list, compare=False, repr=False)
     # (phase, seconds) of each Spark action run through this object, in order: the stages' breakdown
     phase_log: list[tuple[str, float]] = field(default_factory=list, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", str(self.root))
 
     @classmethod
     def from_config(
@@ -147,16 +159,17 @@ class Tables:
         """The tables of a config: catalog-based with `tables.catalog_schema`, else under workdir/tables."""
         return cls(
             spark,
-            cfg.workdir_path / "tables",
+            storage.join(cfg.workdir_uri, "tables"),
             run_id,
             catalog_schema=cfg.tables.catalog_schema,
             staging_format=cfg.tables.staging_format,
+            scratch_root=cfg.workdir_uri,
             schemas=table_schemas(tasks),
         )
 
     def location(self, name: str) -> str:
         """The table's path, or its catalog name."""
-        return f"{self.catalog_schema}.{name}" if self.catalog_schema else str(self.root / name)
+        return f"{self.catalog_schema}.{name}" if self.catalog_schema else storage.join(self.root, name)
 
     def dataset_source(self, name: str) -> dict[str, str]:
         """How MLflow names the table: {"path": ...} or {"delta_table_name": ...}."""
@@ -218,12 +231,19 @@ class Tables:
 
     def staging_path(self, name: str) -> str:
         """A folder of this run's staging area (path-based tables), removed with it."""
-        return str(self.root / "_staging" / self.run_id / name)
+        return storage.join(self.root, "_staging", self.run_id, name)
+
+    def scratch_path(self, name: str) -> str:
+        """A folder for this run's scratch files (checkpoints), on the workdir's filesystem whatever the
+        tables are, removed with the run's staging."""
+        if self.catalog_schema and self.scratch_root:
+            return storage.join(self.scratch_root, "_staging", self.run_id, name)
+        return self.staging_path(name)
 
     def _staging_location(self, name: str) -> str:
         if self.catalog_schema:
             return f"{self.catalog_schema}.{self._staging_prefix}{name}"
-        return str(self.root / "_staging" / self.run_id / name)
+        return self.staging_path(name)
 
     @property
     def _staging_prefix(self) -> str:
@@ -293,11 +313,13 @@ class Tables:
     def drop_staging(self) -> None:
         """Remove this run's staging tables."""
         if not self.catalog_schema:
-            shutil.rmtree(self.root / "_staging" / self.run_id, ignore_errors=True)
+            storage.delete_dir(storage.join(self.root, "_staging", self.run_id))
             return
         for name in self._table_names():
             if name.startswith(self._staging_prefix):
                 self.spark.sql(f"DROP TABLE IF EXISTS {self.catalog_schema}.{name}")
+        if self.scratch_root:
+            storage.delete_dir(storage.join(self.scratch_root, "_staging", self.run_id))
 
     def _table_names(self) -> list[str]:
         """The names of the tables in the catalog schema."""

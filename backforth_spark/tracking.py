@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -48,7 +47,7 @@ class Tracker:
 
     @property
     def tracking_uri(self) -> str:
-        return self.cfg.tracking.tracking_uri or f"sqlite:///{self.cfg.workdir_path / 'mlflow.db'}"
+        return self.cfg.tracking.tracking_uri or f"sqlite:///{self.cfg.driver_path / 'mlflow.db'}"
 
     def _guard(self, what: str, fn, *args, **kwargs) -> Any:
         if self._mlflow is None:
@@ -78,7 +77,7 @@ class Tracker:
             mlflow.set_tracking_uri(self.tracking_uri)
             name = self.cfg.tracking.experiment
             if mlflow.get_experiment_by_name(name) is None:
-                artifacts = self.cfg.workdir_path / "mlartifacts"
+                artifacts = self.cfg.driver_path / "mlartifacts"
                 uri = artifacts.as_uri() if self.cfg.tracking.tracking_uri is None else None
                 mlflow.create_experiment(name, artifact_location=uri)
             mlflow.set_experiment(name)
@@ -113,9 +112,10 @@ class Tracker:
 
         self._guard(f"logging stage {stage}", _log)
 
-    def export(self, stage_counts: dict[str, Any], sample, dataset_dir: Path) -> None:
+    def export(self, stage_counts: dict[str, Any], sample, card: str | None, name: str) -> None:
         """After the export: a sample of pairs as an MLflow table, the score and response-length plots
-        (from the export's `score_*` and `response_words_*` counts), and the dataset card."""
+        (from the export's `score_*` and `response_words_*` counts), and the dataset card (`card`, the
+        text of export `name`'s README.md)."""
 
         def _log() -> None:
             import matplotlib
@@ -154,9 +154,8 @@ class Tracker:
                 fig.tight_layout()
                 mlflow.log_figure(fig, file)
                 plt.close(fig)
-            card = dataset_dir / "README.md"
-            if card.exists():
-                mlflow.log_artifact(str(card), f"export/{dataset_dir.name}")
+            if card is not None:
+                mlflow.log_text(card, f"export/{name}/README.md")
 
         self._guard("logging the export", _log)
 

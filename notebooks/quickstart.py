@@ -36,5 +36,8 @@ summary["stages"]
 
 # COMMAND ----------
 
+from backforth_spark.dataset import current_files
+
 print(summary["export"])
-display(spark.read.parquet(f"{summary['export']['path']}/data"))
+version, files = current_files(summary["export"]["path"])  # the files the export's card names
+display(spark.read.parquet(*files) if files[0].endswith(".parquet") else spark.read.json(*files))

@@ -28,6 +28,15 @@ if ! .venv/bin/python scripts/fetch_delta_jars.py > .tools/delta-jars.log 2>&1; 
   exit 1
 fi
 
+echo "setup: the s3a connector's jars (Spark's resolver output: .tools/s3a-jars.log)"
+# for the suite's object-store test bed and local runs on an s3a:// workdir; 680 MB, fetched once
+if [[ ! -f .tools/s3a-jars/PACKAGE ]] || ! grep -q "$(basename .venv/lib/python3*/site-packages/pyspark/jars/hadoop-client-api-*.jar .jar | sed 's/hadoop-client-api-//')" .tools/s3a-jars/PACKAGE; then
+  if ! .venv/bin/python scripts/fetch_s3a_jars.py > .tools/s3a-jars.log 2>&1; then
+    tail -40 .tools/s3a-jars.log
+    exit 1
+  fi
+fi
+
 echo "setup: default model"
 .venv/bin/backforth model pull --config conf/local.yaml
 

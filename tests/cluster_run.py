@@ -16,8 +16,11 @@ from pathlib import Path
 
 from backforth_spark.standalone import standalone_cluster
 from tests.background import Background
+from tests.object_store import BUCKET, ObjectStore
 
 DOCS = 6
+WORKDIR_KEY = "work"
+WORKDIR = f"s3a://{BUCKET}/{WORKDIR_KEY}"  # every table, staging folder and export of the run
 
 
 class ClusterRun:
@@ -29,11 +32,12 @@ class ClusterRun:
     ) -> None:
         self._submitted: list[subprocess.Popen] = []
         self._killed: list[int] = []
+        self._stores: list[ObjectStore] = []  # up until stop(): the tests read the run's files there
         # Its tests come last, so it has until the end of the session; at a lower priority it takes the
         # cores the shared real run (whose follow-ups and readers wait for it) and the tests leave idle.
         self._run = Background(
             "cluster-run", _run_on_a_cluster, root, repo, sample_dir, conf, spark_conf, self._submitted,
-            self._killed,
+            self._killed, self._stores,
             nice=5,
         )  # fmt: skip
 
@@ -45,72 +49,117 @@ class ClusterRun:
             if proc.poll() is None:
                 proc.kill()
         self._run.join(120)
+        for store in self._stores:
+            store.stop()
 
 
 def _run_on_a_cluster(
     root: Path, repo: Path, sample_dir: Path, conf: Path, spark_conf: dict[str, str], submitted: list,
-    killed: list,
+    killed: list, stores: list,
 ) -> dict:  # fmt: skip
     sys.path.insert(0, str(repo / "scripts"))
     from build_pyfiles import build
 
     pyfiles = build(root / "dist" / "backforth_spark.zip")
-    workdir, cwd = root / "work", root / "cwd"  # not the repo: the code comes from the zip
+    cwd = root / "cwd"  # not the repo: the code comes from the zip
     cwd.mkdir()
     # the first DOCS documents of the sample: the mechanics, not the volume
-    sample = root / "in"
-    sample.mkdir()
     lines = [x for f in sorted(sample_dir.glob("*.jsonl")) for x in f.read_text().splitlines() if x.strip()]
-    (sample / "sample.jsonl").write_text("\n".join(lines[:DOCS]) + "\n")
-    with standalone_cluster(root / "cluster", cores=2, memory="8g", gpus=2) as cluster:
-        job = repo / "jobs" / "pipeline.py"
-        full = _submit(
-            job, conf, spark_conf, cluster, pyfiles, workdir, cwd, submitted, killed, "--input", str(sample)
-        )
+    store = ObjectStore(root / "moto.log")
+    stores.append(store)
+    part = root / "part-0.jsonl"
+    part.write_text("\n".join(lines[:DOCS]) + "\n")
+    store.upload(part, "in/part-0.jsonl")
+    # the nodes know the store (endpoint and keys in their environment, as an instance profile or a
+    # cluster's settings would give them); Spark only its path-style addressing and the jars
+    spark_conf = {**spark_conf, **store.spark_conf(repo / ".tools" / "s3a-jars")}
+    with standalone_cluster(root / "cluster", cores=2, memory="8g", gpus=2, env=store.env) as cluster:
+        driver_dir = root / "driver"  # the driver's own files: its logs and MLflow store
+        submit = _Submitter(repo, conf, spark_conf, cluster, pyfiles, cwd, driver_dir, store, submitted)
+        # the pipeline, a Python worker killed during backtranslate (Spark retries its task)
+        full = submit("pipeline", "full", killer=_kill_a_worker_during_backtranslate, killed=killed)
+        status = _status(repo, conf, spark_conf, cwd, driver_dir, store)
         state = cluster.state()
-    return {"full": full, "apps": state["completedapps"] + state["activeapps"], "workdir": workdir}
+    return {
+        "full": full, "status": status,
+        "apps": state["completedapps"] + state["activeapps"], "root": root, "store": store,
+    }  # fmt: skip
 
 
-def _submit(
-    job: Path, conf: Path, spark_conf: dict[str, str], cluster, pyfiles: Path, workdir: Path, cwd: Path,
-    submitted: list, killed: list, *extra: str,
-) -> dict:  # fmt: skip
-    spark_submit = Path(sys.executable).parent / "spark-submit"
-    summary = cwd / f"{job.stem}.json"
-    cmd = [
-        str(spark_submit), "--master", cluster.master_url, "--py-files", str(pyfiles),
-        "--packages", "io.delta:delta-spark_4.2_2.13:4.4.0",
-        "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
-        "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
-        "--conf", "spark.executor.resource.gpu.amount=2",
-        "--conf", f"spark.executor.resource.gpu.discoveryScript={cluster.gpu_discovery_script}",
-        "--driver-memory", "1g", "--executor-memory", "6g",
-        *[x for key, value in spark_conf.items() for x in ("--conf", f"{key}={value}")],
-        str(job),
-        "--config", str(conf), "--workdir", str(workdir), "--summary-json", str(summary),
-        "--set", "chunk.max_passages_per_doc=1", "--set", "chunk.max_tokens=128",
-        "--set", "llm.gpus_per_task=1", "--set", "llm.cpus_per_task=1", "--set", "llm.num_partitions=2",
-        "--set", "llm.cpu_threads=1", "--set", "llm.cpu_kvcache_gib=0.25",  # 128-token passages, 2 engines
-        "--set", "tracking.enabled=false", *extra,
+class _Submitter:
+    """spark-submit of a jobs/ wrapper to the cluster, its workdir and inputs on the store."""
+
+    def __init__(self, repo, conf, spark_conf, cluster, pyfiles, cwd, driver_dir, store, submitted) -> None:
+        self.repo, self.conf, self.spark_conf, self.cluster = repo, conf, spark_conf, cluster
+        self.pyfiles, self.cwd, self.driver_dir, self.store, self.submitted = (
+            pyfiles, cwd, driver_dir, store, submitted,
+        )  # fmt: skip
+
+    def __call__(self, job: str, name: str, killer=None, killed: list | None = None) -> dict:
+        spark_submit = Path(sys.executable).parent / "spark-submit"
+        summary = self.cwd / f"{name}.json"
+        cmd = [
+            str(spark_submit), "--master", self.cluster.master_url, "--py-files", str(self.pyfiles),
+            "--packages", "io.delta:delta-spark_4.2_2.13:4.4.0",
+            "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
+            "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
+            "--conf", "spark.executor.resource.gpu.amount=2",
+            "--conf", f"spark.executor.resource.gpu.discoveryScript={self.cluster.gpu_discovery_script}",
+            "--driver-memory", "1g", "--executor-memory", "6g",
+            *[x for key, value in self.spark_conf.items() for x in ("--conf", f"{key}={value}")],
+            str(self.repo / "jobs" / f"{job}.py"),
+            "--config", str(self.conf), "--workdir", WORKDIR, "--summary-json", str(summary),
+            "--input", f"s3a://{BUCKET}/in/", *_settings(self.driver_dir),
+        ]  # fmt: skip
+        env = {**os.environ, **self.store.env, "PYSPARK_PYTHON": sys.executable}
+        env["PYSPARK_DRIVER_PYTHON"] = sys.executable
+        with subprocess.Popen(
+            cmd, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        ) as run:
+            self.submitted.append(run)
+            watcher = None
+            if killer is not None:
+                args = (self.store, run, self.cluster.worker_pid, killed if killed is not None else [])
+                watcher = threading.Thread(target=killer, args=args, daemon=True)
+                watcher.start()
+            stdout, stderr = run.communicate(timeout=1500)
+            if watcher is not None:
+                watcher.join(timeout=5)
+        logs = stderr + "".join(p.read_text() for p in (self.driver_dir / "logs").glob("*.log"))
+        result = {"returncode": run.returncode, "stdout": stdout, "stderr": stderr, "logs": logs}
+        assert run.returncode == 0, f"{name}: {stderr[-4000:]}"
+        return {**result, "killed": (killed or [])[:], **json.loads(summary.read_text())}
+
+
+def _settings(driver_dir: Path) -> list[str]:
+    settings = [
+        # the tables and staging on the store: Delta's commits, not Parquet's renames
+        "tables.staging_format=delta", f"driver_dir={driver_dir}",
         # the mechanics, not the quality: short passages and outputs (the shared real run has full ones)
-        "--set", "llm.rewrite.sampling.max_tokens=160", "--set", "llm.backtranslate.sampling.max_tokens=64",
+        "chunk.max_passages_per_doc=1", "chunk.max_tokens=128",
+        "llm.gpus_per_task=1", "llm.cpus_per_task=1", "llm.num_partitions=2",
+        "llm.cpu_threads=1", "llm.cpu_kvcache_gib=0.25",  # 128-token passages, 2 engines
+        "llm.rewrite.sampling.max_tokens=160", "llm.backtranslate.sampling.max_tokens=64",
     ]  # fmt: skip
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
-    with subprocess.Popen(
-        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    ) as run:
-        submitted.append(run)
-        killer = threading.Thread(
-            target=_kill_a_worker_during_backtranslate,
-            args=(workdir, run, cluster.worker_pid, killed),
-            daemon=True,
-        )
-        killer.start()
-        stdout, stderr = run.communicate(timeout=1500)
-        killer.join(timeout=5)
-    assert run.returncode == 0, f"{job.stem}: {stderr[-4000:]}"
-    logs = stderr + "".join(p.read_text() for p in (workdir / "logs").glob("*.log"))
-    return {"stdout": stdout, "logs": logs, "killed": killed[:], **json.loads(summary.read_text())}
+    return [x for s in settings for x in ("--set", s)]
+
+
+def _status(repo: Path, conf: Path, spark_conf: dict[str, str], cwd: Path, driver_dir: Path, store) -> dict:
+    """`backforth status --json` from the driver's machine, on the store's tables (a local session with
+    the connector's jars on its class path)."""
+    classpath = spark_conf["spark.driver.extraClassPath"]
+    cmd = [
+        sys.executable, "-m", "backforth_spark.cli", "status", "--json", "--config", str(conf),
+        "--workdir", WORKDIR, *_settings(driver_dir),  # the run's settings: its stages' fingerprints
+        "--set", f"spark.conf.spark.driver.extraClassPath={classpath}",
+        "--set", "spark.conf.spark.hadoop.fs.s3a.path.style.access=true",
+        "--set", "spark.class_archive=null",  # the archive's class path is pyspark's and Delta's only
+        "--set", f"spark.delta_jars={repo / '.tools' / 'delta-jars'}",  # not the cwd's
+    ]  # fmt: skip
+    env = {**os.environ, **store.env, "PYTHONPATH": str(repo)}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"report": json.loads(proc.stdout[proc.stdout.index("{") :]), "stderr": proc.stderr}
 
 
 def _engine_workers(under: int) -> dict[int, int]:
@@ -151,18 +200,22 @@ def _engine_workers(under: int) -> dict[int, int]:
     }
 
 
+def _staged(store, table: str) -> bool:
+    """Whether a run's staging on the store holds `table` (a stage froze its inputs there)."""
+    return any(f"/{table}/" in key for key in store.list_keys(f"{WORKDIR_KEY}/tables/_staging/"))
+
+
 def _kill_a_worker_during_backtranslate(
-    workdir: Path, run: subprocess.Popen, cluster_worker: int, killed: list
+    store, run: subprocess.Popen, cluster_worker: int, killed: list
 ) -> None:
     """Once the backtranslate stage has frozen its inputs and one of its tasks is loading the engine,
     SIGKILL the busiest such Python worker: the task it runs fails and Spark retries it elsewhere."""
-    staging = workdir / "tables" / "_staging"
     while run.poll() is None:
-        if any(staging.glob("*/backtranslate_todo")):
+        if _staged(store, "backtranslate_todo"):
             workers = _engine_workers(under=cluster_worker)
             if workers:
                 pid = max(workers, key=workers.get)
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
-        time.sleep(0.2)
+        time.sleep(0.5)

@@ -120,6 +120,16 @@ def add_documents(
         ctx.tables.merge_insert_new(s.DEDUP, decisions.select("*", *lineage), ["doc_key"])
 
 
+def exported_rows(export_dir) -> list[dict]:
+    """The rows of an export folder: the JSON lines of the version its card names, in file order (each
+    file ordered by passage_id, the files by its ranges)."""
+    from backforth_spark.dataset import current_files
+
+    version, _ = current_files(str(export_dir))
+    folder = Path(export_dir) / version / "data"
+    return [json.loads(line) for f in sorted(folder.glob("*.json")) for line in f.open()]
+
+
 # ---- one real pipeline run that many tests read ------------------------------------------------------
 
 import contextlib  # noqa: E402

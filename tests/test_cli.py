@@ -5,6 +5,7 @@ record alone."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -18,12 +19,13 @@ from pyspark import cloudpickle
 from backforth_spark import schemas as s
 from backforth_spark.cli import main
 from backforth_spark.config import load_config
+from backforth_spark.dataset import current_files
 from backforth_spark.engine import Completion, per_conversation
 from backforth_spark.generation import LLM_TASKS, SCORE, LLMTask, _answer
 from backforth_spark.model import EMBEDDED_NAME, fetch_wheel
 from backforth_spark.pipeline import run_pipeline
 from backforth_spark.stages import STAGES, llm_stage, select
-from tests.conftest import LOCAL_CONF, REAL_RUN_SETTINGS, cli, copy_run
+from tests.conftest import LOCAL_CONF, REAL_RUN_SETTINGS, cli, copy_run, exported_rows
 from tests.test_generate import ScriptedEngine
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -45,6 +47,7 @@ def _one_error_line(proc) -> str:
         (["--config", "/no/such/config.yaml"], "/no/such/config.yaml"),
         (["--set", "llm.model_cache_dir=/no/models/here"], "backforth model pull"),
         (["--set", "chunk.max_tokens=1900"], "llm.max_model_len"),
+        (["--workdir", "nope://bucket/work"], "nope://bucket/work: no filesystem for scheme 'nope'"),
     ],
 )
 def test_what_cannot_start_exits_2_with_one_line(tmp_path, args, says):
@@ -57,6 +60,20 @@ def test_what_cannot_start_exits_2_with_one_line(tmp_path, args, says):
     assert line.startswith("error:") and says in line
 
 
+def test_an_object_store_that_cannot_be_reached_is_one_line_naming_it_and_what_to_set(tmp_path):
+    # nothing listens there: the driver's look at the workdir fails before Spark starts
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+           "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMIEXAMPLEKEY", "AWS_REGION": "us-east-1"}  # fmt: skip
+    proc = cli("run", "--config", str(LOCAL_CONF), "--workdir", "s3a://backforth-test/work",
+               "--input", str(tmp_path), "--set", "tables.staging_format=delta",
+               env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert line.startswith("error: s3a://backforth-test/work cannot be reached")
+    assert "AWS_ENDPOINT_URL" in line
+    assert "wJalrXUtnFEMIEXAMPLEKEY" not in proc.stdout + proc.stderr
+
+
 def test_zero_pairs_from_an_empty_input_is_a_normal_outcome(tmp_path, spark, capsys):
     (tmp_path / "in").mkdir()
     summary = tmp_path / "summary.json"
@@ -67,8 +84,8 @@ def test_zero_pairs_from_an_empty_input_is_a_normal_outcome(tmp_path, spark, cap
     result = json.loads(summary.read_text())
     assert result["export"]["pairs"] == 0 and result["stages"]["ingest"]["lines"] == 0
     export_dir = Path(result["export"]["path"])
-    assert (export_dir / "README.md").exists()
-    assert [f.stat().st_size for f in export_dir.glob("data/*.jsonl")] == [0]
+    version, files = current_files(str(export_dir))  # the card names one empty Parquet file
+    assert version == result["run_id"] and len(files) == 1 and exported_rows(export_dir) == []
     assert "no LLM work" in capsys.readouterr().out
 
 
@@ -234,8 +251,7 @@ def two_documents_run(tmp_path_factory, spark) -> dict:
 
 
 def _exported(summary: dict) -> list[dict]:
-    export_dir = Path(summary["export"]["path"])
-    return [json.loads(line) for f in sorted(export_dir.glob("data/*.jsonl")) for line in f.open()]
+    return exported_rows(summary["export"]["path"])
 
 
 def test_documents_whose_old_keys_collided_both_reach_the_export(two_documents_run):
@@ -299,11 +315,12 @@ def test_a_refresh_that_stays_up_reads_only_what_landed_since_the_last(tmp_path,
     summary = tmp_path / "summary.json"
     code = main(["refresh", "--config", str(LOCAL_CONF), "--workdir", str(tmp_path / "work"),
                  "--input", str(folder), "--stages", "ingest", "--set", "tracking.enabled=false",
-                 "--summary-json", str(summary), "--every", "600", "--times", "3"])  # fmt: skip
+                 "--summary-json", str(summary), "--every", "600", "--times", "3",
+                 "--set", "spark.long_lived_conf.spark.sql.shuffle.partitions=3"])  # fmt: skip
     assert code == 0
     assert len(waits) == 2 and all(0 < w <= 600 for w in waits)  # the period counts from each start
-    # a process that stays up asks for the long-lived settings (conf/local.yaml: the full JIT)
-    assert [conf["spark.driver.extraJavaOptions"] for conf in started_with] == ["-XX:TieredStopAtLevel=4"]
+    # a process that stays up asks for the long-lived settings, once
+    assert [conf.get("spark.sql.shuffle.partitions") for conf in started_with] == ["3"]
     run_ids = re.findall(r"run id: (\S+)", capsys.readouterr().out)
     assert len(set(run_ids)) == 3
     last = json.loads(summary.read_text())  # the third refresh: the file that landed before it

@@ -1,24 +1,41 @@
-"""One real Spark standalone cluster (master and worker started here, the worker offering two `gpu`
-addresses through a discovery script): the whole pipeline submitted with `spark-submit --py-files` from a
-folder outside the repo, the real vLLM CPU engine in the executors, each LLM task pinned to its own GPU
-address. A Python worker is killed in the middle of the backtranslate stage: Spark retries its task
-and the run finishes with one row per key. (A refresh with nothing new: tests/test_cli.py; every jobs/
-wrapper: test_cli.py too.)"""
+"""One real Spark standalone cluster with no disk shared with its driver's work: the workdir and the inputs
+are on an S3-compatible store (moto's server, through Spark's s3a connector and Arrow's S3 filesystem),
+the worker offers two `gpu` addresses through a discovery script. On it, submitted with
+`spark-submit --py-files` from a folder outside the repo, the real vLLM CPU engine in the executors:
+the whole pipeline, with a Python worker killed in the middle of backtranslate (Spark retries its task
+and the run finishes with one row per key); then `backforth status` on the store's tables. (A refresh
+with nothing new: tests/test_cli.py; every jobs/ wrapper: test_cli.py too.)"""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
 
+from backforth_spark.dataset import current_files
 from backforth_spark.generation import LLM_TASKS
 from backforth_spark.stages import STAGES
-from tests.cluster_run import DOCS
+from tests.cluster_run import DOCS, WORKDIR, WORKDIR_KEY
+from tests.object_store import ACCESS_KEY, BUCKET, SECRET_KEY
 
 pytestmark = pytest.mark.e2e
 
 # `cluster_run` (tests/conftest.py): the run, started in the background with the session
+
+
+def _table(cluster_run, name: str, spark, into: Path):
+    """A Delta table of the run, read from a copy of its objects (the suite's own session has no s3a)."""
+    store, prefix = cluster_run["store"], f"{WORKDIR_KEY}/tables/{name}/"
+    for key in store.list_keys(prefix):
+        if key.endswith("/"):  # a folder marker
+            continue
+        local = into / name / key.removeprefix(prefix)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(store.read(key))
+    return spark.read.format("delta").load(str(into / name))
 
 
 def test_the_job_went_through_the_standalone_master(cluster_run):
@@ -34,10 +51,10 @@ def test_a_python_worker_killed_during_an_llm_stage_costs_a_task_retry_not_the_r
     assert back["generated"] == DOCS and back["rows_out"] + back.get("status_parse_error", 0) <= DOCS
 
 
-def test_every_stage_ran_in_the_submitted_pipeline(cluster_run):
+def test_every_stage_ran_in_the_submitted_pipeline_on_the_stores_inputs(cluster_run):
     stages = cluster_run["full"]["stages"]
     assert list(stages) == [st.name for st in STAGES if st.enabled_by is None]
-    assert stages["ingest"]["rows_out"] == DOCS
+    assert stages["ingest"]["rows_out"] == DOCS  # read by the Python workers through Arrow's S3
     assert stages["chunk"]["rows_out"] == DOCS  # one passage per document
     assert stages["backtranslate"]["generated"] == DOCS
     assert stages["score"]["rows_in"] == stages["backtranslate"]["rows_out"] > 0
@@ -51,21 +68,82 @@ def test_each_llm_stage_reports_its_accelerator_seconds(cluster_run):
         assert counts["tokens_per_accelerator_s"] == round(counts["tokens_out"] / counts["accelerator_s"], 1)
 
 
-def test_llm_tasks_each_saw_their_own_gpu(cluster_run, spark):
-    rows = spark.read.format("delta").load(str(cluster_run["workdir"] / "tables" / LLM_TASKS[0].table))
+def test_llm_tasks_each_saw_their_own_gpu(cluster_run, spark, tmp_path):
+    rows = _table(cluster_run, LLM_TASKS[0].table, spark, tmp_path)
     devices = {r["device"]: r["count"] for r in rows.groupBy("device").count().collect()}
     # two tasks ran at once, each pinned (CUDA_VISIBLE_DEVICES) to the address Spark gave it
     assert set(devices) == {"0", "1"}, devices
 
 
-def test_the_llm_tables_hold_one_row_per_key_from_the_real_model(cluster_run, spark):
+def test_the_llm_tables_hold_one_row_per_key_from_the_real_model(cluster_run, spark, tmp_path):
     for task in LLM_TASKS[:3]:  # grounding and the baseline are off here (the shared real run has them)
-        df = spark.read.format("delta").load(str(cluster_run["workdir"] / "tables" / task.table))
+        df = _table(cluster_run, task.table, spark, tmp_path)
         assert df.count() == df.select("passage_id", "fingerprint").distinct().count() > 0, task.name
         assert df.where(F.col("model").endswith("SmolLM2-135M-Instruct")).count() == df.count()
 
 
-def test_the_export_is_whole(cluster_run):
-    export_dir = Path(cluster_run["full"]["export"]["path"])
-    n = sum(1 for f in export_dir.glob("data/*.jsonl") for _ in f.open())
-    assert n == cluster_run["full"]["export"]["pairs"] > 0 and (export_dir / "README.md").exists()
+def test_status_reads_the_stores_tables_and_owes_nothing(cluster_run):
+    report = cluster_run["status"]["report"]
+    assert report["workdir"] == WORKDIR and report["tables"]["documents"]["rows"] == DOCS
+    for task in LLM_TASKS[:3]:
+        stage = report["llm_stages"][task.name]
+        assert stage["pending"] == 0 and stage["done"] > 0, (task.name, stage)
+
+
+def test_the_export_on_the_store_loads_with_datasets_through_s3fs(cluster_run, monkeypatch):
+    import datasets
+
+    store = cluster_run["store"]
+    for key, value in store.env.items():  # where a reader's AWS tools find the store
+        monkeypatch.setenv(key, value)
+    export = cluster_run["full"]["export"]
+    assert export["path"] == f"{WORKDIR}/export/pairs"
+    version, files = current_files(export["path"])  # Arrow's S3 filesystem, from the environment
+    assert version == cluster_run["full"]["run_id"] and files
+    options = {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": store.endpoint}}
+    data_files = [f.replace("s3a://", "s3://") for f in files]
+    ds = datasets.load_dataset("json", data_files=data_files, storage_options=options, split="train")
+    assert len(ds) == export["pairs"] > 0
+    assert {m["role"] for m in ds[0]["messages"]} >= {"user", "assistant"}
+
+
+def test_nothing_of_the_workdir_lands_on_a_local_disk(cluster_run):
+    root: Path = cluster_run["root"]
+    # no table, staging folder, checkpoint or export file anywhere on this host: the driver's folder,
+    # the executors' work folders, the cluster's logs (a workdir URI taken for a path would show here)
+    local = [p for p in root.rglob("*") if p.suffix == ".parquet" or p.name in ("_delta_log", "README.md")]
+    # but MLflow's copy of the card, an artifact of the run on the driver's disk
+    assert [p for p in local if "mlartifacts" not in p.parts] == []
+    assert not list(root.rglob("s3a:*"))
+    on_store = cluster_run["store"].list_keys(f"{WORKDIR_KEY}/")
+    assert any("/_delta_log/" in k for k in on_store) and any(k.endswith(".parquet") for k in on_store)
+    # the driver's own files stay on its disk: logs and the MLflow store
+    assert (root / "driver" / "logs").is_dir() and (root / "driver" / "mlflow.db").is_file()
+
+
+def test_the_store_credentials_are_nowhere_the_runs_left(cluster_run, spark, tmp_path):
+    """Not on the console, in the logs, the summaries, any object on the store (tables' rows read as
+    text, the export, the card), the driver's files, the executors' logs, or the MLflow runs."""
+    secrets = (ACCESS_KEY, SECRET_KEY)
+    run = cluster_run["full"]
+    text = run["stdout"] + run["stderr"] + run["logs"] + json.dumps(run)
+    assert not any(s in text for s in secrets)
+    assert not any(s in cluster_run["status"]["stderr"] for s in secrets)
+    store = cluster_run["store"]
+    for key in store.list_keys(""):
+        body = store.read(key)
+        assert not any(s.encode() in body for s in secrets), key
+    for table in ("documents", LLM_TASKS[0].table, LLM_TASKS[2].table):
+        rows = _table(cluster_run, table, spark, tmp_path).collect()
+        assert all(s not in str(r.asDict()) for r in rows for s in secrets), table
+    root: Path = cluster_run["root"]
+    leaks = [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "moto.log" and any(s.encode() in p.read_bytes() for s in secrets)
+    ]
+    assert leaks == []
+    with sqlite3.connect(root / "driver" / "mlflow.db") as db:
+        logged = db.execute("select key, value from params union all select key, value from tags").fetchall()
+    assert logged and not any(s in str(logged) for s in secrets)
+    assert BUCKET in str(logged)  # the workdir's URI is logged; its keys are not

@@ -193,3 +193,33 @@ def test_scratch_tables_are_delta_unless_a_local_disk_is_said():
 def test_parquet_staging_with_catalog_tables_is_refused():
     with pytest.raises(ConfigError, match="staging_format parquet is for path-based tables"):
         load_config(LOCAL_CONF, ["tables.catalog_schema=main.backforth"])
+
+
+def test_parquet_staging_is_refused_on_an_object_store_workdir():
+    with pytest.raises(ConfigError, match="atomic renames"):
+        load_config(LOCAL_CONF, ["workdir=s3a://bucket/work"])  # conf/local.yaml stages in parquet
+    with pytest.raises(ConfigError, match="atomic renames"):
+        load_config(LOCAL_CONF, ["workdir=gs://bucket/work"])
+    cfg = load_config(LOCAL_CONF, ["workdir=s3a://bucket/work", "tables.staging_format=delta"])
+    assert cfg.workdir_uri == "s3a://bucket/work"
+    # HDFS renames a folder atomically: parquet staging is fine there
+    assert load_config(LOCAL_CONF, ["workdir=hdfs://nn:8020/work"]).tables.staging_format == "parquet"
+
+
+def test_a_local_workdir_is_made_absolute_and_an_object_store_keeps_its_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, ["workdir=rel/w"]).workdir_uri == str(tmp_path / "rel" / "w")
+    cfg = load_config(None, ["workdir=abfss://c@acct.dfs.core.windows.net/w/"])
+    assert cfg.workdir_uri == "abfss://c@acct.dfs.core.windows.net/w"
+    # the driver's own files stay on its disk when the workdir is remote
+    assert cfg.driver_path == tmp_path / ".backforth-driver"
+    assert load_config(None, ["workdir=rel/w", "driver_dir=logs-here"]).driver_path == tmp_path / "logs-here"
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "cluster.yaml", "databricks.yaml"])
+def test_every_shipped_config_loads_and_passes_the_checks_before_work(name):
+    cfg = load_config(REPO / "conf" / name)
+    check_config(cfg)
+    if name != "local.yaml":  # nothing that suits one machine only
+        assert cfg.spark.master is None and cfg.tables.staging_format == "delta"
+        assert "spark.databricks.delta.snapshotPartitions" not in cfg.spark.conf

@@ -11,9 +11,10 @@ from mlflow.tracking import MlflowClient
 
 from backforth_spark import schemas as s
 from backforth_spark.cli import main
+from backforth_spark.dataset import current_files
 from backforth_spark.generation import LLM_TASKS
 from backforth_spark.stages import STAGES
-from tests.conftest import API_KEY, LOCAL_CONF, REAL_RUN_SETTINGS, STAND_IN_BACKWARD, copy_run
+from tests.conftest import API_KEY, LOCAL_CONF, REAL_RUN_SETTINGS, STAND_IN_BACKWARD, copy_run, exported_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +24,7 @@ STATUSES = {"ok", "parse_error", "engine_error", "too_long", "empty", "refused",
 
 
 def _pairs(export_dir: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted(export_dir.glob("data/*.jsonl")) for line in f.open()]
+    return exported_rows(export_dir)
 
 
 def test_every_enabled_stage_ran_and_printed_its_line(real_run):
@@ -95,7 +96,8 @@ def test_every_rewrite_is_exported_or_removed_for_a_named_reason(real_run, spark
 
 def test_exported_pairs_are_chat_messages_traced_to_their_documents(real_run, spark):
     export_dir = Path(real_run.summary["export"]["path"])
-    assert len(list(export_dir.glob("data/*.parquet"))) == 1 and (export_dir / "README.md").exists()
+    version, files = current_files(str(export_dir))
+    assert version == real_run.summary["run_id"] and [Path(f).suffix for f in files] == [".parquet"]
     doc_keys = {r["doc_key"] for r in real_run.table(spark, s.DOCUMENTS).collect()}
     for pair in _pairs(export_dir):
         assert [m["role"] for m in pair["messages"]] == ["user", "assistant"]
@@ -128,7 +130,7 @@ def test_each_stage_names_its_spark_jobs_and_times_its_phases(real_run):
     assert {st.name for st in STAGES} <= groups
     phases = real_run.summary["phases"]
     # a fresh workdir: each table's first write creates it (a MERGE is what later writes are)
-    assert {"read and parse", "create documents", "create input_files"} <= set(phases["ingest"])
+    assert {"stage ingest_parsed", "create documents", "create input_files"} <= set(phases["ingest"])
     # a few documents: decided on the driver
     assert {"collect new documents", "find old buckets", "create dedup_decisions"} <= set(phases["dedup"])
     # the passages' counts ride on the write's own query (observed metrics): nothing read back

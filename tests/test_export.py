@@ -1,7 +1,6 @@
 """Export: record styles, shards and the dataset card (pure), and a real export loaded by `datasets` and
 rendered through the model's chat template."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import yaml
 from backforth_spark import dataset as export
 from backforth_spark.config import ExportConfig, load_config
 from backforth_spark.stages import export as export_stage
-from tests.conftest import LOCAL_CONF, add_documents
+from tests.conftest import LOCAL_CONF, add_documents, exported_rows
 from tests.test_generate import ByContent, ScriptedEngine, _add_passages, run_stage
 
 ROW = {
@@ -25,29 +24,30 @@ ROW = {
 }
 
 
-def test_chat_record_is_trl_messages_with_lineage():
-    rec = export.to_record(ROW, ExportConfig(include_system=True, system_prompt="Be brief."))
+def _records(spark, cfg: ExportConfig) -> list[dict]:
+    pairs = spark.createDataFrame([ROW])
+    return [row.asDict(recursive=True) for row in export_stage.records(pairs, cfg).collect()]
+
+
+def test_chat_record_is_trl_messages_with_lineage(spark):
+    [rec] = _records(spark, ExportConfig(include_system=True, system_prompt="Be brief."))
     assert rec["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "How do I boil pasta?"},
         {"role": "assistant", "content": "Salt the water, boil it, add pasta."},
     ]
     assert (rec["passage_id"], rec["doc_key"], rec["score"], rec["source_copy"]) == ("p1", "cc/1", 5, 0.75)
+    assert sorted(rec) == ["doc_key", "id", "messages", "passage_id", "score", "source", "source_copy"]
 
 
-def test_alpaca_record_has_instruction_input_output():
-    rec = export.to_record(ROW, ExportConfig(style="alpaca"))
+def test_alpaca_record_has_instruction_input_output(spark):
+    [rec] = _records(spark, ExportConfig(style="alpaca"))
     assert (rec["instruction"], rec["input"], rec["output"]) == (ROW["instruction"], "", ROW["response"])
     assert "messages" not in rec
 
 
-def test_shard_names_follow_the_hub_convention():
-    assert export.shard_names(0, 10) == ["train-00000-of-00001"]
-    assert export.shard_names(5, 2) == [
-        "train-00000-of-00003",
-        "train-00001-of-00003",
-        "train-00002-of-00003",
-    ]
+def test_shards_hold_at_most_shard_rows_and_there_is_always_one():
+    assert [export.shard_count(n, 2) for n in (0, 1, 2, 3, 5)] == [1, 1, 1, 2, 3]
 
 
 def test_buckets_cover_everything_from_the_first_edge():
@@ -72,12 +72,12 @@ def test_dataset_card_front_matter_names_the_data_files_and_license():
         "table_versions": {"passages": 7},
         "config": {"chunk": {"max_tokens": 512}},
     }
-    card = export.dataset_card("t", stats, lineage, cfg)
+    card = export.dataset_card("t", stats, lineage, cfg, "r1")
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta["license"] == "odc-by"
     assert meta["configs"][0] == {
         "config_name": "default",
-        "data_files": [{"split": "train", "path": "data/train-*.parquet"}],
+        "data_files": [{"split": "train", "path": "r1/data/*.parquet"}],
     }
     assert len(meta["configs"]) == 1  # `datasets` loads every config of a folder with one loader
     for text in (
@@ -101,7 +101,7 @@ def test_dataset_card_carries_the_analyses_and_the_two_sample_figure():
     }
     lineage = {"run_id": "r", "mlflow_run_id": None, "model": "m", "templates": {}, "fingerprints": {},
                "table_versions": {}, "config": {}}  # fmt: skip
-    card = export.dataset_card("t", stats, lineage, cfg)
+    card = export.dataset_card("t", stats, lineage, cfg, "r")
     for text in ("## Analyses", "| distinct_2 | 0.91 |", "### source copy", "**0.71**"):
         assert text in card
 
@@ -128,14 +128,17 @@ def test_export_loads_with_datasets_and_renders_through_the_chat_template(make_c
     counts = export_stage.run(ctx)
     path = Path(counts["path"])
     assert counts["rows_out"] == 5 and counts["score_5"] == 5
-    assert sorted(p.name for p in (path / "data").iterdir()) == sorted(
-        f"train-0000{i}-of-00003.{ext}" for i in range(3) for ext in ("jsonl", "parquet")
-    )
+    # the run's version folder: three shards of at most two rows, in each format
+    data = path / ctx.run_id / "data"
+    for ext in ("parquet", "json"):
+        shards = sorted(data.glob(f"*.{ext}"))
+        assert len(shards) == 3 and all(1 <= _rows(f) <= 2 for f in shards), ext
     cache = str(tmp_path / "hf-cache")
     parquet = datasets.load_dataset(str(path), split="train", cache_dir=cache)  # the card's default: parquet
-    jsonl = datasets.load_dataset("json", data_files=f"{path}/data/*.jsonl", split="train", cache_dir=cache)
+    jsonl = datasets.load_dataset("json", data_files=f"{data}/*.json", split="train", cache_dir=cache)
     assert parquet.num_rows == jsonl.num_rows == 5
     assert parquet.to_list() == jsonl.to_list()
+    assert parquet["passage_id"] == sorted(parquet["passage_id"])  # the shards in passage order
     columns = ["doc_key", "id", "messages", "passage_id", "score", "source", "source_copy"]
     assert sorted(parquet.column_names) == columns
 
@@ -149,10 +152,11 @@ def test_export_loads_with_datasets_and_renders_through_the_chat_template(make_c
     card = (path / "README.md").read_text()
     assert "| rows_out | 5 |" in card and "`responses` v" in card
 
-    # a later export with another layout replaces the old one whole: no stale shards
-    again = export_stage.run(make_ctx("export.style=alpaca", "export.formats=[jsonl]"))  # same tables
-    assert sorted(p.name for p in (Path(again["path"]) / "data").iterdir()) == ["train-00000-of-00001.jsonl"]
-    rows = [json.loads(x) for x in (Path(again["path"]) / "data" / "train-00000-of-00001.jsonl").open()]
+    # a later export with another layout replaces the old one whole: its own version, no stale shards
+    later = make_ctx("export.style=alpaca", "export.formats=[jsonl]")  # same tables
+    again = export_stage.run(later)
+    assert sorted(p.name for p in path.iterdir()) == sorted(["README.md", later.run_id])
+    rows = exported_rows(again["path"])
     assert {tuple(sorted(r)) for r in rows} == {
         ("doc_key", "id", "input", "instruction", "output", "passage_id", "score", "source", "source_copy")
     }
@@ -160,40 +164,49 @@ def test_export_loads_with_datasets_and_renders_through_the_chat_template(make_c
     assert loaded.num_rows == 5 and loaded[0]["input"] == ""
 
 
+def _rows(shard: Path) -> int:
+    if shard.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(shard).num_rows
+    return sum(1 for _ in shard.open())
+
+
 class Killed(BaseException):
     """A kill: no `except Exception` catches it."""
 
 
-def test_a_run_that_died_inside_the_export_swap_leaves_the_last_export_and_a_rerun_completes(
+def test_an_export_killed_before_its_card_leaves_the_last_export_whole_and_the_next_cleans_up(
     spark, tmp_path, monkeypatch
 ):
-    import os
-
-    from backforth_spark.config import ExportConfig
-    from backforth_spark.stages import export as export_stage
-
     cfg = ExportConfig(formats=["jsonl"])
-    out = tmp_path / "pairs"
-    rows = lambda n: spark.createDataFrame([(i,) for i in range(n)], "i int")  # noqa: E731
-    export_stage.write_dataset(rows(2), 2, out, lambda r: r, "# v1\n", cfg)
+    out = str(tmp_path / "pairs")
+    rows = lambda n: spark.createDataFrame([(f"p{i}",) for i in range(n)], "passage_id string")  # noqa: E731
+    jsonl = load_config(LOCAL_CONF, ["export.formats=[jsonl]"])
+    card = lambda version: export.dataset_card("t", STATS, LINEAGE, jsonl, version)  # noqa: E731
+    export_stage.write_dataset(rows(2), 2, out, "v1", card("v1"), cfg)
 
-    real_replace, calls = os.replace, []
+    real_write = export_stage.storage.write_text
 
-    def dies_between_the_renames(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:  # the old export moved aside, the new one not yet in place
-            raise Killed
-        real_replace(src, dst)
+    def killed_before_the_card(uri, text):
+        raise Killed
 
-    monkeypatch.setattr(export_stage.os, "replace", dies_between_the_renames)
-    with pytest.raises(Killed):
-        export_stage.write_dataset(rows(3), 3, out, lambda r: r, "# v2\n", cfg)
-    monkeypatch.setattr(export_stage.os, "replace", real_replace)
-    assert not out.exists()
+    monkeypatch.setattr(export_stage.storage, "write_text", killed_before_the_card)
+    with pytest.raises(Killed):  # its data files written, its card never
+        export_stage.write_dataset(rows(3), 3, out, "v2", card("v2"), cfg)
+    monkeypatch.setattr(export_stage.storage, "write_text", real_write)
+    assert (tmp_path / "pairs" / "v2" / "data").exists()
+    # a reader still opens the last export, whole
+    assert export.current_files(out)[0] == "v1" and [r["passage_id"] for r in exported_rows(out)] == [
+        "p0",
+        "p1",
+    ]
 
-    export_stage.recover_swap(out)  # what the next export does first
-    assert (out / "README.md").read_text() == "# v1\n"
-    export_stage.write_dataset(rows(3), 3, out, lambda r: r, "# v2\n", cfg)
-    lines = [json.loads(x) for f in sorted(out.glob("data/*.jsonl")) for x in f.open()]
-    assert sorted(r["i"] for r in lines) == [0, 1, 2] and (out / "README.md").read_text() == "# v2\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]  # no .tmp or .old left
+    export_stage.write_dataset(rows(3), 3, out, "v3", card("v3"), cfg)
+    assert [r["passage_id"] for r in exported_rows(out)] == ["p0", "p1", "p2"]
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == ["README.md", "v3"]  # v1 and v2 gone
+
+
+STATS = {"rows": 0, "shards": 1, "counts": {}, "scores": {}, "response_words": {}}
+LINEAGE = {"run_id": "r", "mlflow_run_id": None, "model": "m", "templates": {}, "fingerprints": {},
+           "table_versions": {}, "config": {}}  # fmt: skip

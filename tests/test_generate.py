@@ -1,10 +1,8 @@
 """LLM stages with engine doubles: failure injection only. The real engine runs in test_e2e.py."""
 
-import json
 import logging
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,7 +16,7 @@ from backforth_spark.engine import Completion
 from backforth_spark.generation import LLM_TASKS
 from backforth_spark.stages import generate
 from backforth_spark.tables import struct
-from tests.conftest import LOCAL_CONF
+from tests.conftest import LOCAL_CONF, exported_rows
 
 TASKS = {task.name: task for task in LLM_TASKS}
 INSTRUCTIONS = TASKS["backtranslate"].table
@@ -204,7 +202,7 @@ class ByContent(ScriptedEngine):
 
 
 def _exported(dataset_dir):
-    return [json.loads(x) for f in sorted(Path(dataset_dir).glob("data/*.jsonl")) for x in f.open()]
+    return exported_rows(dataset_dir)
 
 
 def test_curation_policies_and_distillation_baseline_count_what_they_remove(make_ctx):
@@ -297,7 +295,6 @@ def test_a_verbatim_rewrite_of_a_full_size_passage_full_of_brackets_and_code_com
     """conf/databricks.yaml's sizes (1,024-token passages, a 4,096-token context), the embedded model's
     tokenizer standing in for Llama's."""
     from backforth_spark.curate import response_issue
-    from backforth_spark.dataset import to_record
     from backforth_spark.model import resolve_model
     from tests.conftest import REPO
     from udfs.chunking import tokenizer_for
@@ -347,9 +344,6 @@ def test_a_verbatim_rewrite_of_a_full_size_passage_full_of_brackets_and_code_com
     assert params.regex is None  # no pattern forbids a character the copy needs
     assert out.loc[0, "status"] == "ok" and out.loc[0, "response"] == passage.strip()
     assert response_issue("Explain this.", out.loc[0, "response"], cfg.curate, passage) is None
-    row = {"instruction": "Explain this.", "response": out.loc[0, "response"], "passage_id": "p",
-           "doc_key": "k", "source": "s", "id": "i", "score": 5, "source_copy": 1.0}  # fmt: skip
-    assert to_record(row, cfg.export)["messages"][1]["content"] == passage.strip()
 
 
 def test_a_failure_at_temperature_0_is_not_paid_for_again(make_ctx):

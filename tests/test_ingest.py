@@ -157,7 +157,7 @@ def test_a_line_that_breaks_the_parser_costs_that_line_not_the_rest_of_the_file(
 
     def breaks_on_the_second(path, line_number, raw, cfg):
         if line_number == 2:
-            raise MemoryError("a failure no reason names")
+            raise LookupError("a failure no reason names")
         return real(path, line_number, raw, cfg)
 
     monkeypatch.setattr(ingest, "parse_line", breaks_on_the_second)
@@ -169,7 +169,21 @@ def test_a_line_that_breaks_the_parser_costs_that_line_not_the_rest_of_the_file(
         (3, "doc", None),
         (4, "doc", None),
     ]
-    assert parsed[1].detail == "MemoryError: a failure no reason names"
+    assert parsed[1].detail == "LookupError: a failure no reason names"
+
+
+def test_a_worker_out_of_memory_fails_the_stage_instead_of_quarantining_a_good_line(monkeypatch):
+    real = ingest.parse_line
+
+    def short_of_memory_on_the_second(path, line_number, raw, cfg):
+        if line_number == 2:
+            raise MemoryError
+        return real(path, line_number, raw, cfg)
+
+    monkeypatch.setattr(ingest, "parse_line", short_of_memory_on_the_second)
+    body = "\n".join(_doc(i) for i in range(4)).encode()
+    with pytest.raises(MemoryError):
+        list(ingest.parse_file("a.jsonl", body, CFG))
 
 
 def _write_corpus(folder):
@@ -314,10 +328,13 @@ def test_a_file_is_streamed_from_its_uri_line_by_line(tmp_path):
             ("abfss://c@acct.dfs.core.windows.net", "p/q r.jsonl"),
         ),
         ("dbfs:/mnt/in/a b.jsonl", (None, "/dbfs/mnt/in/a b.jsonl")),
+        # Unity Catalog Volumes, in both of Spark's spellings, live at /Volumes for Python
+        ("dbfs:/Volumes/main/s/v/a.jsonl", (None, "/Volumes/main/s/v/a.jsonl")),
+        ("/Volumes/main/s/v/a.jsonl", (None, "/Volumes/main/s/v/a.jsonl")),
     ],
 )
 def test_a_listed_path_keeps_its_characters_and_only_its_root_is_parsed(uri, split):
-    from udfs.ingest import split_uri
+    from backforth_spark.storage import split_uri
 
     assert split_uri(uri) == split
 
@@ -345,7 +362,7 @@ def test_a_file_gone_since_it_was_listed_is_one_quarantine_row(tmp_path):
 
     from udfs.ingest import parse_files
 
-    [out] = parse_files(CFG)(iter([pd.DataFrame({"path": [f"file:{tmp_path / 'gone.jsonl'}"]})]))
+    [out] = parse_files(CFG, 1 << 20)(iter([pd.DataFrame({"path": [f"file:{tmp_path / 'gone.jsonl'}"]})]))
     assert list(out["kind"]) == ["quarantine"] and list(out["reason"]) == [ingest.UNREADABLE_FILE]
 
 

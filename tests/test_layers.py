@@ -16,6 +16,8 @@ from tests.conftest import REPO
 CORE = {
     "backforth_spark",
     "backforth_spark.config",
+    "backforth_spark.storage",
+    "backforth_spark.failures",
     "backforth_spark.text",
     "backforth_spark.minhash",
     "backforth_spark.components",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from backforth_spark.config import load_config
-from backforth_spark.session import delta_jar_files, with_class_archive
+from backforth_spark.session import conf_for_master, delta_jar_files, with_class_archive
 from tests.conftest import LOCAL_CONF, REPO
 
 
@@ -22,18 +22,28 @@ def test_a_local_session_takes_the_delta_jars_from_the_setup_folder_not_the_reso
     assert spark._jvm.io.delta.tables.DeltaTable is not None
 
 
-def test_the_suites_long_lived_session_runs_the_full_jit(spark):
-    # tests/conftest.py builds it with the long-lived settings; what they say reaches the JVM
+def test_the_suites_session_options_reach_the_jvm(spark):
+    # tests/conftest.py adds the serial collector to the driver's options
     arguments = list(spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
-    assert "-XX:TieredStopAtLevel=4" in arguments
-    assert "-XX:TieredStopAtLevel=1" not in arguments
+    assert "-XX:+UseSerialGC" in arguments
 
 
-def test_cli_runs_stop_at_c1_and_a_long_lived_process_replaces_only_that_setting():
+def test_the_local_config_keeps_the_jvms_default_jit():
+    # C1 alone (TieredStopAtLevel=1) has a 48 MB code cache that a long run fills, after which the JVM
+    # stops compiling: no JIT setting in the embedded default
     spark = load_config(LOCAL_CONF).spark
-    assert spark.conf["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
+    options = [v for k, v in {**spark.conf, **spark.long_lived_conf}.items() if "JavaOptions" in k]
+    assert not any("TieredStopAtLevel" in option for option in options)
+
+
+def test_a_long_lived_process_lays_its_settings_over_the_others():
+    spark = load_config(
+        LOCAL_CONF,
+        ["spark.long_lived_conf.spark.driver.extraJavaOptions=-XX:+UseSerialGC",
+         "spark.conf.spark.driver.extraJavaOptions=-Xss4m"],
+    ).spark  # fmt: skip
     long_lived = spark.long_lived().conf
-    assert long_lived["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=4"
+    assert long_lived["spark.driver.extraJavaOptions"] == "-XX:+UseSerialGC"
     assert {k: v for k, v in long_lived.items() if k != "spark.driver.extraJavaOptions"} == {
         k: v for k, v in spark.conf.items() if k != "spark.driver.extraJavaOptions"
     }
@@ -75,3 +85,13 @@ def test_a_missing_class_archive_leaves_the_driver_options_as_they_are_with_a_wa
         options = with_class_archive("-XX:TieredStopAtLevel=1", str(tmp_path / "absent.jsa"))
     assert options == "-XX:TieredStopAtLevel=1"
     assert "no JVM class archive" in caplog.text and "make setup" in caplog.text
+
+
+def test_settings_for_one_machine_are_left_out_with_a_warning_on_a_cluster_master(caplog):
+    spark = load_config(LOCAL_CONF).spark
+    assert "spark.databricks.delta.snapshotPartitions" in conf_for_master(spark, "local[2]")
+    with caplog.at_level(logging.WARNING, logger="backforth_spark.session"):
+        on_cluster = conf_for_master(spark, "spark://10.0.0.1:7077")
+    assert "spark.databricks.delta.snapshotPartitions" not in on_cluster
+    assert on_cluster["spark.driver.memory"] == spark.conf["spark.driver.memory"]  # the rest stays
+    assert "snapshotPartitions=1 suits one machine only" in caplog.text

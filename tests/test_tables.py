@@ -228,3 +228,18 @@ def test_background_work_keeps_the_callers_job_group(spark):
     finally:
         sc.setLocalProperty("spark.jobGroup.id", None)
     assert seen == "bg-group"
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [("16777216", 16 * 2**20), ("16777216b", 16 * 2**20), ("16m", 16 * 2**20), ("64MB", 64 * 2**20),
+     ("1g", 2**30)],
+)  # fmt: skip
+def test_the_arrow_batch_size_is_read_in_any_of_sparks_byte_spellings(spark, setting, expected):
+    key = "spark.sql.execution.arrow.maxBytesPerBatch"
+    before = spark.conf.get(key)
+    spark.conf.set(key, setting)
+    try:
+        assert tables.arrow_batch_bytes(spark) == expected
+    finally:
+        spark.conf.set(key, before)

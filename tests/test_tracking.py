@@ -30,11 +30,8 @@ def test_the_export_artifacts_go_through_the_servers_proxy(mlflow_server, tmp_pa
     # the export's MLflow table, plots and dataset card go through the server's artifact proxy
     tracker = Tracker(cfg)
     tracker.start("export-only", {}, {})
-    card_dir = tmp_path / "pairs"
-    card_dir.mkdir()
-    (card_dir / "README.md").write_text("# card\n")
     sample = pd.DataFrame({"instruction": ["q"], "response": ["a"], "score": [5], "passage_id": ["p"]})
-    tracker.export({"score_5": 1, "response_words_0-24": 1}, sample, card_dir)
+    tracker.export({"score_5": 1, "response_words_0-24": 1}, sample, "# card\n", "pairs")
     tracker.end(True)
     assert tracker.error is None
     paths = {

@@ -15,8 +15,6 @@ from backforth_spark.tables import struct
 from udfs.chunking import chunk_documents
 
 CHUNK_SCHEMA = struct(s.PASSAGES_COLUMNS)
-TASKS_PER_CORE = 4
-DOCS_PER_TASK = 1_000
 # pending documents up to which their keys are collected to the driver (about 20 bytes each)
 COLLECTED_KEYS = 20_000
 
@@ -41,15 +39,11 @@ def run(ctx: StageContext) -> dict[str, int]:
     todo = todo.join(
         pending_keys if pending.keys is None else F.broadcast(pending.keys), "doc_key", "left_semi"
     )
-    # Spread over several tasks per core by key: the documents' own file splits can be far apart in
-    # size (a 128 MB row group beside a 22 MB one), and one task tokenising most of the text would
-    # leave the other cores idle (measured: 88% of 100k documents' passages from one task). A few
-    # documents (a refresh) take a task per core: more only adds tasks.
-    cores = ctx.spark.sparkContext.defaultParallelism
-    parts = cores * TASKS_PER_CORE
-    if pending.count is not None:
-        parts = max(cores, min(parts, -(-pending.count // DOCS_PER_TASK)))
-    todo = todo.select("doc_key", "text").repartition(parts, "doc_key")
+    # Rebalanced by key into partitions of Spark's advisory size (spark.sql.adaptive.
+    # advisoryPartitionSizeInBytes, shuffled bytes): adaptive execution splits the large ones and merges
+    # the small ones, so a task's text follows that setting, not the corpus, and the documents' own file
+    # splits (a 128 MB row group beside a 22 MB one) cannot leave one task with most of the text.
+    todo = todo.select("doc_key", "text").hint("rebalance", "doc_key")
     model = resolve_model(ctx.cfg.llm)
     # one timestamp for every row of this call: with the run id it names what this call inserted
     written_at = datetime.now(UTC).replace(tzinfo=None)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -25,6 +24,7 @@ from backforth_spark import dedup_local as local
 from backforth_spark import schemas as s
 from backforth_spark.components import near_labels
 from backforth_spark.context import StageContext
+from backforth_spark.storage import split_uri
 from backforth_spark.tables import Background, require_columns, struct
 from udfs.text import estimated_jaccard_udf, exact_jaccard, hashes_and_signatures, norm_hash_udf
 
@@ -72,8 +72,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         with ctx.tables.timed("collect new documents"):
             few = new.collect()
         return _on_driver(ctx, few, decided.where("is_representative"), docs)
-    new = new.persist(StorageLevel.MEMORY_AND_DISK)
-    cached = [new]
+    # hashes and signatures of every new document (about 700 bytes each), computed once and read by
+    # each step below: written to a staging table, not cached, so memory follows a partition
+    new = ctx.tables.stage("dedup_new", new)
     counts: dict[str, Any] = {}
 
     # 1. exact: an old representative with the same hash wins, else the smallest new key
@@ -101,8 +102,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if cfg.near:
         # read by most steps below (signatures, the pool, the components, the decisions): the exact
         # and URL joins above run once instead of once for each
-        survivors = survivors.persist(StorageLevel.MEMORY_AND_DISK)
-        cached.append(survivors)
+        survivors = ctx.tables.stage("dedup_survivors", survivors)
         near, near_counts = _near_duplicates(ctx, survivors, new, decided)
         counts.update(near_counts)
         dups.append(_decisions(near, NEAR, None))
@@ -135,8 +135,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.tables.merge_insert_new(s.DEDUP, staged, ["doc_key"])
     with ctx.tables.timed("count decisions"):
         by_reason = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
-    for df in cached:
-        df.unpersist()
     return counts | decision_counts(by_reason)
 
 
@@ -271,14 +269,13 @@ def _near_pairs_on_driver(ctx: StageContext, survivors: list[local.NewDoc], old_
         return local.signature_similarity(signature[a], signature[b])
 
     if cfg.verify == "exact" and edges:
-        with ctx.tables.timed("find candidate texts"):
-            texts = ctx.tables.rows_for_keys(s.DOCUMENTS, _keys(ctx, "doc_key", ends)).select(
-                "doc_key", "text"
-            )
-            text = dict(texts.collect())
+        # Verified in Spark, where the texts are: only the verdicts come back, so the driver never
+        # holds candidate texts (a few documents of megabytes each would fill it)
+        with ctx.tables.timed("verify candidate texts"):
+            passed = _exact_verdicts(ctx, edges, ends)
 
         def passes(a: str, b: str) -> bool:
-            return local.text_similarity(text[a], text[b], cfg.ngram) >= cfg.threshold
+            return (a, b) in passed
     else:
 
         def passes(a: str, b: str) -> bool:
@@ -289,6 +286,20 @@ def _near_pairs_on_driver(ctx: StageContext, survivors: list[local.NewDoc], old_
     counts["candidate_pairs"] = len(edges)
     counts["cc_rounds"] = 0
     return near, counts
+
+
+def _exact_verdicts(ctx: StageContext, edges, ends: set[str]) -> set[tuple[str, str]]:
+    """The candidate pairs (src, dst) whose texts pass the exact shingle-set Jaccard check."""
+    cfg = ctx.cfg.dedup
+    pairs = ctx.spark.createDataFrame(sorted({(e[0], e[2]) for e in edges}), "src string, dst string")
+    text = ctx.tables.rows_for_keys(s.DOCUMENTS, _keys(ctx, "doc_key", ends)).select("doc_key", "text")
+    scored = (
+        pairs.join(text.withColumnRenamed("doc_key", "src").withColumnRenamed("text", "t_src"), "src")
+        .join(text.withColumnRenamed("doc_key", "dst").withColumnRenamed("text", "t_dst"), "dst")
+        .where(exact_jaccard(cfg.ngram)("t_src", "t_dst") >= cfg.threshold)
+        .select("src", "dst")
+    )
+    return {(r["src"], r["dst"]) for r in scored.collect()}
 
 
 def _decisions(df, reason: str, similarity: float | None):
@@ -339,17 +350,16 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     # each band row with its bucket's size, whether the bucket has a new member and its centre (the
     # smallest (prio, doc_key)): one shuffle, and the rows of buckets that can give a pair are few
     bucket = Window.partitionBy("band", "h")
-    members = (
-        bands.select(
-            "*",
-            F.count("*").over(bucket).alias("size"),
-            F.max("prio").over(bucket).alias("has_new"),
-            F.min(F.struct("prio", "doc_key")).over(bucket).alias("center"),
-        )
-        .where("size > 1 AND has_new = 1")
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
-    with ctx.tables.timed("band and group"):
+    members = bands.select(
+        "*",
+        F.count("*").over(bucket).alias("size"),
+        F.max("prio").over(bucket).alias("has_new"),
+        F.min(F.struct("prio", "doc_key")).over(bucket).alias("center"),
+    ).where("size > 1 AND has_new = 1")
+    # the band rows of buckets that can give a pair (few: near duplicates share buckets, others not),
+    # read twice below (pairs, stars)
+    members = ctx.tables.stage("dedup_members", members)
+    with ctx.tables.timed("count oversized buckets"):
         oversized = members.where(F.col("size") > cfg.max_bucket_size).select("band", "h").distinct()
         counts["oversized_buckets"] = oversized.count()
     # A bucket up to dedup.pairwise_bucket_size gives every pair with a new member: verification may
@@ -381,7 +391,6 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     # staged: the verification below reads back only the documents these pairs name; each end carries
     # its priority, which the components need
     edges = ctx.tables.stage("dedup_candidates", pairs.unionByName(stars).distinct())
-    members.unpersist()
     ends = edges.select(F.col("src").alias("doc_key")).union(edges.select(F.col("dst").alias("doc_key")))
     ends = ends.distinct()
     # the signatures of the documents the pairs name, read once (every label below names one of them)
@@ -448,13 +457,16 @@ def _components_on_driver(ctx: StageContext, edges):
 
 def _checkpoint(ctx: StageContext, df):
     """Cut the lineage of a round's labels (it grows with every join). On a cluster the checkpoint is
-    reliable (written under the run's staging folder), so a lost executor does not lose it; local mode
-    keeps it on the executors, which live as long as the driver."""
+    reliable (written under the run's scratch folder on the workdir's filesystem, for path-based and
+    catalog tables alike), so a lost executor does not lose a round; local mode keeps it on the
+    executors, which live as long as the driver."""
     sc = ctx.spark.sparkContext
-    if sc.master.startswith("local") or ctx.tables.catalog_schema:
+    if sc.master.startswith("local"):
         return df.localCheckpoint()
-    if sc.getCheckpointDir() is None:
-        sc.setCheckpointDir(ctx.tables.staging_path("checkpoints"))
+    folder = ctx.tables.scratch_path("checkpoints")
+    # the context keeps one folder for good: a session that stays up (`refresh --every`) sets this run's
+    if split_uri(folder)[1] not in (sc.getCheckpointDir() or ""):
+        sc.setCheckpointDir(folder)
     return df.checkpoint()
 
 

@@ -1,37 +1,33 @@
 """Stage `export`: the kept, rewritten pairs -> a fine-tuning dataset folder (its shape: dataset.py).
 
 The curation policies (backforth_spark/curate.py, and the grounding check when enabled) decide which
-rewrites are kept; every removal is counted by its reason. Zero pairs is a normal outcome: the folder then
-holds its card and empty data files, and the counts say why.
+rewrites are kept; every removal is counted by its reason. Spark's executors write the data files; the
+driver writes only the card, from aggregates. Zero pairs is a normal outcome: the folder then holds its
+card and empty data files, and the counts say why.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from backforth_spark import schemas as s
+from backforth_spark import storage
 from backforth_spark.analysis import analyse, two_sample_accuracy
 from backforth_spark.config import ExportConfig
 from backforth_spark.context import StageContext
 from backforth_spark.dataset import (
     BASELINE_DIR,
+    CARD,
     LINEAGE_FIELDS,
     METRIC_FIELDS,
     PAIRS_DIR,
     WORD_EDGES,
     buckets,
     dataset_card,
-    shard_names,
-    to_record,
+    shard_count,
 )
 from backforth_spark.generation import DISTILL, GROUND, REWRITE, SCORE
 from backforth_spark.stages.generate import current_specs
@@ -39,68 +35,48 @@ from udfs.chunking import tokenizer_for
 from udfs.curation import response_issue_udf, source_copy_udf
 
 
-def _parquet_schema(cfg: ExportConfig):
-    lineage = [
-        ("passage_id", pa.string()),
-        ("doc_key", pa.string()),
-        ("source", pa.string()),
-        ("id", pa.string()),
-        ("score", pa.int32()),
-        ("source_copy", pa.float64()),
-    ]
+def records(pairs: DataFrame, cfg: ExportConfig) -> DataFrame:
+    """The pairs in the configured style (chat: TRL's `messages`, [system?, user, assistant]; alpaca:
+    instruction, input "" and output), with their lineage and source-copy rate."""
+
+    def turn(role: str, content) -> Column:
+        return F.struct(F.lit(role).alias("role"), content.alias("content"))
+
     if cfg.style == "alpaca":
-        head = [("instruction", pa.string()), ("input", pa.string()), ("output", pa.string())]
+        head = [F.col("instruction"), F.lit("").alias("input"), F.col("response").alias("output")]
     else:
-        message = pa.struct([("role", pa.string()), ("content", pa.string())])
-        head = [("messages", pa.list_(message))]
-    return pa.schema(head + lineage)
-
-
-def recover_swap(out_dir: Path) -> None:
-    """Put back the previous export if a run died between the swap's two renames (out_dir moved aside,
-    the new one not yet in place): readers see the last whole export until this run's replaces it."""
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if not out_dir.exists() and old.exists():
-        os.replace(old, out_dir)
+        system = [turn("system", F.lit(cfg.system_prompt))] if cfg.include_system else []
+        conversation = [*system, turn("user", F.col("instruction")), turn("assistant", F.col("response"))]
+        head = [F.array(*conversation).alias("messages")]
+    lineage = [F.col(c).cast("int").alias(c) if c == "score" else F.col(c) for c in LINEAGE_FIELDS]
+    return pairs.select(*head, *lineage, *METRIC_FIELDS)
 
 
 def write_dataset(
-    rows, n_rows: int, out_dir: Path, record: Callable[[dict], dict], card: str, cfg: ExportConfig
+    rows: DataFrame, n_rows: int, out_uri: str, version: str, card: str, cfg: ExportConfig
 ) -> None:
-    """Stream `rows` (a staged DataFrame of `n_rows` rows) into shard files under out_dir/data and `card`
-    into out_dir/README.md. Written into a temporary folder and swapped in, so a
-    reader never sees half an export; partition by partition, so the driver never holds the whole set."""
-    recover_swap(out_dir)
-    names = shard_names(n_rows, cfg.shard_rows)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "data").mkdir(parents=True)
-    schema = _parquet_schema(cfg)
-    it = rows.toLocalIterator()
-    n = 0
-    for name in names:
-        batch = []
-        for row in it:
-            batch.append(record(row.asDict()))
-            if len(batch) == cfg.shard_rows:
-                break
-        n += len(batch)
-        if "jsonl" in cfg.formats:
-            with (tmp / "data" / f"{name}.jsonl").open("w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
-        if "parquet" in cfg.formats:
-            pq.write_table(pa.Table.from_pylist(batch, schema=schema), tmp / "data" / f"{name}.parquet")
-    if n != n_rows:
-        raise RuntimeError(
-            f"export of {out_dir.name}: expected {n_rows} rows but wrote {n}; rerun the export"
-        )
-    (tmp / "README.md").write_text(card, encoding="utf-8")
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write `rows` (records, `n_rows` of them) as export `version` under `out_uri`: Spark's executors
+    write the data files (ordered by passage_id, `cfg.shard_rows` rows a file) into
+    `<out_uri>/<version>/data/`; then `card`, which names those files, replaces `<out_uri>/README.md`;
+    then the older versions go. The card is one small object written last, so on any filesystem a
+    reader finds the previous export whole until it is replaced, and a run that dies midway leaves
+    only an unnamed folder, which the next export removes."""
+    data = storage.join(out_uri, version, "data")
+    # ranges of passage_id: shard i holds the i-th part of the order, as one file (maxRecordsPerFile
+    # cuts one that sampling made larger)
+    ordered = rows.repartitionByRange(shard_count(n_rows, cfg.shard_rows), "passage_id").sortWithinPartitions(
+        "passage_id"
+    )
+    for fmt in cfg.formats:
+        writer = ordered.write.mode("append").option("maxRecordsPerFile", cfg.shard_rows)
+        if fmt == "parquet":
+            writer.parquet(data)
+        else:  # JSON lines; a missing value is written as null, as the Parquet files hold it
+            writer.option("ignoreNullFields", "false").json(data)
+    storage.write_text(storage.join(out_uri, CARD), card)
+    for folder in storage.subfolders(out_uri):
+        if folder != version:  # the previous export, or one a failed run left without a card
+            storage.delete_dir(storage.join(out_uri, folder))
 
 
 def _stats(pairs, counts: dict[str, Any], n_rows: int, cfg: ExportConfig) -> dict[str, Any]:
@@ -112,7 +88,7 @@ def _stats(pairs, counts: dict[str, Any], n_rows: int, cfg: ExportConfig) -> dic
     found = {r["b"]: r["count"] for r in pairs.groupBy(label.alias("b")).count().collect()}
     return {
         "rows": n_rows,
-        "shards": len(shard_names(n_rows, cfg.shard_rows)),
+        "shards": shard_count(n_rows, cfg.shard_rows),
         "counts": counts,
         "scores": scores,
         "response_words": {name: found.get(name, 0) for _, _, name in buckets(WORD_EDGES)},
@@ -216,10 +192,9 @@ def run(ctx: StageContext) -> dict[str, int | str]:
         .join(doc_keys, "passage_id")
         .join(documents, "doc_key")
         .select(*LINEAGE_FIELDS, *METRIC_FIELDS, "instruction", "response"),
-    ).orderBy("passage_id")
-    out_dir = ctx.cfg.workdir_path / "export"
-    record = lambda row: to_record(row, exp)  # noqa: E731
-    path = out_dir / PAIRS_DIR
+    )
+    out_dir = storage.join(ctx.cfg.workdir_uri, "export")
+    path = storage.join(out_dir, PAIRS_DIR)
     stats = _stats(pairs, counts, pairs.count(), exp)
     count_tokens = tokenizer_for(specs[REWRITE.name].model).count
     stats["analysis"], sample = _analysis(pairs, count_tokens)
@@ -230,7 +205,7 @@ def run(ctx: StageContext) -> dict[str, int | str]:
     counts |= {f"response_words_{k.replace('+', 'plus')}": v for k, v in stats["response_words"].items()}
     counts |= _flat_analysis(stats["analysis"], "analysis")
     pairs_stats = stats
-    counts["path"] = str(path)
+    counts["path"] = path
 
     if cur.distillation_baseline:
         baseline = ctx.tables.stage(
@@ -244,8 +219,8 @@ def run(ctx: StageContext) -> dict[str, int | str]:
             .join(doc_keys, "passage_id")
             .join(documents, "doc_key")
             .select(*LINEAGE_FIELDS, *METRIC_FIELDS, "instruction", "response"),
-        ).orderBy("passage_id")  # fmt: skip
-        base_path = out_dir / BASELINE_DIR
+        )  # fmt: skip
+        base_path = storage.join(out_dir, BASELINE_DIR)
 
         n = baseline.count()
         base_stats = _stats(baseline, {"rows_out": n}, n, exp)
@@ -258,11 +233,11 @@ def run(ctx: StageContext) -> dict[str, int | str]:
             counts["analysis_two_sample_accuracy"] = accuracy
         counts |= _flat_analysis(base_stats["analysis"], "baseline_analysis")
         stats = base_stats
-        card = dataset_card("backforth-spark distillation baseline", stats, lineage, ctx.cfg)
-        write_dataset(baseline, n, base_path, record, card, exp)
+        card = dataset_card("backforth-spark distillation baseline", stats, lineage, ctx.cfg, ctx.run_id)
+        write_dataset(records(baseline, exp), n, base_path, ctx.run_id, card, exp)
         counts["baseline_pairs"] = n
-        counts["baseline_path"] = str(base_path)
+        counts["baseline_path"] = base_path
     # written last: with the baseline on, its card carries the comparison too
-    card = dataset_card("backforth-spark pairs", pairs_stats, lineage, ctx.cfg)
-    write_dataset(pairs, pairs_stats["rows"], path, record, card, exp)
+    card = dataset_card("backforth-spark pairs", pairs_stats, lineage, ctx.cfg, ctx.run_id)
+    write_dataset(records(pairs, exp), pairs_stats["rows"], path, ctx.run_id, card, exp)
     return counts

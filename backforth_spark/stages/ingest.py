@@ -5,7 +5,6 @@ Every input line is accounted for: lines = new documents + quarantined + repeate
 
 from __future__ import annotations
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -14,7 +13,7 @@ from backforth_spark import schemas as s
 from backforth_spark.config import IngestConfig
 from backforth_spark.context import StageContext
 from backforth_spark.dolma import PARSED_COLUMNS, UNREADABLE_FILE, glob_regex
-from backforth_spark.tables import struct
+from backforth_spark.tables import arrow_batch_bytes, struct
 from udfs.ingest import parse_files
 
 PARSED_SCHEMA = T.StructType(
@@ -87,9 +86,10 @@ def unread_files(ctx: StageContext, listing: DataFrame) -> tuple[list, int]:
     return [r for r in rows if not r["_known"]], len(rows)
 
 
-# Later occurrences of a repeated key, up to this many, are dropped by a broadcast anti-join
-# (about 100 bytes each); more, and the lines are ranked by a shuffle of whole rows.
-BROADCAST_REPEATS = 1_000_000
+# Later occurrences of a repeated key, up to this many, are dropped by a broadcast anti-join (about
+# 150 bytes each with the file path: 30 MB, which the driver builds and every executor holds); more,
+# and the lines are ranked by a shuffle of whole rows, which spills.
+BROADCAST_REPEATS = 200_000
 
 
 def first_occurrences(docs: DataFrame, n_docs: int) -> DataFrame:
@@ -125,30 +125,34 @@ def run(ctx: StageContext) -> dict[str, int]:
     todo = [(r["input_file"], r["length"], r["modified_ms"]) for r in todo]
     todo_df = spark.createDataFrame(todo, struct(s.INPUT_FILES_COLUMNS))
     files = spread_files(spark, [(path, size) for path, size, _ in todo])
-    parsed = files.mapInPandas(parse_files(cfg.ingest), PARSED_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        lineage = [F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")]
-        quarantine = parsed.where("kind = 'quarantine'").select(*s.names(s.QUARANTINE_COLUMNS), *lineage)
-        with ctx.tables.timed("read and parse"):
-            kinds = parsed.groupBy("kind").agg(F.count("*").alias("n")).collect()
-        counts = {r["kind"]: r["n"] for r in kinds}
-        with ctx.tables.timed("find repeated keys"):
-            docs = first_occurrences(parsed.where("kind = 'doc'"), counts.get("doc", 0))
-        docs = docs.select(*s.names(s.DOCUMENTS_COLUMNS), *lineage)
-        n_docs_parsed, n_quarantined = counts.get("doc", 0), counts.get("quarantine", 0)
-        # the MERGE's own count: right even when a concurrent run inserts into the table too
-        new_docs = ctx.tables.merge_insert_new(s.DOCUMENTS, docs, ["doc_key"])
-        if n_quarantined:
-            ctx.tables.merge_insert_new(s.QUARANTINE, quarantine, ["input_file", "line_number"])
-        else:  # every line parsed: no MERGE of nothing (a second of fixed cost on a clean refresh)
-            ctx.tables.ensure(s.QUARANTINE)
-        # last, once every line is committed: a file is read again unless it is recorded here, and a
-        # file that could not be read (whole or in part) is not recorded, so the next run retries it
-        unreadable = parsed.where(F.col("reason") == UNREADABLE_FILE).select("input_file")
-        read_through = todo_df.join(unreadable, "input_file", "left_anti").select("*", *lineage)
-        ctx.tables.merge_insert_new(s.INPUT_FILES, read_through, s.names(s.INPUT_FILES_COLUMNS))
-    finally:
-        parsed.unpersist()
+    # Parsed once, into a staging table that every later step reads: written as the Python workers
+    # stream it, so memory follows a batch, not a file or the corpus. (An in-memory cache builds each
+    # partition whole on the JVM heap before it can spill: a 622 MB gzip file, one partition, filled
+    # a 2 GB heap.)
+    # the parsed batches handed back to the JVM are as large as the ones Spark hands Python workers
+    batch = arrow_batch_bytes(spark)
+    parsed = files.mapInPandas(parse_files(cfg.ingest, batch), PARSED_SCHEMA)
+    parsed = ctx.tables.stage("ingest_parsed", parsed)
+    lineage = [F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")]
+    quarantine = parsed.where("kind = 'quarantine'").select(*s.names(s.QUARANTINE_COLUMNS), *lineage)
+    with ctx.tables.timed("count lines"):
+        kinds = parsed.groupBy("kind").agg(F.count("*").alias("n")).collect()
+    counts = {r["kind"]: r["n"] for r in kinds}
+    with ctx.tables.timed("find repeated keys"):
+        docs = first_occurrences(parsed.where("kind = 'doc'"), counts.get("doc", 0))
+    docs = docs.select(*s.names(s.DOCUMENTS_COLUMNS), *lineage)
+    n_docs_parsed, n_quarantined = counts.get("doc", 0), counts.get("quarantine", 0)
+    # the MERGE's own count: right even when a concurrent run inserts into the table too
+    new_docs = ctx.tables.merge_insert_new(s.DOCUMENTS, docs, ["doc_key"])
+    if n_quarantined:
+        ctx.tables.merge_insert_new(s.QUARANTINE, quarantine, ["input_file", "line_number"])
+    else:  # every line parsed: no MERGE of nothing (a second of fixed cost on a clean refresh)
+        ctx.tables.ensure(s.QUARANTINE)
+    # last, once every line is committed: a file is read again unless it is recorded here, and a
+    # file that could not be read (whole or in part) is not recorded, so the next run retries it
+    unreadable = parsed.where(F.col("reason") == UNREADABLE_FILE).select("input_file")
+    read_through = todo_df.join(unreadable, "input_file", "left_anti").select("*", *lineage)
+    ctx.tables.merge_insert_new(s.INPUT_FILES, read_through, s.names(s.INPUT_FILES_COLUMNS))
     return {
         "rows_in": n_docs_parsed + n_quarantined,
         "rows_out": new_docs,
