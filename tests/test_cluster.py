@@ -96,13 +96,17 @@ def test_the_export_on_the_store_loads_with_datasets_through_s3fs(cluster_run, m
     store = cluster_run["store"]
     for key, value in store.env.items():  # where a reader's AWS tools find the store
         monkeypatch.setenv(key, value)
+    # datasets reads its offline switch once, at import: another test (test_export) may have imported it
+    # offline. The store is not the Hub: reading from it is what this test is for.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     export = cluster_run["full"]["export"]
     assert export["path"] == f"{WORKDIR}/export/pairs"
     version, files = current_files(export["path"])  # Arrow's S3 filesystem, from the environment
     assert version == cluster_run["full"]["run_id"] and files
     options = {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": store.endpoint}}
     data_files = [f.replace("s3a://", "s3://") for f in files]
-    ds = datasets.load_dataset("json", data_files=data_files, storage_options=options, split="train")
+    builder = "parquet" if data_files[0].endswith(".parquet") else "json"  # the card's format
+    ds = datasets.load_dataset(builder, data_files=data_files, storage_options=options, split="train")
     assert len(ds) == export["pairs"] > 0
     assert {m["role"] for m in ds[0]["messages"]} >= {"user", "assistant"}
 
