@@ -34,7 +34,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "dolma-sample"
 sys.path.insert(0, str(REPO))
 
 from backforth_spark.standalone import standalone_cluster  # noqa: E402
@@ -45,16 +44,11 @@ FILES = 16
 
 def build_corpus(n_docs: int, out: Path, seed: int = 13) -> int:
     """Write n_docs Dolma documents into FILES gzip files; returns how many are planted near-copies."""
+    from tests.load_corpus import sample_sentences
     from tests.near_dup_corpus import edit_words
 
     rng = random.Random(seed)
-    sentences = [
-        s.strip()
-        for f in sorted(SAMPLE.glob("*.jsonl"))
-        for line in f.read_text().splitlines()
-        for s in json.loads(line)["text"].replace("\n", " ").split(". ")
-        if len(s.split()) >= 4
-    ]
+    sentences = sample_sentences()
     out.mkdir(parents=True)
     # one open gzip stream per output file, closed below
     handles = [gzip.open(out / f"part-{i:03d}.jsonl.gz", "wt", encoding="utf-8") for i in range(FILES)]  # noqa: SIM115

@@ -33,16 +33,21 @@ def start_session() -> None:
     spark.range(1).count()
     resolved = [urlparse(jar).path for jar in spark.sparkContext.getConf().get("spark.jars").split(",")]
     spark.stop()
-    # a fresh folder each time: jars of an older Delta pin must not stay on the classpath
     folder = Path(__file__).resolve().parents[1] / JARS
+    replace_folder(folder, resolved)
+    print(f"{len(resolved)} jars in {folder}")
+
+
+def replace_folder(folder: Path, jars: list[str]) -> None:
+    """`folder` holding exactly `jars` (copied): built beside it, then swapped in, so jars of an older
+    pin never stay on the classpath and an interrupted fetch leaves no half folder."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for jar in resolved:
+    for jar in jars:
         shutil.copy2(jar, partial)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
-    print(f"{len(resolved)} jars in {folder}")
 
 
 def main() -> int:

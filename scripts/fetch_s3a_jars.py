@@ -9,12 +9,12 @@ an `s3a://` workdir hand these jars to Spark (`spark.extra_jars`, or `--jars` to
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyspark
+from fetch_delta_jars import replace_folder  # this folder: the scripts run as files
 
 REPO = Path(__file__).resolve().parents[1]
 JARS = REPO / ".tools" / "s3a-jars"
@@ -38,14 +38,7 @@ def main() -> int:
     SparkContext._ensure_initialized(conf=SparkConf().set("spark.jars.packages", package))
     jars = SparkContext._jvm.java.lang.System.getProperty("spark.jars")
     resolved = [urlparse(jar).path for jar in jars.split(",")]
-    # a fresh folder each time: jars of another Hadoop must not stay on the classpath
-    partial = JARS.with_name(JARS.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for jar in resolved:
-        shutil.copy2(jar, partial)
-    shutil.rmtree(JARS, ignore_errors=True)
-    partial.rename(JARS)
+    replace_folder(JARS, resolved)  # jars of another Hadoop must not stay on the classpath
     (JARS / "PACKAGE").write_text(package + "\n")
     print(f"{package}: {len(resolved)} jars in {JARS}")
     return 0

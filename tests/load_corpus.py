@@ -18,19 +18,24 @@ EXACT_SHARE = NEAR_SHARE = 0.05
 PARAGRAPHS = 20_000
 
 
-def build_corpus(n_docs: int, out: Path, seed: int = 41) -> dict[str, int]:
-    """Write n_docs documents into SMALL_FILES gzip files and one big one; returns what was planted
-    (exact and near copies) and the characters of text written. Documents are drawn from a pool of
-    paragraphs made of the sample's sentences (fast to build at a million documents; two documents
-    share few 5-grams). The same arguments write the same files."""
-    rng = random.Random(seed)
-    sentences = [
+def sample_sentences() -> list[str]:
+    """The sentences (four words or more) of the Dolma sample's documents, in file order."""
+    return [
         s.strip()
         for f in sorted(SAMPLE.glob("*.jsonl"))
         for line in f.read_text().splitlines()
         for s in json.loads(line)["text"].replace("\n", " ").split(". ")
         if len(s.split()) >= 4
     ]
+
+
+def build_corpus(n_docs: int, out: Path, seed: int = 41) -> dict[str, int]:
+    """Write n_docs documents into SMALL_FILES gzip files and one big one; returns what was planted
+    (exact and near copies) and the characters of text written. Documents are drawn from a pool of
+    paragraphs made of the sample's sentences (fast to build at a million documents; two documents
+    share few 5-grams). The same arguments write the same files."""
+    rng = random.Random(seed)
+    sentences = sample_sentences()
     pool = [
         ". ".join(rng.choice(sentences) for _ in range(rng.randint(3, 7))) + "." for _ in range(PARAGRAPHS)
     ]
