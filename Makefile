@@ -5,7 +5,7 @@ WORKDIR ?= .backforth
 
 N ?= 25000
 
-.PHONY: setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-llm-local bench-components \
+.PHONY: lowest-spark setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-llm-local bench-components \
 	bench-big-docs bench-big-file bench-injection bench-refresh bench-load bench-export bench-object-store pack-env cluster-packed clean
 
 setup:
@@ -14,6 +14,10 @@ setup:
 demo: setup
 	.venv/bin/backforth run --config conf/local.yaml --input $(DEMO_INPUT) --workdir $(WORKDIR) \
 		--summary-json $(WORKDIR)/summary.json
+
+# the lowest supported Spark (4.0) and Delta, ingest to export on the demo input (not part of `make test`)
+lowest-spark: setup
+	DEMO_INPUT=$(DEMO_INPUT) bash scripts/lowest_spark.sh
 
 test: setup
 	$(PY) -m pytest -q
@@ -61,7 +65,7 @@ bench-injection: setup
 	$(PY) benchmarks/injection.py --templates v1 v2
 
 bench-dedup: setup
-	.tools/venv/bin/uv sync --frozen --extra cpu --extra convert --group bench --compile-bytecode --quiet
+	.tools/venv/bin/uv sync --frozen --extra local --extra cpu --extra convert --group bench --compile-bytecode --quiet
 	$(PY) benchmarks/dedup.py --docs $(N)
 
 bench-refresh: setup

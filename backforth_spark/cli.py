@@ -138,6 +138,20 @@ def _quiet_third_parties(cfg: Config, verbose: bool) -> Path | None:
     # died that can happen deep in a stack, where formatting the record overflows it and Python prints
     # the RecursionError on the console at exit
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    # Spark Connect's client logs each server error with its traceback through a console handler of
+    # its own, disabled unless asked for; a logging config that keeps existing loggers (vLLM's) enables
+    # it again. Its records go to the file like every other library's.
+    connect_log = logging.getLogger("pyspark.sql.connect.logging")
+    connect_log.handlers.clear()
+    connect_log.propagate = True
+    # PySpark logs every SQL error that carries a query context (a Spark Connect error does) to the
+    # console, through loggers that never propagate: theirs go to the file too
+    from pyspark.logger import PySparkLogger
+
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+        context_log = PySparkLogger.getLogger(name)
+        context_log.handlers.clear()
+        context_log.addHandler(logging.FileHandler(path, encoding="utf-8"))  # its own: PySpark's format
     log.addHandler(console)
     # vLLM configures its own logging in the Python workers (which inherit this environment in local
     # mode): point it at the same file
@@ -308,6 +322,12 @@ def _status(cfg: Config, as_json: bool, verbose: bool) -> int:
         return 2
     print(json.dumps(report, indent=2) if as_json else format_status(report))
     return 0
+
+
+def console() -> None:
+    """The `backforth` console script. It exits with main's code rather than returning it: a
+    Databricks wheel task calls the entry point itself and counts a returned value as success."""
+    sys.exit(main())
 
 
 def job(stage: str | None) -> None:

@@ -348,14 +348,53 @@ class TrackingConfig(_Strict):
     experiment: str = "backforth-spark"
 
 
+def quote_name(name: str) -> str:
+    """A dotted table name (`catalog.schema.table`) with each part back-quoted for SQL: Unity Catalog
+    names may hold hyphens, and a back-quote inside a part is doubled."""
+    parts = split_name(name)
+    return ".".join("`" + part.replace("`", "``") + "`" for part in parts)
+
+
+def split_name(name: str) -> list[str]:
+    """The parts of a dotted name, each either plain or back-quoted (`a.b`.c -> ["a.b", "c"])."""
+    parts, current, quoted, i = [], "", False, 0
+    while i < len(name):
+        c = name[i]
+        if c == "`":
+            if quoted and name[i + 1 : i + 2] == "`":  # a doubled back-quote inside a quoted part
+                current += "`"
+                i += 2
+                continue
+            quoted = not quoted
+        elif c == "." and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += c
+        i += 1
+    if quoted:
+        raise ValueError(f"unbalanced back-quote in the name {name!r}")
+    return [*parts, current]
+
+
 class TablesConfig(_Strict):
-    # None: path-based Delta tables under <workdir>/tables; "catalog.schema": catalog tables (Unity Catalog)
-    catalog_schema: str | None = Field(None, pattern=r"^[A-Za-z_][\w]*\.[A-Za-z_][\w]*$")
+    # None: path-based Delta tables under <workdir>/tables; "catalog.schema": catalog tables (Unity
+    # Catalog). Either part may be back-quoted, and hold what a back-quoted name may (`my-catalog`.raw)
+    catalog_schema: str | None = None
     # A run's scratch tables (dedup's candidate pairs, an LLM stage's owed rows). Delta is safe on any
     # filesystem and in a catalog. Parquet skips Delta's commit and log replay (about 0.7 s a table,
     # most of a small refresh's staging) but is safe only where a rename is atomic (a local disk, HDFS;
     # not an object store without a committer for it), so only for path-based tables.
     staging_format: Literal["delta", "parquet"] = "delta"
+
+    @field_validator("catalog_schema")
+    @classmethod
+    def _two_part_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = split_name(value)
+            if len(parts) != 2 or not all(p.strip() for p in parts):
+                raise ValueError(f"tables.catalog_schema {value!r} is not `catalog.schema`")
+        return value
 
     @model_validator(mode="after")
     def _parquet_staging_is_path_based(self) -> TablesConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -10,7 +11,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from pyspark import InheritableThread
 from pyspark.sql import functions as F
 
 from backforth_spark import storage
@@ -22,7 +22,16 @@ from backforth_spark.failures import memory_shortage
 from backforth_spark.generation import check_config
 from backforth_spark.model import resolve_model
 from backforth_spark.prompts import template_source
-from backforth_spark.session import error_text, get_spark, jvm_stopping, launched_jvm_exit, memory_settings
+from backforth_spark.session import (
+    default_parallelism,
+    error_text,
+    get_spark,
+    is_connect,
+    jvm_stopping,
+    launched_jvm_exit,
+    memory_settings,
+    spark_thread,
+)
 from backforth_spark.stages import STAGES, Stage, llm_tasks
 from backforth_spark.stages.generate import current_specs
 from backforth_spark.stages.ingest import input_files
@@ -76,6 +85,7 @@ def context_for(
     tasks = llm_tasks(pipeline)
     spark = get_spark(cfg.spark)
     tables = Tables.from_config(spark, cfg, run_id, tasks)
+    tables.check_delta()  # a server without Delta: one line and exit 2, before any work
     return StageContext(spark, cfg, tables, run_id, None, tuple(inputs), tasks, engine_factory)
 
 
@@ -114,6 +124,8 @@ def run_pipeline(
         "failed_stage": None,
         "reads": {},  # the tables each stage actually read (its record declares them too)
         "phases": {},  # per stage: seconds of each timed Spark action (Tables.timed), summed by phase
+        # the Spark it ran on: a classic session (a JVM of its own or spark-submit's) or a Connect client
+        "spark": {"version": ctx.spark.version, "connect": is_connect(ctx.spark)},
     }
     ok = False
     jvm_alive = True
@@ -128,9 +140,15 @@ def run_pipeline(
             if tracker.active:
                 reads = {name: (tables.dataset_source(name), tables.version(name)) for name in stage.reads}
             started, mark, phase_mark = time.perf_counter(), len(tables.read_log), len(tables.phase_log)
-            # the stage's Spark jobs carry its name (Spark UI, event log: what each stage read)
-            ctx.spark.sparkContext.setJobGroup(stage.name, f"backforth stage {stage.name}")
-            counts = stage.run(ctx)
+            # the stage's Spark jobs carry its name as a tag (Spark UI, event log: what each stage read);
+            # tags, not job groups, because Spark Connect has no SparkContext to set a group on
+            tag = f"backforth-{stage.name}"
+            ctx.spark.addTag(tag)
+            try:
+                counts = stage.run(ctx)
+            finally:
+                with contextlib.suppress(Exception):  # a JVM that died under the stage cannot be told
+                    ctx.spark.removeTag(tag)
             summary["reads"][stage.name] = sorted(set(tables.read_log[mark:]))
             summary["phases"][stage.name] = phase_seconds(tables.phase_log[phase_mark:])
             counts["wall_s"] = round(time.perf_counter() - started, 2)
@@ -155,9 +173,6 @@ def run_pipeline(
         summary["error"] = failure_line(exc, settings, jvm_alive, jvm_exit)
     finally:
         head_start.join()
-        if jvm_alive:
-            ctx.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
-            ctx.spark.sparkContext.setLocalProperty("spark.job.description", None)
         try:
             tables.drop_staging()
         except Exception as exc:  # a catalog's staging needs the JVM the failure may have taken
@@ -171,7 +186,7 @@ def run_pipeline(
 WORKER_MODULES = ("udfs.ingest", "udfs.text", "udfs.chunking")
 
 
-def start_head_start(ctx: StageContext, stages: Sequence[Stage]) -> InheritableThread:
+def start_head_start(ctx: StageContext, stages: Sequence[Stage]):
     """Start, in a thread for the caller to join, the work every stage of a fresh process waits for:
     Python workers (a task per core, importing WORKER_MODULES) and the Delta state of each table the
     stages read, in the order they read them. A fresh process pays both before its first Python task
@@ -183,13 +198,13 @@ def start_head_start(ctx: StageContext, stages: Sequence[Stage]) -> InheritableT
 
     def run() -> None:
         try:
-            cores = spark.sparkContext.defaultParallelism
+            cores = default_parallelism(spark)
             spark.range(0, cores, 1, cores).mapInPandas(import_modules(WORKER_MODULES), "id long").collect()
         except Exception as exc:
             log.debug("no head start for the Python workers: %s", exc)
         tables.build_states(names)
 
-    thread = InheritableThread(target=run, name="head-start", daemon=True)
+    thread = spark_thread(spark, run, "head-start")
     thread.start()
     return thread
 

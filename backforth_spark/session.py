@@ -22,10 +22,13 @@ LOCAL_ONLY = {
 
 
 def get_spark(cfg: SparkConfig) -> SparkSession:
-    """The active session if there is one (Databricks, spark-submit), else a new one from `cfg`."""
+    """The active session if there is one (Databricks, spark-submit), a Spark Connect session when
+    SPARK_REMOTE names a server, else a new local or cluster session from `cfg`."""
     active = SparkSession.getActiveSession()
     if active is not None:
-        return active
+        return supported(active)
+    if os.environ.get("SPARK_REMOTE"):
+        return supported(connect_session(cfg))
     # Python workers must run the project's interpreter, not whatever `python3` is on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -54,7 +57,104 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
             builder = configure_spark_with_delta_pip(builder)
     session = builder.getOrCreate()
     _accumulator_errors_to_the_log(session)
+    return supported(session)
+
+
+# Spark lines the pipeline is built and tested for: 4.0 (Databricks Runtime 17.3 LTS, checked by
+# `make lowest-spark`) to 4.2 (the embedded default's pin)
+SUPPORTED_SPARK = ((4, 0), (4, 2))
+
+
+class UnsupportedSpark(ValueError):
+    """The session's Spark is outside SUPPORTED_SPARK."""
+
+
+def supported(spark: SparkSession) -> SparkSession:
+    """`spark`, once its Spark version is known to be in SUPPORTED_SPARK; else UnsupportedSpark, one line
+    naming both versions (the CLI exits 2 with it, before any work)."""
+    version = spark.version
+    line = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_SPARK
+    if len(line) < 2 or not low <= line <= high:
+        raise UnsupportedSpark(
+            f"Spark {version} is not supported: backforth-spark runs on Spark {low[0]}.{low[1]} to "
+            f"{high[0]}.{high[1]} (Databricks Runtime 17.3 LTS to 19)"
+        )
+    return spark
+
+
+def connect_session(cfg: SparkConfig) -> SparkSession:
+    """A Spark Connect session to the server SPARK_REMOTE names. A client starts no JVM: the server
+    has its own master, jars, memory and Delta, so of `cfg` only the SQL settings, which a Connect
+    session may change for itself, are applied (one the server refuses is logged and skipped)."""
+    session = SparkSession.builder.getOrCreate()
+    for key, value in cfg.conf.items():
+        if key.startswith("spark.sql.") and key not in ("spark.sql.extensions",):
+            try:
+                session.conf.set(key, value)
+            except Exception as exc:  # a static setting: the server's own value stands
+                log.warning("%s=%s not applied to the Spark Connect session: %s", key, value, error_text(exc))
     return session
+
+
+def is_connect(spark) -> bool:
+    """Whether `spark` is a Spark Connect session (Databricks standard access mode and serverless,
+    `SPARK_REMOTE`, `spark.api.mode=connect`): it has no SparkContext, accumulators or JVM gateway."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def spark_thread(spark, target, name: str, args: tuple = ()):
+    """A daemon thread whose Spark jobs keep the caller's job tags and properties (pyspark's
+    InheritableThread, which on Spark Connect must be handed the session)."""
+    from pyspark import InheritableThread
+
+    session = {"session": spark} if spark is not None and is_connect(spark) else {}
+    return InheritableThread(target=target, args=args, name=name, daemon=True, **session)
+
+
+def master(spark) -> str | None:
+    """The session's master URL (`local[2]`, `spark://...`, `yarn`), or None where the server does not
+    say (some Connect servers keep it to themselves)."""
+    if not is_connect(spark):
+        return spark.sparkContext.master
+    try:
+        return spark.conf.get("spark.master", None)
+    except Exception:  # a server that refuses to show it
+        return None
+
+
+def is_local_master(spark) -> bool:
+    """Whether the session runs in local mode (one JVM for driver and executors). An unknown master
+    counts as a cluster: the safe side for checkpoints and resource profiles."""
+    return (master(spark) or "").startswith("local")
+
+
+def default_parallelism(spark) -> int:
+    """How many tasks the session runs at once by default: the SparkContext's answer on a classic
+    session; on Spark Connect `spark.default.parallelism`, else local[N]'s N, else
+    `spark.sql.shuffle.partitions` (what the server's SQL plans use)."""
+    if not is_connect(spark):
+        return spark.sparkContext.defaultParallelism
+    for read in (
+        lambda: spark.conf.get("spark.default.parallelism", None),
+        lambda: _local_threads(master(spark) or ""),
+        lambda: spark.conf.get("spark.sql.shuffle.partitions", None),
+    ):
+        try:
+            value = read()
+        except Exception:
+            continue
+        if value is not None and str(value).isdigit() and int(value) > 0:
+            return int(value)
+    return 2
+
+
+def _local_threads(master_url: str) -> int | None:
+    """N of `local[N]` (or of `local[N,F]`); None for `local[*]` and any other master."""
+    if master_url == "local":
+        return 1
+    inner = master_url.removeprefix("local[").partition("]")[0].partition(",")[0]
+    return int(inner) if master_url.startswith("local[") and inner.isdigit() else None
 
 
 def _accumulator_errors_to_the_log(spark: SparkSession) -> None:
@@ -62,6 +162,8 @@ def _accumulator_errors_to_the_log(spark: SparkSession) -> None:
     accumulator updates from a socket server thread whose error handler prints a traceback to stderr;
     when the JVM dies (of an out-of-memory error, say) that connection ends mid-read and the console
     would show an EOFError traceback above the run's own one-line reason."""
+    if is_connect(spark):
+        return
     server = getattr(spark.sparkContext, "_accumulatorServer", None)
     if server is not None:
         server.handle_error = lambda _request, address: log.warning(
@@ -172,7 +274,9 @@ def jvm_stopping(spark: SparkSession, exc: BaseException) -> bool:
     meanwhile fail with whatever half-stopped Spark raises)."""
     if lost_jvm(exc):
         return True
-    jsc = getattr(spark.sparkContext, "_jsc", None) if hasattr(spark, "sparkContext") else None
+    if is_connect(spark):
+        return False  # the server's JVM is not this process's: a lost connection was caught above
+    jsc = getattr(spark.sparkContext, "_jsc", None)
     if jsc is None:
         return False
     try:

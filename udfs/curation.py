@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 from pyspark.sql.functions import pandas_udf
 
-# type objects, not DDL strings: parsing a string needs a live SparkContext at import
+# type objects, not DDL strings: parsing a string needs a live SparkContext at import. The UDFs are made
+# when a stage asks for them (pyspark binds a UDF to classic or Spark Connect when it is made)
 from pyspark.sql.types import DoubleType, StringType
 
 from backforth_spark.config import CurateConfig
@@ -28,9 +29,14 @@ def response_issue_udf(cfg: CurateConfig):
     return run
 
 
-@pandas_udf(DoubleType())
-def source_copy_udf(response: pd.Series, passage: pd.Series) -> pd.Series:
-    """The share of each response's word trigrams found in its passage."""
-    return pd.Series(
-        [round(source_copy_rate(r or "", p or ""), 4) for r, p in zip(response, passage, strict=True)]
-    )
+def source_copy_udf():
+    """A pandas UDF over (response, passage): the share of each response's word trigrams found in its
+    passage."""
+
+    @pandas_udf(DoubleType())
+    def run(response: pd.Series, passage: pd.Series) -> pd.Series:
+        return pd.Series(
+            [round(source_copy_rate(r or "", p or ""), 4) for r, p in zip(response, passage, strict=True)]
+        )
+
+    return run

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pandas as pd
-from pyspark import Accumulator
 
 from backforth_spark.config import LLMConfig
 from backforth_spark.engine import Engine
@@ -132,23 +131,54 @@ def one_task(outputs: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         yield from outputs
 
 
+# What each task reports about itself, in two columns of its last output row (null on every other
+# row): its wall time, engine loading included, and the engines it built. The stage sums them from the
+# rows it staged; accumulators would do it too, but Spark Connect has none.
+TASK_SECONDS, TASK_ENGINE_LOADS = "_task_s", "_engine_loads"  # double, bigint
+
+
+def with_task_metrics(frames: Iterator[pd.DataFrame], started: float, loads: list[int]):
+    """`frames`, each held back until the next arrives, so the last one can carry the task's metrics
+    (TASK_SECONDS, TASK_ENGINE_LOADS) once it is known to be the last. A task that yields no row
+    reports nothing."""
+    last = None
+    for frame in frames:
+        if last is not None:
+            yield _metrics(last, None, None)
+        last = frame
+    if last is not None:
+        yield _metrics(last, time.perf_counter() - started, loads[0])
+
+
+def _metrics(frame: pd.DataFrame, seconds: float | None, loads: int | None) -> pd.DataFrame:
+    """`frame` with TASK_SECONDS and TASK_ENGINE_LOADS: null, but on its last row `seconds`, `loads`."""
+    task_s = pd.array([None] * len(frame), dtype="Float64")
+    loaded = pd.array([None] * len(frame), dtype="Int64")
+    if len(frame) and seconds is not None:
+        task_s[-1], loaded[-1] = seconds, loads
+    return frame.assign(**{TASK_SECONDS: task_s, TASK_ENGINE_LOADS: loaded})
+
+
 def generate(
     spec: StageSpec,
     cfg: LLMConfig,
     engine_factory: Callable[[], Engine] | None = None,
     api_key: str | None = None,
-    task_seconds: Accumulator | None = None,
-    engine_loads: Accumulator | None = None,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """The mapInPandas function for one stage. `engine_factory` replaces vLLM (failure injection);
-    `task_seconds` (a Spark accumulator) sums each task's wall time, engine loading included;
-    `engine_loads` counts the engines built (a held one reused is not counted)."""
+    """The mapInPandas function for one stage. `engine_factory` replaces vLLM (failure injection).
+    Its rows are the stage's columns (without lineage), TASK_SECONDS and TASK_ENGINE_LOADS: the
+    task's wall time, engine loading included, and the engines it built (a held one reused is not
+    counted)."""
 
-    def loaded() -> None:
-        if engine_loads is not None:
-            engine_loads.add(1)
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        started, loads = time.perf_counter(), [0]
 
-    def new_engine(devices: list[str], fresh: bool) -> Engine:
+        def loaded() -> None:
+            loads[0] += 1
+
+        yield from with_task_metrics(one_task(generate_all(batches, loaded)), started, loads)
+
+    def new_engine(devices: list[str], fresh: bool, loaded: Callable[[], None]) -> Engine:
         if engine_factory:
             loaded()
             return engine_factory()
@@ -156,20 +186,12 @@ def generate(
             release_engine()
         return held_engine(cfg, spec.model, api_key, devices, on_load=loaded)
 
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        started = time.perf_counter()
-        try:
-            yield from one_task(generate_all(batches))
-        finally:
-            if task_seconds is not None:
-                task_seconds.add(time.perf_counter() - started)
-
-    def generate_all(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def generate_all(batches: Iterator[pd.DataFrame], loaded: Callable[[], None]) -> Iterator[pd.DataFrame]:
         gpus = assigned_gpus()
         device = pin_gpus(gpus)
         # the GPUs the engine lands on are the pinned ones, which a reused worker keeps
         devices = device.split(",") if gpus and device else []
-        engine = new_engine(devices, fresh=False)
+        engine = new_engine(devices, fresh=False, loaded=loaded)
         for batch in batches:
             for start in range(0, len(batch), cfg.batch_size):
                 out = run_batch(batch.iloc[start : start + cfg.batch_size], engine, spec, device)
@@ -179,6 +201,6 @@ def generate(
                     # every prompt failed, one by one too: the engine itself is likely gone (its
                     # process died, its server went away). Those rows are engine_error, retried on the
                     # next run; the next batch gets a new engine instead of failing the same way.
-                    engine = new_engine(devices, fresh=True)
+                    engine = new_engine(devices, fresh=True, loaded=loaded)
 
     return run

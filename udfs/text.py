@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterator
 import pandas as pd
 from pyspark.sql.functions import pandas_udf
 
-# type objects, not DDL strings: parsing a string needs a live SparkContext at import
+# type objects, not DDL strings: parsing a string needs a live SparkContext at import. Each UDF is made
+# when a stage asks for it, not at import: pyspark binds a UDF to a classic session or to Spark Connect
+# when it is made, and this module is imported before any session exists.
 from pyspark.sql.types import DoubleType, StringType
 
 from backforth_spark import minhash
@@ -16,9 +18,14 @@ from backforth_spark.dedup_local import signature_similarity, text_similarity
 from backforth_spark.text import NormHashing, norm_hash
 
 
-@pandas_udf(StringType())
-def norm_hash_udf(text: pd.Series) -> pd.Series:
-    return text.map(norm_hash)
+def norm_hash_udf():
+    """A pandas UDF: the normalised-text hash of each text."""
+
+    @pandas_udf(StringType())
+    def run(text: pd.Series) -> pd.Series:
+        return text.map(norm_hash)
+
+    return run
 
 
 def hashes_and_signatures(cfg: DedupConfig) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
@@ -47,9 +54,14 @@ def hashes_and_signatures(cfg: DedupConfig) -> Callable[[Iterator[pd.DataFrame]]
     return run
 
 
-@pandas_udf(DoubleType())
-def estimated_jaccard_udf(sig_a: pd.Series, sig_b: pd.Series) -> pd.Series:
-    return pd.Series([signature_similarity(x, y) for x, y in zip(sig_a, sig_b, strict=True)])
+def estimated_jaccard_udf():
+    """A pandas UDF: the Jaccard similarity two MinHash signatures estimate."""
+
+    @pandas_udf(DoubleType())
+    def run(sig_a: pd.Series, sig_b: pd.Series) -> pd.Series:
+        return pd.Series([signature_similarity(x, y) for x, y in zip(sig_a, sig_b, strict=True)])
+
+    return run
 
 
 def exact_jaccard(ngram: int):

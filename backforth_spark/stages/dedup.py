@@ -24,7 +24,7 @@ from backforth_spark import dedup_local as local
 from backforth_spark import schemas as s
 from backforth_spark.components import near_labels
 from backforth_spark.context import StageContext
-from backforth_spark.storage import split_uri
+from backforth_spark.session import is_local_master
 from backforth_spark.tables import Background, require_columns, struct
 from udfs.text import estimated_jaccard_udf, exact_jaccard, hashes_and_signatures, norm_hash_udf
 
@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         # one pass over the text: the exact hash and the MinHash signature from one normalisation
         new = undecided.select("doc_key", "url", "text").mapInPandas(hashes_and_signatures(cfg), NEW_SCHEMA)
     else:
-        new = undecided.select("doc_key", "url", norm_hash_udf("text").alias("norm_hash"))
+        new = undecided.select("doc_key", "url", norm_hash_udf()("text").alias("norm_hash"))
     if pending.keys is not None:
         with ctx.tables.timed("collect new documents"):
             few = new.collect()
@@ -215,7 +215,9 @@ def _near_on_driver(ctx: StageContext, survivors: list[local.NewDoc], old_reps: 
     ).select("*", *_lineage(ctx))
     # The signatures' MERGE runs beside the look-ups below (they read old representatives only, which
     # the new signatures are not), and is waited for before anything else: the decisions go in after it.
-    stored_sigs = Background(lambda: ctx.tables.merge_insert_new(s.MINHASH, sigs, ["doc_key"]), "minhash")
+    stored_sigs = Background(
+        lambda: ctx.tables.merge_insert_new(s.MINHASH, sigs, ["doc_key"]), "minhash", ctx.spark
+    )
     try:
         near, counts = _near_pairs_on_driver(ctx, survivors, old_reps)
     finally:  # also when a look-up failed: no MERGE of this stage runs on after it
@@ -401,7 +403,7 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     scored = (
         edges.join(sig.withColumnRenamed("doc_key", "src").withColumnRenamed("signature", "sig_src"), "src")
         .join(sig.withColumnRenamed("doc_key", "dst").withColumnRenamed("signature", "sig_dst"), "dst")
-        .withColumn("similarity", estimated_jaccard_udf("sig_src", "sig_dst"))
+        .withColumn("similarity", estimated_jaccard_udf()("sig_src", "sig_dst"))
         .drop("sig_src", "sig_dst")
     )
     if cfg.verify == "exact":
@@ -438,7 +440,7 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
             sig.withColumnRenamed("doc_key", "cluster_id").withColumnRenamed("signature", "sig_rep"),
             "cluster_id",
         )
-        .withColumn("similarity", estimated_jaccard_udf("sig_doc", "sig_rep"))
+        .withColumn("similarity", estimated_jaccard_udf()("sig_doc", "sig_rep"))
         .join(survivors.select("doc_key", "norm_hash"), "doc_key")
         .select("doc_key", "norm_hash", "cluster_id", "similarity")
     )
@@ -455,19 +457,14 @@ def _components_on_driver(ctx: StageContext, edges):
     return ctx.spark.createDataFrame(near, "doc_key string, cluster_id string")
 
 
-def _checkpoint(ctx: StageContext, df):
-    """Cut the lineage of a round's labels (it grows with every join). On a cluster the checkpoint is
-    reliable (written under the run's scratch folder on the workdir's filesystem, for path-based and
-    catalog tables alike), so a lost executor does not lose a round; local mode keeps it on the
-    executors, which live as long as the driver."""
-    sc = ctx.spark.sparkContext
-    if sc.master.startswith("local"):
+def _checkpoint(ctx: StageContext, df, name: str):
+    """Cut the lineage of a round's labels (it grows with every join). Local mode checkpoints on the
+    executors, which live as long as the driver. On a cluster the labels go to the staging table `name`
+    instead: written under the workdir (or the catalog), a lost executor does not lose a round, and it
+    works where `SparkContext.setCheckpointDir` does not exist (Spark Connect)."""
+    if is_local_master(ctx.spark):
         return df.localCheckpoint()
-    folder = ctx.tables.scratch_path("checkpoints")
-    # the context keeps one folder for good: a session that stays up (`refresh --every`) sets this run's
-    if split_uri(folder)[1] not in (sc.getCheckpointDir() or ""):
-        sc.setCheckpointDir(folder)
-    return df.checkpoint()
+    return ctx.tables.stage(name, df)
 
 
 def _components(ctx: StageContext, edges, nodes, max_rounds: int | None):
@@ -486,7 +483,7 @@ def _components(ctx: StageContext, edges, nodes, max_rounds: int | None):
     labels = nodes.join(touched, "doc_key").select(
         "doc_key", "prio", F.struct("prio", "doc_key").alias("label")
     )
-    labels = _checkpoint(ctx, labels)
+    labels = _checkpoint(ctx, labels, "dedup_labels_0")
     rounds = 0
     while True:
         rounds += 1
@@ -513,7 +510,8 @@ def _components(ctx: StageContext, edges, nodes, max_rounds: int | None):
             )
             .select("doc_key", "prio", "label", "new_label")
         )
-        updated = _checkpoint(ctx, updated)
+        # two staging tables in turn: a round reads the one the round before wrote
+        updated = _checkpoint(ctx, updated, f"dedup_labels_{rounds % 2}")
         changed = updated.where(F.col("new_label") != F.col("label")).count()
         labels = updated.select("doc_key", "prio", F.col("new_label").alias("label"))
         if changed == 0:

@@ -178,7 +178,7 @@ def run(ctx: StageContext) -> dict[str, int | str]:
         )
     judged = responses.withColumn("issue", issue).select(
         "passage_id", "instruction", "response", "score", "issue",
-        source_copy_udf("response", "passage").alias("source_copy"),
+        source_copy_udf()("response", "passage").alias("source_copy"),
     )  # fmt: skip
     judged = ctx.tables.stage("export_judged", judged)
     for r in judged.where("issue IS NOT NULL").groupBy("issue").count().collect():
@@ -215,7 +215,7 @@ def run(ctx: StageContext) -> dict[str, int | str]:
             .join(read(SCORE.table).where(F.col("fingerprint") == specs[SCORE.name].fingerprint)
                   .select("passage_id", "score"), "passage_id")
             .join(passages, "passage_id")
-            .withColumn("source_copy", source_copy_udf("response", "passage"))
+            .withColumn("source_copy", source_copy_udf()("response", "passage"))
             .join(doc_keys, "passage_id")
             .join(documents, "doc_key")
             .select(*LINEAGE_FIELDS, *METRIC_FIELDS, "instruction", "response"),

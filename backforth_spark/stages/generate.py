@@ -14,13 +14,15 @@ import time
 from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from backforth_spark import schemas as s
 from backforth_spark.config import LLMConfig, OpenAIConfig
 from backforth_spark.context import StageContext
 from backforth_spark.generation import DETERMINISTIC_AT_ZERO, TOO_LONG, LLMTask, StageSpec, fingerprints
+from backforth_spark.session import default_parallelism, is_local_master
 from backforth_spark.tables import require_columns, struct, without_lineage
-from udfs.generation import generate
+from udfs.generation import TASK_ENGINE_LOADS, TASK_SECONDS, generate
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,24 @@ def resolve_api_key(cfg: OpenAIConfig, spark=None) -> str | None:
     """The API key from a Databricks secret (when a scope and key are configured) or the environment.
     Resolved on the driver, shipped inside the stage's function, never logged or stored."""
     if cfg.databricks_secret_scope and cfg.databricks_secret_key:
-        from pyspark.dbutils import DBUtils  # exists only on Databricks runtimes
-
-        return DBUtils(spark).secrets.get(cfg.databricks_secret_scope, cfg.databricks_secret_key)
+        return databricks_secret(cfg.databricks_secret_scope, cfg.databricks_secret_key)
     if cfg.api_key_env:
         return os.environ.get(cfg.api_key_env) or None
     return None
+
+
+def databricks_secret(scope: str, key: str) -> str:
+    """A Databricks secret, through the Databricks SDK (on every Databricks runtime, and in any
+    process with workspace credentials): `DBUtils(spark)` needs a classic session, which Spark Connect
+    (standard access mode, serverless) does not give."""
+    try:
+        from databricks.sdk import WorkspaceClient
+    except ImportError:
+        raise ValueError(
+            f"llm.openai.databricks_secret_scope={scope!r} needs the Databricks SDK "
+            "(`pip install databricks-sdk`; Databricks runtimes ship it)"
+        ) from None
+    return WorkspaceClient().dbutils.secrets.get(scope=scope, key=key)
 
 
 def current_specs(ctx: StageContext) -> dict[str, StageSpec]:
@@ -96,13 +110,13 @@ def pending(ctx: StageContext, task: LLMTask, candidates: DataFrame, spec: Stage
 
 
 def _on_cluster(ctx: StageContext) -> bool:
-    return not ctx.spark.sparkContext.master.startswith("local")
+    return not is_local_master(ctx.spark)
 
 
 def _task_slots(ctx: StageContext, llm: LLMConfig) -> int:
     """How many LLM tasks can run at once: executor cores over cpus_per_task (set cpus_per_task so
     that this equals the GPUs, e.g. 8 cores and 2 GPUs per executor: cpus_per_task=4)."""
-    cores = ctx.spark.sparkContext.defaultParallelism
+    cores = default_parallelism(ctx.spark)
     per_task = llm.cpus_per_task if _on_cluster(ctx) else 1
     return max(1, cores // per_task)
 
@@ -114,7 +128,7 @@ def llm_resource_profile(ctx: StageContext, llm: LLMConfig):
         return None
     requests = TaskResourceRequests().cpus(llm.cpus_per_task)
     if llm.gpus_per_task > 0:
-        if ctx.spark.sparkContext.getConf().get("spark.executor.resource.gpu.amount") is None:
+        if ctx.spark.conf.get("spark.executor.resource.gpu.amount", None) is None:
             raise ValueError(
                 f"llm.gpus_per_task={llm.gpus_per_task} but the executors offer no GPUs "
                 "(spark.executor.resource.gpu.amount is not set): give them GPUs, or set "
@@ -147,14 +161,18 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     counts["plan_s"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     gen_s = merge_s = 0.0
     done = 0
-    task_seconds = ctx.spark.sparkContext.accumulator(0.0)
-    engine_loads = ctx.spark.sparkContext.accumulator(0)
+    task_seconds, engine_loads = 0.0, 0
     if n_todo:
         api_key = resolve_api_key(llm.openai, ctx.spark) if llm.engine == "openai" else None
-        worker = generate(spec, llm, ctx.engine_factory, api_key, task_seconds, engine_loads)
+        worker = generate(spec, llm, ctx.engine_factory, api_key)
         profile = llm_resource_profile(ctx, llm)
         parts = llm.num_partitions or _task_slots(ctx, llm) * llm.partitions_per_slot
-        schema = without_lineage(struct(task.columns))
+        columns = without_lineage(struct(task.columns))
+        metrics = [
+            T.StructField(TASK_SECONDS, T.DoubleType()),
+            T.StructField(TASK_ENGINE_LOADS, T.LongType()),
+        ]
+        schema = T.StructType([*columns.fields, *metrics])
         for k in range(slices):
             part = todo.where(F.col("h") % slices == k).drop("h")
             n = n_todo if slices == 1 else part.count()
@@ -170,12 +188,19 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
             # once, and a recomputed source would pay for every generation again.
             staged = ctx.tables.stage(task.table, results)
             gen_s, clock = gen_s + time.perf_counter() - clock, time.perf_counter()
+            # what the tasks reported of themselves, and the slice's tokens: one small job
+            spent = staged.agg(
+                F.sum(TASK_SECONDS), F.sum(TASK_ENGINE_LOADS), F.sum("completion_tokens")
+            ).first()
+            task_seconds += spent[0] or 0.0
+            engine_loads += spent[1] or 0
+            staged = staged.drop(TASK_SECONDS, TASK_ENGINE_LOADS)
             ctx.tables.merge_upsert_unless_ok(task.table, staged, KEYS)
             merge_s, clock = merge_s + time.perf_counter() - clock, time.perf_counter()
             counts["commits"] += 1
             done += n
             if slices > 1:  # progress of a long stage, one line per committed slice
-                tokens = staged.agg(F.sum("completion_tokens")).first()[0] or 0
+                tokens = spent[2] or 0
                 log.info(
                     "%s: %d/%d rows committed, %.1f output tokens/s", task.name, done, n_todo, tokens / gen_s
                 )
@@ -206,11 +231,11 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     counts["tokens_per_s"] = round(tokens_out / gen_s, 1) if gen_s else 0.0
     # what the run cost: the tasks' wall time (engine loading included) x the GPUs each task held
     gpus = llm.gpus_per_task if _on_cluster(ctx) else 0.0
-    counts["engine_task_s"] = round(task_seconds.value, 1)
+    counts["engine_task_s"] = round(task_seconds, 1)
     # engines built by this stage's tasks: one per task slot when workers kept theirs, more when Spark
     # stopped an idle worker that held one (see udfs/generation.py)
-    counts["engine_loads"] = engine_loads.value
-    counts["accelerator_s"] = round(task_seconds.value * gpus, 1)
+    counts["engine_loads"] = int(engine_loads)
+    counts["accelerator_s"] = round(task_seconds * gpus, 1)
     counts["tokens_per_accelerator_s"] = (
         round(tokens_out / counts["accelerator_s"], 1) if counts["accelerator_s"] else 0.0
     )

@@ -10,9 +10,11 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from backforth_spark import schemas as s
+from backforth_spark import storage
 from backforth_spark.config import IngestConfig
 from backforth_spark.context import StageContext
 from backforth_spark.dolma import PARSED_COLUMNS, UNREADABLE_FILE, glob_regex
+from backforth_spark.session import default_parallelism
 from backforth_spark.tables import arrow_batch_bytes, struct
 from udfs.ingest import parse_files
 
@@ -43,7 +45,7 @@ def spread_files(spark: SparkSession, files: list[tuple[str, int]]) -> DataFrame
     file themselves (udfs/ingest.open_input), so a file is bounded by neither executor memory nor
     Spark's 2 GB value limit."""
     ordered = [path for path, _ in sorted(files, key=lambda f: -f[1])]
-    parts = max(1, min(len(ordered), spark.sparkContext.defaultParallelism * 4))
+    parts = max(1, min(len(ordered), default_parallelism(spark) * 4))
     hands = spark.createDataFrame(
         [(i % parts, path) for i, path in enumerate(ordered)], "slot long, path string"
     )
@@ -54,23 +56,14 @@ def spread_files(spark: SparkSession, files: list[tuple[str, int]]) -> DataFrame
     return slots.join(F.broadcast(hands), "slot").select("path")
 
 
-def other_files(spark: SparkSession, cfg: IngestConfig, inputs: list[str] | tuple[str, ...]) -> int:
+def other_files(cfg: IngestConfig, inputs: list[str] | tuple[str, ...]) -> int:
     """Files under `inputs` that are not Dolma data by name (`_SUCCESS`, `README`, `.crc`, ...): skipped,
-    and counted. Listed with Hadoop's FileSystem, which, unlike Spark's reader, also sees hidden files."""
-    jvm, conf = spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
+    and counted. Listed with Arrow's filesystems on the driver, which, unlike Spark's reader, also
+    see hidden files, and which need no JVM gateway (Spark Connect has none)."""
     dolma = glob_regex(cfg.file_glob)
-    checksummed = jvm.java.lang.Class.forName("org.apache.hadoop.fs.ChecksumFileSystem")
-    skipped = 0
-    for pattern in inputs:
-        path = jvm.org.apache.hadoop.fs.Path(pattern)
-        fs = path.getFileSystem(conf)
-        if checksummed.isInstance(fs):
-            fs = fs.getRawFileSystem()  # the checksumming wrapper (local files) hides .crc files
-        for status in fs.globStatus(path) or []:
-            files = fs.listFiles(status.getPath(), True)
-            while files.hasNext():
-                skipped += not dolma.match(files.next().getPath().getName())
-    return skipped
+    return sum(
+        not dolma.match(name) for pattern in inputs for name in storage.names_under(pattern, glob_regex)
+    )
 
 
 def unread_files(ctx: StageContext, listing: DataFrame) -> tuple[list, int]:
@@ -113,7 +106,7 @@ def run(ctx: StageContext) -> dict[str, int]:
     listing = input_files(spark, cfg.ingest, ctx.inputs)
     with ctx.tables.timed("list files"):
         todo, n_listed = unread_files(ctx, listing)
-    skipped = other_files(spark, cfg.ingest, ctx.inputs)
+    skipped = other_files(cfg.ingest, ctx.inputs)
     if not todo:
         # a refresh with nothing new: no Python workers, no empty commits (the tables exist after it)
         for name in (s.DOCUMENTS, s.QUARANTINE, s.INPUT_FILES):
