@@ -89,7 +89,7 @@ def connect_session(cfg: SparkConfig) -> SparkSession:
     session may change for itself, are applied (one the server refuses is logged and skipped)."""
     session = SparkSession.builder.getOrCreate()
     for key, value in cfg.conf.items():
-        if key.startswith("spark.sql.") and key not in ("spark.sql.extensions",):
+        if key.startswith("spark.sql.") and key != "spark.sql.extensions":
             try:
                 session.conf.set(key, value)
             except Exception as exc:  # a static setting: the server's own value stands
