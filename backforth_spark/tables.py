@@ -155,7 +155,15 @@ _NO_DELTA = (
 
 
 class NoDelta(ValueError):
-    """The Spark session (or the Spark Connect server behind it) has no Delta Lake."""
+    """The Spark session (or the Spark Connect server behind it) cannot hold Delta tables where the config
+    puts them: it has no Delta Lake, or the user cannot create tables in the catalog schema."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's condition and the first line of its message (Spark's run to many lines)."""
+    condition = getattr(exc, "getCondition", lambda: None)()
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"[{condition}] {text}" if condition and condition not in text else text
 
 
 # a write in mode "error" found the table there: by path (Delta), by name (a catalog)
@@ -234,10 +242,24 @@ class Tables:
         return True
 
     def check_delta(self) -> None:
-        """Raise NoDelta (a ValueError, one line) unless the session reads Delta tables by path: a Spark
-        Connect server started without Delta fails here, before any work, not inside a stage."""
+        """Raise NoDelta (a ValueError, one line) unless the session can hold the pipeline's tables, so
+        that a run fails here, before any work, not inside a stage. By path: the session reads Delta
+        tables (a Spark Connect server started without Delta fails). In a catalog: a Delta table can be
+        created in the schema and dropped again (a missing schema, a missing grant, no Delta)."""
         if not self.catalog_schema:
             self.exists("_no_such_table")
+            return
+        # a probe rather than SHOW GRANTS: grants are Unity Catalog's syntax, and what a user may do
+        # also depends on group membership, ownership and the storage behind the schema
+        probe = quote_name(f"{self.catalog_schema}.`_backforth_write_check_{uuid.uuid4().hex[:12]}`")
+        try:
+            self.spark.sql(f"CREATE TABLE {probe} (id INT) USING DELTA")
+            self.spark.sql(f"DROP TABLE {probe}")
+        except Exception as exc:  # noqa: BLE001 (any refusal: pyspark, py4j or Spark Connect errors)
+            raise NoDelta(
+                f"cannot create Delta tables in {self.catalog_schema}: {_first_line(exc)}; the schema "
+                "must exist and the user needs USE CATALOG, USE SCHEMA, CREATE TABLE and MODIFY on it"
+            ) from None
 
     def history(self, name: str, version: int | None = None):
         """The table's latest commit (or commit `version`) as a Row of DESCRIBE HISTORY."""

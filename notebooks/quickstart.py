@@ -40,4 +40,9 @@ from backforth_spark.dataset import current_files
 
 print(summary["export"])
 version, files = current_files(summary["export"]["path"])  # the files the export's card names
-display(spark.read.parquet(*files) if files[0].endswith(".parquet") else spark.read.json(*files))
+if not files:
+    print("no pair was exported: summary['stages'] says where each row went")
+elif files[0].endswith(".parquet"):
+    display(spark.read.parquet(*files))
+else:
+    display(spark.read.json(*files))

@@ -28,7 +28,14 @@ class ClusterRun:
     for it, `stop()` ends it early (kills the submitted driver; the cluster then stops)."""
 
     def __init__(
-        self, root: Path, repo: Path, sample_dir: Path, conf: Path, spark_conf: dict[str, str]
+        self,
+        root: Path,
+        repo: Path,
+        sample_dir: Path,
+        conf: Path,
+        spark_conf: dict[str, str],
+        served: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self._submitted: list[subprocess.Popen] = []
         self._killed: list[int] = []
@@ -37,7 +44,7 @@ class ClusterRun:
         # cores the shared real run (whose follow-ups and readers wait for it) and the tests leave idle.
         self._run = Background(
             "cluster-run", _run_on_a_cluster, root, repo, sample_dir, conf, spark_conf, self._submitted,
-            self._killed, self._stores,
+            self._killed, self._stores, served, env or {},
             nice=5,
         )  # fmt: skip
 
@@ -55,7 +62,7 @@ class ClusterRun:
 
 def _run_on_a_cluster(
     root: Path, repo: Path, sample_dir: Path, conf: Path, spark_conf: dict[str, str], submitted: list,
-    killed: list, stores: list,
+    killed: list, stores: list, served: tuple[str, ...], env: dict[str, str],
 ) -> dict:  # fmt: skip
     sys.path.insert(0, str(repo / "scripts"))
     from build_pyfiles import build
@@ -75,10 +82,13 @@ def _run_on_a_cluster(
     spark_conf = {**spark_conf, **store.spark_conf(repo / ".tools" / "s3a-jars")}
     with standalone_cluster(root / "cluster", cores=2, memory="8g", gpus=2, env=store.env) as cluster:
         driver_dir = root / "driver"  # the driver's own files: its logs and MLflow store
-        submit = _Submitter(repo, conf, spark_conf, cluster, pyfiles, cwd, driver_dir, store, submitted)
+        settings = _settings(driver_dir, served)
+        submit = _Submitter(
+            repo, conf, spark_conf, cluster, pyfiles, cwd, driver_dir, settings, store, submitted, env
+        )
         # the pipeline, a Python worker killed during backtranslate (Spark retries its task)
         full = submit("pipeline", "full", killer=_kill_a_worker_during_backtranslate, killed=killed)
-        status = _status(repo, conf, spark_conf, cwd, driver_dir, store)
+        status = _status(repo, conf, spark_conf, cwd, settings, store)
         state = cluster.state()
     return {
         "full": full, "status": status,
@@ -89,11 +99,12 @@ def _run_on_a_cluster(
 class _Submitter:
     """spark-submit of a jobs/ wrapper to the cluster, its workdir and inputs on the store."""
 
-    def __init__(self, repo, conf, spark_conf, cluster, pyfiles, cwd, driver_dir, store, submitted) -> None:
+    def __init__(
+        self, repo, conf, spark_conf, cluster, pyfiles, cwd, driver_dir, settings, store, submitted, env
+    ) -> None:
         self.repo, self.conf, self.spark_conf, self.cluster = repo, conf, spark_conf, cluster
-        self.pyfiles, self.cwd, self.driver_dir, self.store, self.submitted = (
-            pyfiles, cwd, driver_dir, store, submitted,
-        )  # fmt: skip
+        self.pyfiles, self.cwd, self.driver_dir, self.settings = pyfiles, cwd, driver_dir, settings
+        self.store, self.submitted, self.env = store, submitted, env
 
     def __call__(self, job: str, name: str, killer=None, killed: list | None = None) -> dict:
         spark_submit = Path(sys.executable).parent / "spark-submit"
@@ -109,9 +120,9 @@ class _Submitter:
             *[x for key, value in self.spark_conf.items() for x in ("--conf", f"{key}={value}")],
             str(self.repo / "jobs" / f"{job}.py"),
             "--config", str(self.conf), "--workdir", WORKDIR, "--summary-json", str(summary),
-            "--input", f"s3a://{BUCKET}/in/", *_settings(self.driver_dir),
+            "--input", f"s3a://{BUCKET}/in/", *self.settings,
         ]  # fmt: skip
-        env = {**os.environ, **self.store.env, "PYSPARK_PYTHON": sys.executable}
+        env = {**os.environ, **self.store.env, **self.env, "PYSPARK_PYTHON": sys.executable}
         env["PYSPARK_DRIVER_PYTHON"] = sys.executable
         with subprocess.Popen(
             cmd, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -131,7 +142,8 @@ class _Submitter:
         return {**result, "killed": (killed or [])[:], **json.loads(summary.read_text())}
 
 
-def _settings(driver_dir: Path) -> list[str]:
+def _settings(driver_dir: Path, served: tuple[str, ...]) -> list[str]:
+    """The run's settings (`served`: the stages sent to an OpenAI-compatible server)."""
     settings = [
         # the tables and staging on the store: Delta's commits, not Parquet's renames
         "tables.staging_format=delta", f"driver_dir={driver_dir}",
@@ -140,20 +152,26 @@ def _settings(driver_dir: Path) -> list[str]:
         "llm.gpus_per_task=1", "llm.cpus_per_task=1", "llm.num_partitions=2",
         "llm.cpu_threads=1", "llm.cpu_kvcache_gib=0.25",  # 128-token passages, 2 engines
         "llm.rewrite.sampling.max_tokens=160", "llm.backtranslate.sampling.max_tokens=64",
+        *served,
     ]  # fmt: skip
     return [x for s in settings for x in ("--set", s)]
 
 
-def _status(repo: Path, conf: Path, spark_conf: dict[str, str], cwd: Path, driver_dir: Path, store) -> dict:
+def _status(
+    repo: Path, conf: Path, spark_conf: dict[str, str], cwd: Path, settings: list[str], store
+) -> dict:
     """`backforth status --json` from the driver's machine, on the store's tables (a local session with
     the connector's jars on its class path)."""
     classpath = spark_conf["spark.driver.extraClassPath"]
     cmd = [
         sys.executable, "-m", "backforth_spark.cli", "status", "--json", "--config", str(conf),
-        "--workdir", WORKDIR, *_settings(driver_dir),  # the run's settings: its stages' fingerprints
+        "--workdir", WORKDIR, *settings,  # the run's settings: its stages' fingerprints
         "--set", f"spark.conf.spark.driver.extraClassPath={classpath}",
         "--set", "spark.conf.spark.hadoop.fs.s3a.path.style.access=true",
         "--set", "spark.class_archive=null",  # the archive's class path is pyspark's and Delta's only
+        # as every Spark process of the suite: a few rows per plan, expressions not compiled
+        *[x for key, value in spark_conf.items() if key.startswith("spark.sql.codegen")
+          for x in ("--set", f"spark.conf.{key}={value}")],
         "--set", f"spark.delta_jars={repo / '.tools' / 'delta-jars'}",  # not the cwd's
     ]  # fmt: skip
     env = {**os.environ, **store.env, "PYTHONPATH": str(repo)}

@@ -273,6 +273,9 @@ REAL_RUN_SETTINGS = (
     # two passages per document (the demo keeps three): every behaviour, a third less generation. One
     # (10 passages) left the distillation baseline under the 5 pairs its analysis needs in one run.
     "chunk.max_passages_per_doc=2",
+    # passages of up to 256 tokens, not 512: each stage's prompts and the rewrites that follow them are
+    # about half as long, and the engine's time (most of the run's) with them
+    "chunk.max_tokens=256",
 )
 
 
@@ -387,7 +390,15 @@ def cluster_run_started(request, tmp_path_factory):
     if not any(_reads(item, "cluster_run") for item in request.session.items):
         yield None
         return
-    run = ClusterRun(tmp_path_factory.mktemp("cluster"), REPO, DOLMA_SAMPLE, LOCAL_CONF, INTERPRETED)
+    # backtranslate on the real engine in the executors (GPU pinning, a killed worker); score and rewrite
+    # on the suite's `vllm serve`, the real engine already loaded: each stage's tasks would otherwise load
+    # two engines of their own (Spark stops idle Python workers between stages), most of the run's time
+    _, base, model, log = request.getfixturevalue("vllm_server_starting")
+    server = VLLMServer(base + "/v1", model, log)
+    run = ClusterRun(
+        tmp_path_factory.mktemp("cluster"), REPO, DOLMA_SAMPLE, LOCAL_CONF, INTERPRETED,
+        served=(*served(server, "score"), *served(server, "rewrite")), env={"BACKFORTH_TEST_KEY": API_KEY},
+    )  # fmt: skip
     yield run
     run.stop()  # a session that ended before any test waited for it: end the submitted driver
 

@@ -37,6 +37,7 @@ class ObjectStore:
     """moto's S3 server on a free port with one bucket; `env` and `spark_conf` are what a client sets."""
 
     def __init__(self, log: Path) -> None:
+        self._client = None
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._log = log.open("w")
@@ -80,12 +81,18 @@ class ObjectStore:
         }
 
     def client(self):
-        import boto3
+        """One S3 client for every call, from any thread (botocore's clients are thread-safe). Built once
+        and told there is no proxy: building one reads proxies by iterating os.environ, which fails with
+        KeyError when the test thread changes the environment meanwhile (pytest sets a variable per test)."""
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
 
-        return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-            region_name="us-east-1",
-        )  # fmt: skip
+            self._client = boto3.client(
+                "s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                aws_secret_access_key=SECRET_KEY, region_name="us-east-1", config=Config(proxies={}),
+            )  # fmt: skip
+        return self._client
 
     def upload(self, local: Path, key: str) -> str:
         self.client().upload_file(str(local), BUCKET, key)

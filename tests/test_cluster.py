@@ -1,7 +1,8 @@
 """One real Spark standalone cluster with no disk shared with its driver's work: the workdir and the inputs
 are on an S3-compatible store (moto's server, through Spark's s3a connector and Arrow's S3 filesystem),
 the worker offers two `gpu` addresses through a discovery script. On it, submitted with
-`spark-submit --py-files` from a folder outside the repo, the real vLLM CPU engine in the executors:
+`spark-submit --py-files` from a folder outside the repo, the real vLLM CPU engine in the executors for
+backtranslate and the suite's `vllm serve` for score and rewrite (its key from the driver's environment):
 the whole pipeline, with a Python worker killed in the middle of backtranslate (Spark retries its task
 and the run finishes with one row per key); then `backforth status` on the store's tables. (A refresh
 with nothing new: tests/test_cli.py; every jobs/ wrapper: test_cli.py too.)"""
@@ -19,6 +20,7 @@ from backforth_spark.dataset import current_files
 from backforth_spark.generation import LLM_TASKS
 from backforth_spark.stages import STAGES
 from tests.cluster_run import DOCS, WORKDIR, WORKDIR_KEY
+from tests.conftest import API_KEY
 from tests.object_store import ACCESS_KEY, BUCKET, SECRET_KEY
 
 pytestmark = pytest.mark.e2e
@@ -126,9 +128,10 @@ def test_nothing_of_the_workdir_lands_on_a_local_disk(cluster_run):
 
 
 def test_the_store_credentials_are_nowhere_the_runs_left(cluster_run, spark, tmp_path):
-    """Not on the console, in the logs, the summaries, any object on the store (tables' rows read as
-    text, the export, the card), the driver's files, the executors' logs, or the MLflow runs."""
-    secrets = (ACCESS_KEY, SECRET_KEY)
+    """The store's keys and the API key: not on the console, in the logs, the summaries, any object on
+    the store (tables' rows read as text, the export, the card), the driver's files, the executors'
+    logs, or the MLflow runs."""
+    secrets = (ACCESS_KEY, SECRET_KEY, API_KEY)  # the store's keys, the served stages' API key
     run = cluster_run["full"]
     text = run["stdout"] + run["stderr"] + run["logs"] + json.dumps(run)
     assert not any(s in text for s in secrets)

@@ -150,7 +150,7 @@ def test_the_run_reached_the_mlflow_server_with_a_nested_run_per_stage(real_run)
     client = MlflowClient(tracking_uri=real_run.tracking_uri)
     run = client.get_run(real_run.summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == real_run.summary["run_id"]
-    assert run.data.params["chunk.max_tokens"] == "512"
+    assert run.data.params["chunk.max_tokens"] == "256"  # REAL_RUN_SETTINGS
     assert run.data.params["model"].endswith("SmolLM2-135M-Instruct")
     assert run.data.params["model.backtranslate"] == str(STAND_IN_BACKWARD)
     assert run.data.params["model.score"] == run.data.params["model"]

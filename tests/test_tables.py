@@ -243,3 +243,51 @@ def test_the_arrow_batch_size_is_read_in_any_of_sparks_byte_spellings(spark, set
         assert tables.arrow_batch_bytes(spark) == expected
     finally:
         spark.conf.set(key, before)
+
+
+def _catalog_context(tmp_path, catalog_schema: str):
+    from backforth_spark.pipeline import context_for
+
+    cfg = load_config(
+        LOCAL_CONF,
+        [
+            f"workdir={tmp_path / 'work'}",
+            f"tables.catalog_schema={catalog_schema}",
+            "tables.staging_format=delta",
+        ],
+    )
+    return context_for(cfg, "run-1")
+
+
+def test_a_catalog_schema_that_does_not_exist_is_one_line_before_any_work(spark, tmp_path):
+    missing = f"spark_catalog.bf_missing_{uuid.uuid4().hex[:8]}"
+    with pytest.raises(tables.NoDelta) as refused:
+        _catalog_context(tmp_path, missing)
+    message = str(refused.value)
+    assert message.startswith(f"cannot create Delta tables in {missing}: ") and "\n" not in message
+    assert "SCHEMA_NOT_FOUND" in message and "CREATE TABLE" in message
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_catalog_schema_the_user_cannot_write_is_one_line_and_leaves_no_table(spark, tmp_path):
+    # storage the tables cannot be written to: the schema's folder replaced by a file (a permission
+    # cannot stand for it here: the suite may run as root)
+    schema = f"bf_{uuid.uuid4().hex[:8]}"
+    blocked = tmp_path / "warehouse"
+    spark.sql(f"CREATE SCHEMA spark_catalog.{schema} LOCATION '{blocked}'")
+    blocked.rmdir()
+    blocked.write_text("")
+    with pytest.raises(tables.NoDelta) as refused:
+        _catalog_context(tmp_path, f"spark_catalog.{schema}")
+    message = str(refused.value)
+    assert message.startswith(f"cannot create Delta tables in spark_catalog.{schema}: "), message
+    assert "\n" not in message
+    assert spark.sql(f"SHOW TABLES IN spark_catalog.{schema}").count() == 0
+
+
+def test_a_writable_catalog_schema_passes_the_check_and_keeps_no_probe(spark, tmp_path):
+    schema = f"bf_{uuid.uuid4().hex[:8]}"
+    spark.sql(f"CREATE SCHEMA spark_catalog.{schema} LOCATION '{tmp_path / 'warehouse'}'")
+    ctx = _catalog_context(tmp_path, f"spark_catalog.{schema}")
+    assert ctx.tables.catalog_schema == f"spark_catalog.{schema}"
+    assert spark.sql(f"SHOW TABLES IN spark_catalog.{schema}").count() == 0
