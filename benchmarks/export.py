@@ -5,7 +5,8 @@ the driver's Python, as the export wrote before), on a local workdir and on an S
 
 Builds PAIRS synthetic pairs (instructions of about 20 words, responses of about 250, the export's
 lineage columns), stages them as a Parquet table, then writes them as the export writes a version
-(JSON lines and Parquet shards of 10,000 rows, ordered by passage_id) four times:
+(JSON lines and Parquet shards of `export.shard_rows` rows, 100,000 by default, ordered by passage_id)
+four times:
 - executor-written: `stages.export.write_dataset` (repartitionByRange, one file a range, the card last);
 - driver-streamed (the peer): the rows in order through `toLocalIterator`, each shard built on the
   driver and written through Arrow's filesystem, the card last;
@@ -70,6 +71,8 @@ def driver_streamed(rows, n_rows: int, out_uri: str, version: str, card: str, cf
     import pyarrow.parquet as pq
 
     fs, _ = storage.filesystem(out_uri)
+    # a local filesystem opens no file in a folder that does not exist (an object store has no folders)
+    fs.create_dir(storage.filesystem(storage.join(out_uri, version, "data"))[1], recursive=True)
     shards = shard_count(n_rows, cfg.shard_rows)
     it = rows.orderBy("passage_id").toLocalIterator()
     for i in range(shards):
