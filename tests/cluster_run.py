@@ -18,6 +18,9 @@ from backforth_spark.standalone import standalone_cluster
 from tests.background import Background
 from tests.object_store import BUCKET, ObjectStore
 
+# the suite's option for its short-lived JVMs (tests/conftest.py sets it for every spark-submit)
+SHORT_LIVED_JVM = "-XX:TieredStopAtLevel=1"
+
 DOCS = 6
 WORKDIR_KEY = "work"
 WORKDIR = f"s3a://{BUCKET}/{WORKDIR_KEY}"  # every table, staging folder and export of the run
@@ -152,6 +155,9 @@ def _settings(driver_dir: Path, served: tuple[str, ...]) -> list[str]:
         "llm.gpus_per_task=1", "llm.cpus_per_task=1", "llm.num_partitions=2",
         "llm.cpu_threads=1", "llm.cpu_kvcache_gib=0.25",  # 128-token passages, 2 engines
         "llm.rewrite.sampling.max_tokens=160", "llm.backtranslate.sampling.max_tokens=64",
+        # the executors' JVMs as every short-lived JVM of the suite (tests/conftest.py SHORT_LIVED_JVM;
+        # spark-submit gives the driver's its SPARK_SUBMIT_OPTS), beside conf/local.yaml's option
+        f"spark.conf.spark.executor.extraJavaOptions=-Djdk.nio.maxCachedBufferSize=1048576 {SHORT_LIVED_JVM}",
         *served,
     ]  # fmt: skip
     return [x for s in settings for x in ("--set", s)]

@@ -1,6 +1,8 @@
 """Databricks artefacts, checked here without a workspace: the bundle's job, its config, the notebooks."""
 
 import ast
+import gzip
+import json
 import re
 import subprocess
 import tomllib
@@ -115,3 +117,55 @@ def test_the_built_wheel_requires_no_package_the_runtime_ships_at_a_pinned_versi
     local = [r for r in requires if re.search(r"extra == [\"']local[\"']", r)]
     assert {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in local} == {"pyspark", "delta-spark"}
     print("wheel requires:", "; ".join(required))
+
+
+# the Databricks CLI's bundle schema, with its source and version (tests/data/README.md)
+BUNDLE_SCHEMA = REPO / "tests" / "data" / "databricks_bundle_schema.json.gz"
+
+
+def _bundle_validator():
+    """A JSON-schema validator for bundle files. The CLI's schema writes its patterns for Go's regexp
+    (`\\p{L}` letter classes, for `${var.x}` references), which Python's `re` cannot read: `pattern` is
+    checked with `regex`, which reads them as Go does."""
+    import regex
+    from jsonschema import ValidationError, validators
+
+    def pattern(validator, expected, instance, schema):
+        if validator.is_type(instance, "string") and not regex.search(expected, instance):
+            yield ValidationError(f"{instance!r} does not match {expected!r}")
+
+    schema = json.loads(gzip.decompress(BUNDLE_SCHEMA.read_bytes()))
+    cls = validators.validator_for({"$schema": "https://json-schema.org/draft/2020-12/schema"})
+    return validators.extend(cls, {"pattern": pattern})(schema)
+
+
+def test_the_bundle_is_valid_against_the_databricks_clis_bundle_schema():
+    bundle = yaml.safe_load((REPO / "databricks.yml").read_text())
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _bundle_validator().iter_errors(bundle)
+    ]
+    assert errors == []
+
+
+def _causes(error):
+    """The innermost errors under a schema error: each value is `oneOf` a typed object or a `${...}`
+    reference, so what went wrong sits in the errors of the alternatives."""
+    if not error.context:
+        yield error
+    for sub in error.context:
+        yield from _causes(sub)
+
+
+def test_the_bundle_schema_refuses_a_misspelt_or_mistyped_bundle():
+    """The validation can fail: an unknown key of a job and a list where a string belongs."""
+    bundle = yaml.safe_load((REPO / "databricks.yml").read_text())
+    job = bundle["resources"]["jobs"]["backforth_refresh"]
+    job["max_concurent_runs"] = 1  # misspelt
+    job["schedule"]["timezone_id"] = ["UTC"]
+    causes = {
+        ("/".join(map(str, c.absolute_path)), c.validator)
+        for e in _bundle_validator().iter_errors(bundle)
+        for c in _causes(e)
+    }
+    assert ("resources/jobs/backforth_refresh", "additionalProperties") in causes
+    assert ("resources/jobs/backforth_refresh/schedule/timezone_id", "type") in causes

@@ -27,6 +27,8 @@ def test_the_suites_session_options_reach_the_jvm(spark):
     # tests/conftest.py adds the serial collector to the driver's options
     arguments = list(spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
     assert "-XX:+UseSerialGC" in arguments
+    # and keeps both JIT compilers: the short-lived JVMs' C1-only option (SPARK_SUBMIT_OPTS) is not its
+    assert not any("TieredStopAtLevel" in argument for argument in arguments)
 
 
 def test_the_local_config_keeps_the_jvms_default_jit():
