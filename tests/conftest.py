@@ -391,7 +391,17 @@ def _reads_the_real_run(item) -> bool:
 FOLLOW_UPS = ("killed_generation", "refresh_after_new_file")
 
 
+# What makes a test end-to-end: it reads one of the background runs, or a server of the session.
+E2E_FIXTURES = ("real_run", *FOLLOW_UPS, "cluster_run", "vllm_server", "mlflow_server")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the marks
 def pytest_collection_modifyitems(items):
+    # Every test that needs an engine, a server or a background run is marked e2e, so that
+    # `-m "not e2e"` (make test-fast) starts none of them.
+    for item in items:
+        if any(_reads(item, name) for name in E2E_FIXTURES):
+            item.add_marker(pytest.mark.e2e)
     # The tests that read the shared real run go last, in their order (those that wait for one of its
     # follow-ups after the rest), and those that read the cluster run after them: both runs start in
     # the background with the first test (real_run_started, cluster_run_started), the follow-ups when
