@@ -28,7 +28,7 @@ from build_pyfiles import build  # noqa: E402
 
 from backforth_spark.standalone import standalone_cluster  # noqa: E402
 
-ARCHIVE = REPO / "dist" / "backforth-env.tar"
+ARCHIVE = REPO / "dist" / "backforth-env.zip"
 
 
 def main() -> int:
@@ -59,11 +59,18 @@ def main() -> int:
             "--set", "chunk.max_passages_per_doc=1", "--set", "tracking.enabled=false",
             *(["--stages", args.stages] if args.stages else []),
         ]  # fmt: skip
+        # spark-submit's wrapper asks $PYSPARK_PYTHON where pyspark lives unless SPARK_HOME says it
+        import pyspark
+
+        env = {**os.environ, "SPARK_HOME": str(Path(pyspark.__file__).parent)}
         started = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - started
+    log = root / "spark-submit.log"
+    log.write_text(proc.stderr)
     if proc.returncode != 0:
-        print(proc.stderr[-4000:], file=sys.stderr)
+        causes = [line for line in proc.stderr.splitlines() if "Exception" in line or "Error" in line]
+        print("\n".join(causes[:10]), f"\n(the whole output: {log})", file=sys.stderr)
     counts = json.loads(summary.read_text()) if summary.exists() else {}
     for name, stage in counts.get("stages", {}).items():
         print(f"{name:<14} rows_in={stage.get('rows_in')} rows_out={stage.get('rows_out')}")
