@@ -14,12 +14,17 @@ import threading
 import time
 from pathlib import Path
 
+from backforth_spark.config import load_config
 from backforth_spark.standalone import standalone_cluster
 from tests.background import Background
 from tests.object_store import BUCKET, ObjectStore
 
 # the suite's option for its short-lived JVMs (tests/conftest.py sets it for every spark-submit)
 SHORT_LIVED_JVM = "-XX:TieredStopAtLevel=1"
+# the executors' options of the config the run submits (conf/local.yaml)
+_EXECUTOR_OPTIONS = load_config(Path(__file__).resolve().parents[1] / "conf" / "local.yaml").spark.conf.get(
+    "spark.executor.extraJavaOptions", ""
+)
 
 DOCS = 6
 WORKDIR_KEY = "work"
@@ -156,8 +161,8 @@ def _settings(driver_dir: Path, served: tuple[str, ...]) -> list[str]:
         "llm.cpu_threads=1", "llm.cpu_kvcache_gib=0.25",  # 128-token passages, 2 engines
         "llm.rewrite.sampling.max_tokens=160", "llm.backtranslate.sampling.max_tokens=64",
         # the executors' JVMs as every short-lived JVM of the suite (tests/conftest.py SHORT_LIVED_JVM;
-        # spark-submit gives the driver's its SPARK_SUBMIT_OPTS), beside conf/local.yaml's option
-        f"spark.conf.spark.executor.extraJavaOptions=-Djdk.nio.maxCachedBufferSize=1048576 {SHORT_LIVED_JVM}",
+        # spark-submit gives the driver's its SPARK_SUBMIT_OPTS), beside the config's own options
+        f"spark.conf.spark.executor.extraJavaOptions={_EXECUTOR_OPTIONS} {SHORT_LIVED_JVM}",
         *served,
     ]  # fmt: skip
     return [x for s in settings for x in ("--set", s)]
