@@ -4,6 +4,7 @@ waiting minutes for it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from backforth_spark.config import load_config
+from backforth_spark.generation import BACKTRANSLATE
 from backforth_spark.standalone import standalone_cluster
 from tests.background import Background
 from tests.object_store import BUCKET, ObjectStore
@@ -27,6 +29,9 @@ _EXECUTOR_OPTIONS = load_config(Path(__file__).resolve().parents[1] / "conf" / "
 )
 
 DOCS = 6
+# the documents of the file that lands before the refresh: one commit slice each, so that a kill can
+# land between two of them
+NEW_DOCS = 3
 WORKDIR_KEY = "work"
 WORKDIR = f"s3a://{BUCKET}/{WORKDIR_KEY}"  # every table, staging folder and export of the run
 
@@ -46,13 +51,12 @@ class ClusterRun:
         env: dict[str, str] | None = None,
     ) -> None:
         self._submitted: list[subprocess.Popen] = []
-        self._killed: list[int] = []
         self._stores: list[ObjectStore] = []  # up until stop(): the tests read the run's files there
         # Its tests come last, so it has until the end of the session; at a lower priority it takes the
         # cores the shared real run (whose follow-ups and readers wait for it) and the tests leave idle.
         self._run = Background(
             "cluster-run", _run_on_a_cluster, root, repo, sample_dir, conf, spark_conf, self._submitted,
-            self._killed, self._stores, served, env or {},
+            self._stores, served, env or {},
             nice=5,
         )  # fmt: skip
 
@@ -70,7 +74,7 @@ class ClusterRun:
 
 def _run_on_a_cluster(
     root: Path, repo: Path, sample_dir: Path, conf: Path, spark_conf: dict[str, str], submitted: list,
-    killed: list, stores: list, served: tuple[str, ...], env: dict[str, str],
+    stores: list, served: tuple[str, ...], env: dict[str, str],
 ) -> dict:  # fmt: skip
     sys.path.insert(0, str(repo / "scripts"))
     from build_pyfiles import build
@@ -82,9 +86,9 @@ def _run_on_a_cluster(
     lines = [x for f in sorted(sample_dir.glob("*.jsonl")) for x in f.read_text().splitlines() if x.strip()]
     store = ObjectStore(root / "moto.log")
     stores.append(store)
-    part = root / "part-0.jsonl"
-    part.write_text("\n".join(lines[:DOCS]) + "\n")
-    store.upload(part, "in/part-0.jsonl")
+    for name, part in (("part-0.jsonl", lines[:DOCS]), ("part-1.jsonl", lines[DOCS : DOCS + NEW_DOCS])):
+        (root / name).write_text("\n".join(part) + "\n")
+    store.upload(root / "part-0.jsonl", "in/part-0.jsonl")
     # the nodes know the store (endpoint and keys in their environment, as an instance profile or a
     # cluster's settings would give them); Spark only its path-style addressing and the jars
     spark_conf = {**spark_conf, **store.spark_conf(repo / ".tools" / "s3a-jars")}
@@ -94,12 +98,20 @@ def _run_on_a_cluster(
         submit = _Submitter(
             repo, conf, spark_conf, cluster, pyfiles, cwd, driver_dir, settings, store, submitted, env
         )
-        # the pipeline, a Python worker killed during backtranslate (Spark retries its task)
-        full = submit("pipeline", "full", killer=_kill_a_worker_during_backtranslate, killed=killed)
+        # The pipeline, two kills in its backtranslate stage (one commit slice per two passages): a Python
+        # worker loading the engine (Spark retries its task), then, once the first slice is committed,
+        # the driver (SIGKILL: spark-submit's JVM and the Python driver, no clean-up at all).
+        killer = _kill_a_worker_then_the_driver(store, cluster, BACKTRANSLATE.table)
+        slices = ("--set", "llm.commit_rows=2")
+        killed = submit("pipeline", "killed", extra=slices, killer=killer)
+        killed |= {"killed_worker": killer.worker, "killed_at_version": killer.killed_at}
+        # A file lands; a refresh reads it and finishes what the killed run left: every stage to export.
+        store.upload(root / "part-1.jsonl", "in/part-1.jsonl")
+        refresh = submit("refresh", "refresh")
         status = _status(repo, conf, spark_conf, cwd, settings, store)
         state = cluster.state()
     return {
-        "full": full, "status": status,
+        "killed": killed, "refresh": refresh, "status": status,
         "apps": state["completedapps"] + state["activeapps"], "root": root, "store": store,
     }  # fmt: skip
 
@@ -114,7 +126,9 @@ class _Submitter:
         self.pyfiles, self.cwd, self.driver_dir, self.settings = pyfiles, cwd, driver_dir, settings
         self.store, self.submitted, self.env = store, submitted, env
 
-    def __call__(self, job: str, name: str, killer=None, killed: list | None = None) -> dict:
+    def __call__(self, job: str, name: str, extra: tuple[str, ...] = (), killer=None) -> dict:
+        """Submit `job` and wait for it; `killer(process)` watches it from a thread. A run that ends
+        well returns its summary; one that `killer` killed, its return code and output."""
         spark_submit = Path(sys.executable).parent / "spark-submit"
         summary = self.cwd / f"{name}.json"
         cmd = [
@@ -128,26 +142,29 @@ class _Submitter:
             *[x for key, value in self.spark_conf.items() for x in ("--conf", f"{key}={value}")],
             str(self.repo / "jobs" / f"{job}.py"),
             "--config", str(self.conf), "--workdir", WORKDIR, "--summary-json", str(summary),
-            "--input", f"s3a://{BUCKET}/in/", *self.settings,
+            "--input", f"s3a://{BUCKET}/in/", *self.settings, *extra,
         ]  # fmt: skip
         env = {**os.environ, **self.store.env, **self.env, "PYSPARK_PYTHON": sys.executable}
         env["PYSPARK_DRIVER_PYTHON"] = sys.executable
+        # its own process group: a kill of the driver takes spark-submit's JVM and the Python driver
         with subprocess.Popen(
-            cmd, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        ) as run:
+            cmd, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            start_new_session=True,
+        ) as run:  # fmt: skip
             self.submitted.append(run)
             watcher = None
             if killer is not None:
-                args = (self.store, run, self.cluster.worker_pid, killed if killed is not None else [])
-                watcher = threading.Thread(target=killer, args=args, daemon=True)
+                watcher = threading.Thread(target=killer, args=(run,), daemon=True)
                 watcher.start()
             stdout, stderr = run.communicate(timeout=1500)
             if watcher is not None:
                 watcher.join(timeout=5)
         logs = stderr + "".join(p.read_text() for p in (self.driver_dir / "logs").glob("*.log"))
         result = {"returncode": run.returncode, "stdout": stdout, "stderr": stderr, "logs": logs}
+        if run.returncode == -signal.SIGKILL and getattr(killer, "killed_at", None) is not None:
+            return result  # the driver was killed on purpose: no summary
         assert run.returncode == 0, f"{name}: {stderr[-4000:]}"
-        return {**result, "killed": (killed or [])[:], **json.loads(summary.read_text())}
+        return {**result, **json.loads(summary.read_text())}
 
 
 def _settings(driver_dir: Path, served: tuple[str, ...]) -> list[str]:
@@ -234,17 +251,37 @@ def _staged(store, table: str) -> bool:
     return any(f"/{table}/" in key for key in store.list_keys(f"{WORKDIR_KEY}/tables/_staging/"))
 
 
-def _kill_a_worker_during_backtranslate(
-    store, run: subprocess.Popen, cluster_worker: int, killed: list
-) -> None:
+def _versions(store, table: str) -> list[int]:
+    """The committed Delta versions of a table of the run on the store."""
+    keys = store.list_keys(f"{WORKDIR_KEY}/tables/{table}/_delta_log/")
+    names = (key.rsplit("/", 1)[1] for key in keys)
+    return sorted(int(n.removesuffix(".json")) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+
+class _kill_a_worker_then_the_driver:  # noqa: N801 (a callable, named for what it does)
     """Once the backtranslate stage has frozen its inputs and one of its tasks is loading the engine,
-    SIGKILL the busiest such Python worker: the task it runs fails and Spark retries it elsewhere."""
-    while run.poll() is None:
-        if _staged(store, "backtranslate_todo"):
-            workers = _engine_workers(under=cluster_worker)
-            if workers:
-                pid = max(workers, key=workers.get)
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+    SIGKILL the busiest such Python worker (the task fails, Spark retries it); then, once `table` has
+    its first commit, SIGKILL the submitted driver's process group (spark-submit's JVM and the Python
+    driver; the master then ends its executors). `worker`: the pid killed; `killed_at`: the table's
+    last version at the driver's kill."""
+
+    def __init__(self, store, cluster, table: str) -> None:
+        self.store, self.cluster, self.table = store, cluster, table
+        self.worker: int | None = None
+        self.killed_at: int | None = None
+
+    def __call__(self, run: subprocess.Popen) -> None:
+        while run.poll() is None and self.worker is None:
+            if _staged(self.store, "backtranslate_todo"):
+                workers = _engine_workers(under=self.cluster.worker_pid)
+                if workers:
+                    self.worker = max(workers, key=workers.get)
+                    os.kill(self.worker, signal.SIGKILL)
+            time.sleep(0.5)
+        while run.poll() is None:
+            if _versions(self.store, self.table):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(run.pid, signal.SIGKILL)
+                self.killed_at = _versions(self.store, self.table)[-1]
                 return
-        time.sleep(0.5)
+            time.sleep(0.2)

@@ -388,7 +388,7 @@ def _reads_the_real_run(item) -> bool:
 
 
 # the follow-ups of the real run (tests/after_real_run.py): name -> the fixture a test reads
-FOLLOW_UPS = ("killed_generation", "refresh_after_new_file")
+FOLLOW_UPS = ("refresh_after_new_file",)
 
 
 # What makes a test end-to-end: it reads one of the background runs, or a server of the session.
@@ -521,10 +521,6 @@ def _follow_up(started: _Started, name: str, root: Path) -> dict:
     root.mkdir()
     work = copy_run(run, root / "work")
     procs = started.follow_up_procs
-    if name == "killed_generation":
-        return after_real_run.kill_then_rerun_backtranslate(
-            work, REPO, LOCAL_CONF, INTERPRETED_SETTINGS, procs
-        )
     corpus = root / "in"
     shutil.copytree(run.corpus, corpus)
     # the refresh runs as a Spark Connect client (Databricks' standard access mode, serverless): a
@@ -552,12 +548,6 @@ def real_run(real_run_started: _Started) -> RealRun:
     except BaseException:
         started.process.kill()
         raise
-
-
-@pytest.fixture(scope="session")
-def killed_generation(real_run_started: _Started) -> dict:
-    """The kill-and-rerun follow-up of the real run (after_real_run.kill_then_rerun_backtranslate)."""
-    return real_run_started.follow_ups["killed_generation"].result()
 
 
 @pytest.fixture(scope="session")

@@ -155,7 +155,9 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     todo = todo.drop("previous")
     n_todo = sum(owed.values())
     slices = -(-n_todo // llm.commit_rows) if llm.commit_rows and n_todo > llm.commit_rows else 1
-    counts: dict[str, int | float] = {"rows_in": n_candidates, "generated": n_todo, "commits": 0}
+    # `owed`: what the plan froze; `generated` (below): the rows this run committed, which is less when
+    # a task or the run died before its slice's MERGE
+    counts: dict[str, int | float] = {"rows_in": n_candidates, "owed": n_todo, "commits": 0}
     # what this run generates again, by the status of the last try (see final_statuses for what is not)
     counts |= {f"retried_{status}": n for status, n in sorted(retried.items())}
     counts["plan_s"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
@@ -207,21 +209,23 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     counts["generate_s"], counts["merge_s"] = round(gen_s, 2), round(merge_s, 2)
     current = ctx.tables.read(task.table).where(F.col("fingerprint") == spec.fingerprint)
     this_run = F.col("run_id") == ctx.run_id
-    # one job for the statuses, this run's tokens and (a judge's) the histogram of ok scores
+    # one job for the statuses, this run's rows and tokens and (a judge's) the histogram of ok scores
     by = ["status", "score"] if task.judge else ["status"]
     rows = current.groupBy(*by).agg(
         F.count("*").alias("count"),
+        F.count(F.when(this_run, 1)).alias("generated"),
         F.sum(F.when(this_run, F.col("prompt_tokens"))).alias("tokens_in"),
         F.sum(F.when(this_run, F.col("completion_tokens"))).alias("tokens_out"),
     )
-    by_status, scores, tokens_in, tokens_out = {}, {}, 0, 0
+    by_status, scores, tokens_in, tokens_out, generated = {}, {}, 0, 0, 0
     for r in rows.collect():
         by_status[r["status"]] = by_status.get(r["status"], 0) + r["count"]
+        generated += r["generated"]
         if task.judge and r["status"] == "ok":
             scores[r["score"]] = r["count"]
         tokens_in += r["tokens_in"] or 0
         tokens_out += r["tokens_out"] or 0
-    counts["rows_out"] = by_status.get("ok", 0)
+    counts["generated"], counts["rows_out"] = generated, by_status.get("ok", 0)
     counts.update({f"status_{k}": v for k, v in sorted(by_status.items())})
     total = sum(by_status.values())
     counts["parse_failure_rate"] = round(by_status.get("parse_error", 0) / total, 4) if total else 0.0
