@@ -48,6 +48,7 @@ class ClusterRun:
         conf: Path,
         spark_conf: dict[str, str],
         served: tuple[str, ...] = (),
+        served_in_refresh: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
     ) -> None:
         self._submitted: list[subprocess.Popen] = []
@@ -56,7 +57,7 @@ class ClusterRun:
         # cores the shared real run (whose follow-ups and readers wait for it) and the tests leave idle.
         self._run = Background(
             "cluster-run", _run_on_a_cluster, root, repo, sample_dir, conf, spark_conf, self._submitted,
-            self._stores, served, env or {},
+            self._stores, served, served_in_refresh, env or {},
             nice=5,
         )  # fmt: skip
 
@@ -74,7 +75,7 @@ class ClusterRun:
 
 def _run_on_a_cluster(
     root: Path, repo: Path, sample_dir: Path, conf: Path, spark_conf: dict[str, str], submitted: list,
-    stores: list, served: tuple[str, ...], env: dict[str, str],
+    stores: list, served: tuple[str, ...], served_in_refresh: tuple[str, ...], env: dict[str, str],
 ) -> dict:  # fmt: skip
     sys.path.insert(0, str(repo / "scripts"))
     from build_pyfiles import build
@@ -105,9 +106,13 @@ def _run_on_a_cluster(
         slices = ("--set", "llm.commit_rows=2")
         killed = submit("pipeline", "killed", extra=slices, killer=killer)
         killed |= {"killed_worker": killer.worker, "killed_at_version": killer.killed_at}
-        # A file lands; a refresh reads it and finishes what the killed run left: every stage to export.
+        # A file lands; a refresh reads it and finishes what the killed run left: every stage to export
+        # (backtranslate too on the server: the same model, so the same fingerprints and rows owed,
+        # and no engine to load in the executors again)
         store.upload(root / "part-1.jsonl", "in/part-1.jsonl")
-        refresh = submit("refresh", "refresh")
+        refresh = submit(
+            "refresh", "refresh", extra=tuple(x for s in served_in_refresh for x in ("--set", s))
+        )
         status = _status(repo, conf, spark_conf, cwd, settings, store)
         state = cluster.state()
     return {

@@ -423,14 +423,16 @@ def cluster_run_started(request, tmp_path_factory):
     if not any(_reads(item, "cluster_run") for item in request.session.items):
         yield None
         return
-    # backtranslate on the real engine in the executors (GPU pinning, a killed worker); score and rewrite
-    # on the suite's `vllm serve`, the real engine already loaded: each stage's tasks would otherwise load
-    # two engines of their own (Spark stops idle Python workers between stages), most of the run's time
+    # backtranslate on the real engine in the executors (GPU pinning, a killed worker), and in the
+    # refresh that follows on the suite's `vllm serve`; score and rewrite on the server throughout, the
+    # real engine already loaded: each stage's tasks would otherwise load two engines of their own
+    # (Spark stops idle Python workers between stages), most of the run's time
     _, base, model, log = request.getfixturevalue("vllm_server_starting")
     server = VLLMServer(base + "/v1", model, log)
     run = ClusterRun(
         tmp_path_factory.mktemp("cluster"), REPO, DOLMA_SAMPLE, LOCAL_CONF, INTERPRETED,
-        served=(*served(server, "score"), *served(server, "rewrite")), env={"BACKFORTH_TEST_KEY": API_KEY},
+        served=(*served(server, "score"), *served(server, "rewrite")),
+        served_in_refresh=served(server, "backtranslate"), env={"BACKFORTH_TEST_KEY": API_KEY},
     )  # fmt: skip
     yield run
     run.stop()  # a session that ended before any test waited for it: end the submitted driver

@@ -155,15 +155,15 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     todo = todo.drop("previous")
     n_todo = sum(owed.values())
     slices = -(-n_todo // llm.commit_rows) if llm.commit_rows and n_todo > llm.commit_rows else 1
-    # `owed`: what the plan froze; `generated` (below): the rows this run committed, which is less when
-    # a task or the run died before its slice's MERGE
+    # `owed`: what the plan froze; `generated`: the rows the slices' tasks produced and this run
+    # committed, fewer when the run dies between slices
     counts: dict[str, int | float] = {"rows_in": n_candidates, "owed": n_todo, "commits": 0}
     # what this run generates again, by the status of the last try (see final_statuses for what is not)
     counts |= {f"retried_{status}": n for status, n in sorted(retried.items())}
     counts["plan_s"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     gen_s = merge_s = 0.0
     done = 0
-    task_seconds, engine_loads = 0.0, 0
+    task_seconds, engine_loads, generated = 0.0, 0, 0
     if n_todo:
         api_key = resolve_api_key(llm.openai, ctx.spark) if llm.engine == "openai" else None
         worker = generate(spec, llm, ctx.engine_factory, api_key)
@@ -190,9 +190,9 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
             # once, and a recomputed source would pay for every generation again.
             staged = ctx.tables.stage(task.table, results)
             gen_s, clock = gen_s + time.perf_counter() - clock, time.perf_counter()
-            # what the tasks reported of themselves, and the slice's tokens: one small job
+            # what the tasks reported of themselves, the slice's rows and tokens: one small job
             spent = staged.agg(
-                F.sum(TASK_SECONDS), F.sum(TASK_ENGINE_LOADS), F.sum("completion_tokens")
+                F.sum(TASK_SECONDS), F.sum(TASK_ENGINE_LOADS), F.sum("completion_tokens"), F.count(F.lit(1))
             ).first()
             task_seconds += spent[0] or 0.0
             engine_loads += spent[1] or 0
@@ -200,6 +200,7 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
             ctx.tables.merge_upsert_unless_ok(task.table, staged, KEYS)
             merge_s, clock = merge_s + time.perf_counter() - clock, time.perf_counter()
             counts["commits"] += 1
+            generated += spent[3]  # (a retried task's rows are staged once: its failed try's never are)
             done += n
             if slices > 1:  # progress of a long stage, one line per committed slice
                 tokens = spent[2] or 0
@@ -209,18 +210,16 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     counts["generate_s"], counts["merge_s"] = round(gen_s, 2), round(merge_s, 2)
     current = ctx.tables.read(task.table).where(F.col("fingerprint") == spec.fingerprint)
     this_run = F.col("run_id") == ctx.run_id
-    # one job for the statuses, this run's rows and tokens and (a judge's) the histogram of ok scores
+    # one job for the statuses, this run's tokens and (a judge's) the histogram of ok scores
     by = ["status", "score"] if task.judge else ["status"]
     rows = current.groupBy(*by).agg(
         F.count("*").alias("count"),
-        F.count(F.when(this_run, 1)).alias("generated"),
         F.sum(F.when(this_run, F.col("prompt_tokens"))).alias("tokens_in"),
         F.sum(F.when(this_run, F.col("completion_tokens"))).alias("tokens_out"),
     )
-    by_status, scores, tokens_in, tokens_out, generated = {}, {}, 0, 0, 0
+    by_status, scores, tokens_in, tokens_out = {}, {}, 0, 0
     for r in rows.collect():
         by_status[r["status"]] = by_status.get(r["status"], 0) + r["count"]
-        generated += r["generated"]
         if task.judge and r["status"] == "ok":
             scores[r["score"]] = r["count"]
         tokens_in += r["tokens_in"] or 0
