@@ -334,6 +334,9 @@ def _start_vllm_server(log: Path) -> tuple[subprocess.Popen, str, str]:
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
         "--port", str(port), "--dtype", dtype, "--max-model-len", "2048", "--enforce-eager",
         "--served-model-name", "smollm2", "--kv-cache-memory-bytes", str(2**29),  # conf/local.yaml's 0.5 GiB
+        # compact JSON for the judge, as the in-process engine's llm.compact_json (vLLM 0.32 decides it
+        # per server, not per request): without it the 135M judge filled its budget with newlines
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
     ]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
