@@ -162,7 +162,6 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     counts |= {f"retried_{status}": n for status, n in sorted(retried.items())}
     counts["plan_s"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     gen_s = merge_s = 0.0
-    done = 0
     task_seconds, engine_loads, generated = 0.0, 0, 0
     if n_todo:
         api_key = resolve_api_key(llm.openai, ctx.spark) if llm.engine == "openai" else None
@@ -201,11 +200,14 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
             merge_s, clock = merge_s + time.perf_counter() - clock, time.perf_counter()
             counts["commits"] += 1
             generated += spent[3]  # (a retried task's rows are staged once: its failed try's never are)
-            done += n
             if slices > 1:  # progress of a long stage, one line per committed slice
                 tokens = spent[2] or 0
                 log.info(
-                    "%s: %d/%d rows committed, %.1f output tokens/s", task.name, done, n_todo, tokens / gen_s
+                    "%s: %d/%d rows committed, %.1f output tokens/s",
+                    task.name,
+                    generated,
+                    n_todo,
+                    tokens / gen_s,
                 )
     counts["generate_s"], counts["merge_s"] = round(gen_s, 2), round(merge_s, 2)
     current = ctx.tables.read(task.table).where(F.col("fingerprint") == spec.fingerprint)
