@@ -23,10 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from backforth_spark import schemas as s
-from backforth_spark.config import load_config
-from backforth_spark.pipeline import context_for
-from backforth_spark.stages import chunk, dedup, ingest
+from backforth_spark.app.pipeline import context_for
+from backforth_spark.core import schemas as s
+from backforth_spark.core.config import load_config
+from backforth_spark.spark.stages import chunk, dedup, ingest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from big_documents import PeakSampler  # noqa: I001 (a sibling script)
 
-from backforth_spark.config import load_config
-from backforth_spark.pipeline import context_for
-from backforth_spark.stages import ingest
+from backforth_spark.app.pipeline import context_for
+from backforth_spark.core.config import load_config
+from backforth_spark.spark.stages import ingest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "dolma-sample"

@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from backforth_spark.chunking import chunk_document
-from backforth_spark.config import load_config
-from backforth_spark.model import resolve_model
+from backforth_spark.core.chunking import chunk_document
+from backforth_spark.core.config import load_config
+from backforth_spark.core.model import resolve_model
 from udfs.chunking import HFTokenizer
 
 REPO = Path(__file__).resolve().parents[1]

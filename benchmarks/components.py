@@ -23,10 +23,10 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from backforth_spark import schemas as s
-from backforth_spark.config import load_config
-from backforth_spark.pipeline import context_for
-from backforth_spark.stages import dedup
+from backforth_spark.app.pipeline import context_for
+from backforth_spark.core import schemas as s
+from backforth_spark.core.config import load_config
+from backforth_spark.spark.stages import dedup
 
 REPO = Path(__file__).resolve().parents[1]
 

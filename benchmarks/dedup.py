@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backforth_spark.standalone import standalone_cluster  # noqa: E402
+from backforth_spark.app.standalone import standalone_cluster  # noqa: E402
 
 DUP_SHARE = 0.1
 FILES = 16
@@ -102,7 +102,7 @@ def _watch(
 def run_ours(input_dir: Path, workdir: Path, local: bool) -> tuple[float, float, float, dict]:
     summary = workdir / "summary.json"
     cmd = [
-        sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
+        sys.executable, "-m", "backforth_spark.app.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
         "--stages", "ingest,dedup,chunk", "--input", str(input_dir), "--workdir", str(workdir),
         "--set", "tracking.enabled=false", "--set", "chunk.max_passages_per_doc=null",
         "--summary-json", str(summary),
@@ -183,11 +183,11 @@ def measure_floors(input_dir: Path, n_docs: int) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from backforth_spark import minhash
-    from backforth_spark.chunking import chunk_texts
-    from backforth_spark.config import load_config
-    from backforth_spark.model import resolve_model
-    from backforth_spark.text import NormHashing
+    from backforth_spark.core import minhash
+    from backforth_spark.core.chunking import chunk_texts
+    from backforth_spark.core.config import load_config
+    from backforth_spark.core.model import resolve_model
+    from backforth_spark.core.text import NormHashing
     from udfs.chunking import HFTokenizer
 
     # a floor is per core: the tokenizer's batch call must not spread over both cores here

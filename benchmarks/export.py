@@ -33,9 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backforth_spark import storage  # noqa: E402
-from backforth_spark.config import load_config  # noqa: E402
-from backforth_spark.dataset import CARD, shard_count  # noqa: E402
+from backforth_spark.core import storage  # noqa: E402
+from backforth_spark.core.config import load_config  # noqa: E402
+from backforth_spark.core.dataset import CARD, shard_count  # noqa: E402
 from tests.object_store import BUCKET, ObjectStore  # noqa: E402
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or".split()  # noqa: SIM905
@@ -107,8 +107,8 @@ def main() -> int:
     p.add_argument("--pairs", type=int, default=100_000)
     args = p.parse_args()
 
-    from backforth_spark.session import get_spark
-    from backforth_spark.stages.export import records, write_dataset
+    from backforth_spark.spark.session import get_spark
+    from backforth_spark.spark.stages.export import records, write_dataset
 
     root = Path(tempfile.mkdtemp(prefix="backforth-bench-export-"))
     store = ObjectStore(root / "moto.log")

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from backforth_spark.config import load_config
-from backforth_spark.session import get_spark
+from backforth_spark.core.config import load_config
+from backforth_spark.spark.session import get_spark
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "dolma-sample"
@@ -84,8 +84,9 @@ def run(templates: str, corpus: Path, work: Path, extra: list[str]) -> None:
         "llm.backtranslate.sampling.temperature=0", *extra,
     ]  # fmt: skip
     flags = [x for s in settings for x in ("--set", s)]
-    cmd = [sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
-           "--input", str(corpus), "--workdir", str(work), *flags]  # fmt: skip
+    cmd = [sys.executable, "-m", "backforth_spark.app.cli", "run",
+           "--config", str(REPO / "conf" / "local.yaml"), "--input", str(corpus), "--workdir", str(work),
+           *flags]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True)
 
 

@@ -46,15 +46,15 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "dolma-sample"
 sys.path.insert(0, str(REPO))
 
-from backforth_spark.config import Config, load_config  # noqa: E402
+from backforth_spark.core.config import Config, load_config  # noqa: E402
 
 
 def passages(cfg: Config, n: int) -> list[tuple[str, int]]:
     """N distinct passage-sized texts: every passage of the sample, then copies with their words
     rotated. Distinct, so vLLM's prefix cache cannot reuse one prompt's work for a repeat of it (it
     would, by chance, more or less in either side's order)."""
-    from backforth_spark.chunking import OK, chunk_document
-    from backforth_spark.model import resolve_model
+    from backforth_spark.core.chunking import OK, chunk_document
+    from backforth_spark.core.model import resolve_model
     from udfs.chunking import HFTokenizer
 
     tokenizer = HFTokenizer(resolve_model(cfg.llm))
@@ -77,8 +77,8 @@ class Direct:
     that call, as the stage side builds its own inside its first stage)."""
 
     def __init__(self, cfg: Config) -> None:
-        from backforth_spark.generation import fingerprints
-        from backforth_spark.model import resolve_model
+        from backforth_spark.core.generation import fingerprints
+        from backforth_spark.core.model import resolve_model
 
         self.cfg, self.model = cfg, resolve_model(cfg.llm)
         self.specs = fingerprints(cfg, self.model)
@@ -87,8 +87,8 @@ class Direct:
 
     def run(self, name: str, records: list[dict]) -> dict:
         """One `LLM.chat` over the inputs stage `name` saw."""
-        from backforth_spark.generation import _within_budget
-        from backforth_spark.vllm_engine import create_vllm_engine
+        from backforth_spark.core.engines.vllm_engine import create_vllm_engine
+        from backforth_spark.core.generation import _within_budget
 
         started = time.perf_counter()
         if self.engine is None:
@@ -131,13 +131,13 @@ def both(cfg: Config, texts: list[tuple[str, int]]) -> dict:
     the inputs it saw."""
     from pyspark.sql import functions as F
 
-    from backforth_spark import schemas
-    from backforth_spark.generation import LLM_TASKS
-    from backforth_spark.pipeline import context_for
-    from backforth_spark.stages import STAGES as PIPELINE
-    from backforth_spark.stages import generate
-    from backforth_spark.stages.generate import current_specs, stage_inputs
-    from backforth_spark.tables import struct
+    from backforth_spark.app.pipeline import context_for
+    from backforth_spark.core import schemas
+    from backforth_spark.core.generation import LLM_TASKS
+    from backforth_spark.spark.stages import STAGES as PIPELINE
+    from backforth_spark.spark.stages import generate
+    from backforth_spark.spark.stages.generate import current_specs, stage_inputs
+    from backforth_spark.spark.tables import struct
 
     # As in a pipeline run, the LLM stages follow ingest, dedup and chunk in the same Spark session:
     # run those three over the Dolma sample first, into tables of their own, off the clock. Without
@@ -208,8 +208,8 @@ def main() -> None:
         print(json.dumps(both(cfg, texts)))
         return
     if args.only == "warm-up":  # read vLLM, torch and the model into the page cache
-        from backforth_spark.model import resolve_model
-        from backforth_spark.vllm_engine import create_vllm_engine
+        from backforth_spark.core.engines.vllm_engine import create_vllm_engine
+        from backforth_spark.core.model import resolve_model
 
         create_vllm_engine(cfg.llm, resolve_model(cfg.llm))
         print("{}")

@@ -80,7 +80,7 @@ def run(input_dir: Path, workdir: Path, settings: list[str]) -> tuple[int, float
     workdir.mkdir(parents=True)
     summary = workdir / "summary.json"
     cmd = [
-        sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
+        sys.executable, "-m", "backforth_spark.app.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
         "--stages", ",".join(STAGES), "--input", str(input_dir), "--workdir", str(workdir),
         "--set", "tracking.enabled=false", "--set", "chunk.max_passages_per_doc=null",
         *[x for s in settings for x in ("--set", s)],

@@ -38,7 +38,7 @@ def run(
     inputs: str, workdir: str, summary: Path, settings: list[str], env: dict[str, str]
 ) -> tuple[float, dict]:
     cmd = [
-        sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
+        sys.executable, "-m", "backforth_spark.app.cli", "run", "--config", str(REPO / "conf" / "local.yaml"),
         "--stages", ",".join(STAGES), "--input", inputs, "--workdir", workdir,
         "--set", "tracking.enabled=false", "--set", "chunk.max_passages_per_doc=null",
         "--set", "tables.staging_format=delta", "--set", f"driver_dir={summary.parent / 'driver'}",

@@ -80,7 +80,8 @@ def add_new_documents(input_dir: Path, n_new: int, seed: int = 29) -> dict[str, 
 def run_cli(command: str, input_dir: Path, workdir: Path, events: Path) -> tuple[float, dict]:
     summary = workdir / f"summary-{command}.json"
     cmd = [
-        sys.executable, "-m", "backforth_spark.cli", command, "--config", str(REPO / "conf" / "local.yaml"),
+        sys.executable, "-m", "backforth_spark.app.cli", command,
+        "--config", str(REPO / "conf" / "local.yaml"),
         "--stages", ",".join(STAGES), "--input", str(input_dir),
         *[x for setting in cli_settings(workdir) for x in ("--set", setting)],
         "--set", "spark.conf.spark.eventLog.enabled=true", "--set", f"spark.conf.spark.eventLog.dir={events}",
@@ -100,9 +101,9 @@ def cli_settings(workdir: Path) -> list[str]:
 
 def in_one_session(input_dir: Path, workdir: Path, n_new: int) -> dict:
     """Full run, then (after the new file lands) the refresh, in this process's one Spark session."""
-    from backforth_spark.config import load_config
-    from backforth_spark.pipeline import run_pipeline
-    from backforth_spark.stages import select
+    from backforth_spark.app.pipeline import run_pipeline
+    from backforth_spark.core.config import load_config
+    from backforth_spark.spark.stages import select
 
     cfg = load_config(REPO / "conf" / "local.yaml", cli_settings(workdir))
     # the process `refresh --every` runs: it stays up, with the long-lived Spark settings

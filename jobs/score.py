@@ -3,7 +3,7 @@
 spark-submit [spark flags] jobs/score.py --config conf/local.yaml --workdir ./.backforth
 """
 
-from backforth_spark.cli import job
+from backforth_spark.app.cli import job
 
 if __name__ == "__main__":
     job("score")

@@ -12,12 +12,12 @@ dbutils.widgets.text("catalog_schema", "main.backforth", "Tables (catalog.schema
 
 from pyspark.sql import functions as F
 
-from backforth_spark import schemas
-from backforth_spark.config import load_config
-from backforth_spark.generation import REWRITE, SCORE
-from backforth_spark.pipeline import context_for
-from backforth_spark.stages.generate import current_specs
-from backforth_spark.status import format_status, status
+from backforth_spark.app.pipeline import context_for
+from backforth_spark.app.status import format_status, status
+from backforth_spark.core import schemas
+from backforth_spark.core.config import load_config
+from backforth_spark.core.generation import REWRITE, SCORE
+from backforth_spark.spark.stages.generate import current_specs
 
 cfg = load_config(
     dbutils.widgets.get("config"), [f"tables.catalog_schema={dbutils.widgets.get('catalog_schema')}"]

@@ -14,9 +14,9 @@ dbutils.widgets.text("model", "meta-llama/Llama-3.1-8B-Instruct", "Model")
 
 # COMMAND ----------
 
-from backforth_spark.config import load_config
-from backforth_spark.pipeline import run_pipeline
-from backforth_spark.stages import select
+from backforth_spark.app.pipeline import run_pipeline
+from backforth_spark.core.config import load_config
+from backforth_spark.spark.stages import select
 
 cfg = load_config(
     dbutils.widgets.get("config"),
@@ -36,7 +36,7 @@ summary["stages"]
 
 # COMMAND ----------
 
-from backforth_spark.dataset import current_files
+from backforth_spark.core.dataset import current_files
 
 print(summary["export"])
 version, files = current_files(summary["export"]["path"])  # the files the export's card names

@@ -6,7 +6,7 @@
 
 # COMMAND ----------
 
-from backforth_spark.stages import STAGES
+from backforth_spark.spark.stages import STAGES
 
 dbutils.widgets.text("config", "../conf/databricks.yaml", "Config file")
 dbutils.widgets.text("catalog_schema", "main.backforth", "Tables (catalog.schema)")
@@ -15,9 +15,9 @@ dbutils.widgets.text("input", "/Volumes/main/backforth/dolma", "Dolma files (ing
 
 # COMMAND ----------
 
-from backforth_spark.config import load_config
-from backforth_spark.pipeline import run_pipeline
-from backforth_spark.stages import select
+from backforth_spark.app.pipeline import run_pipeline
+from backforth_spark.core.config import load_config
+from backforth_spark.spark.stages import select
 
 stage = dbutils.widgets.get("stage")
 cfg = load_config(

@@ -30,9 +30,9 @@ from pyspark.sql import SparkSession
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backforth_spark.config import load_config  # noqa: E402
-from backforth_spark.pipeline import run_pipeline  # noqa: E402
-from backforth_spark.stages import select  # noqa: E402
+from backforth_spark.app.pipeline import run_pipeline  # noqa: E402
+from backforth_spark.core.config import load_config  # noqa: E402
+from backforth_spark.spark.stages import select  # noqa: E402
 
 CONFIG = REPO / "conf" / "local.yaml"
 WORDS = str.split(

@@ -25,7 +25,7 @@ work="$LOW/work"
 rm -rf "$work"
 # the Delta jars of this line are resolved from Maven at start (spark.delta_jars=null); the class
 # archive was built for the project venv's Spark
-"$LOW/bin/python" -m backforth_spark.cli run --config conf/local.yaml --input "${DEMO_INPUT:-../shared/data/dolma-sample}" --workdir "$work" \
+"$LOW/bin/python" -m backforth_spark.app.cli run --config conf/local.yaml --input "${DEMO_INPUT:-../shared/data/dolma-sample}" --workdir "$work" \
   --set spark.delta_jars=null --set spark.class_archive=null --set tracking.enabled=false \
   --summary-json "$work/summary.json"
 "$LOW/bin/python" - "$work/summary.json" <<'PY'

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from build_pyfiles import build  # noqa: E402
 
-from backforth_spark.standalone import standalone_cluster  # noqa: E402
+from backforth_spark.app.standalone import standalone_cluster  # noqa: E402
 
 ARCHIVE = REPO / "dist" / "backforth-env.zip"
 

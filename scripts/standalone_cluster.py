@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backforth_spark.standalone import standalone_cluster  # noqa: E402
+from backforth_spark.app.standalone import standalone_cluster  # noqa: E402
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Runs on copies of the shared real run that start the moment it finishes (tests/conftest.py), each in
-its own thread: a refresh after a new file lands, through Spark Connect (tests/test_refresh.py). A CLI
+its own thread: a refresh after a new file lands, through Spark Connect (tests/spark/test_refresh.py). A CLI
 process with the real engine for a minute or two; started early, it runs beside the tests that read the
 real run instead of after them. The tests assert on what it returns. (A generation stage killed
-between its commits and rerun: the cluster run, tests/test_cluster.py.)"""
+between its commits and rerun: the cluster run, tests/app/test_cluster.py.)"""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ NEW_DOC = {
 
 def _backforth(conf: Path, command: str, workdir: Path, *args: str) -> list[str]:
     return [
-        sys.executable, "-m", "backforth_spark.cli", command, "--config", str(conf),
+        sys.executable, "-m", "backforth_spark.app.cli", command, "--config", str(conf),
         "--workdir", str(workdir), "--set", "tracking.enabled=false", *args,
     ]  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""The run on a Spark standalone cluster that tests/test_cluster.py reads (see its docstring): started
+"""The run on a Spark standalone cluster that tests/app/test_cluster.py reads (see its docstring): started
 in the background with the test session (tests/conftest.py), so the other tests run beside it instead of
 waiting minutes for it."""
 
@@ -15,9 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-from backforth_spark.config import load_config
-from backforth_spark.generation import BACKTRANSLATE
-from backforth_spark.standalone import standalone_cluster
+from backforth_spark.app.standalone import standalone_cluster
+from backforth_spark.core.config import load_config
+from backforth_spark.core.generation import BACKTRANSLATE
 from tests.background import Background
 from tests.object_store import BUCKET, ObjectStore
 
@@ -197,7 +197,7 @@ def _status(
     the connector's jars on its class path)."""
     classpath = spark_conf["spark.driver.extraClassPath"]
     cmd = [
-        sys.executable, "-m", "backforth_spark.cli", "status", "--json", "--config", str(conf),
+        sys.executable, "-m", "backforth_spark.app.cli", "status", "--json", "--config", str(conf),
         "--workdir", WORKDIR, *settings,  # the run's settings: its stages' fingerprints
         "--set", f"spark.conf.spark.driver.extraClassPath={classpath}",
         "--set", "spark.conf.spark.hadoop.fs.s3a.path.style.access=true",

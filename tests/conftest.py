@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from backforth_spark.config import Config, load_config
-from backforth_spark.context import StageContext
-from backforth_spark.model import resolve_model
-from backforth_spark.session import DRIVER_JAVA_OPTIONS
-from backforth_spark.tables import Tables
-from backforth_spark.vllm_engine import cpu_has_native_bf16, engine_dtype
+from backforth_spark.core.config import Config, load_config
+from backforth_spark.core.engines.vllm_engine import cpu_has_native_bf16, engine_dtype
+from backforth_spark.core.model import resolve_model
+from backforth_spark.spark.context import StageContext
+from backforth_spark.spark.session import DRIVER_JAVA_OPTIONS
+from backforth_spark.spark.tables import Tables
 from tests.cluster_run import SHORT_LIVED_JVM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def base_cfg(tmp_path_factory) -> Config:
 
 @pytest.fixture(scope="session")
 def spark(base_cfg):
-    from backforth_spark.session import get_spark
+    from backforth_spark.spark.session import get_spark
 
     with _without_env("SPARK_SUBMIT_OPTS"):  # the long-lived session keeps C2 (SHORT_LIVED_JVM)
         session = get_spark(base_cfg.spark)
@@ -122,7 +122,7 @@ def add_documents(
     `representatives`, also their dedup decisions."""
     from pyspark.sql import functions as F
 
-    from backforth_spark import schemas as s
+    from backforth_spark.core import schemas as s
 
     lineage = [F.lit(ctx.run_id).alias("run_id"), F.current_timestamp().alias("written_at")]
     urls = urls or {}
@@ -147,7 +147,7 @@ def add_documents(
 def exported_rows(export_dir) -> list[dict]:
     """The rows of an export folder: the JSON lines of the version its card names, in file order (each
     file ordered by passage_id, the files by its ranges)."""
-    from backforth_spark.dataset import current_files
+    from backforth_spark.core.dataset import current_files
 
     version, _ = current_files(str(export_dir))
     folder = Path(export_dir) / version / "data"
@@ -258,7 +258,7 @@ def write_corpus(folder: Path) -> int:
 def cli(*args: str, timeout: int = 1800, env: dict | None = None) -> subprocess.CompletedProcess:
     """`backforth ...` in a subprocess, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "backforth_spark.cli", *args],
+        [sys.executable, "-m", "backforth_spark.app.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -484,7 +484,7 @@ def real_run_started(request, tmp_path_factory):
     # its output to files, not pipes: nobody reads it until the run ends, and a full pipe would stall it
     with open(root / "stdout.txt", "w") as out, open(root / "stderr.txt", "w") as err:
         run = subprocess.Popen(
-            [sys.executable, "-m", "backforth_spark.cli", "run", "--config", str(LOCAL_CONF),
+            [sys.executable, "-m", "backforth_spark.app.cli", "run", "--config", str(LOCAL_CONF),
              "--workdir", str(root / "work"), "--input", str(root / "in"),
              "--summary-json", str(root / "summary.json"), *[x for s in chosen for x in ("--set", s)]],
             cwd=REPO, stdout=out, stderr=err, text=True, env={**os.environ, "BACKFORTH_TEST_KEY": API_KEY},

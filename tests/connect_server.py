@@ -24,8 +24,8 @@ PLUGIN = "org.apache.spark.sql.connect.SparkConnectPlugin"
 
 
 def serve(config: str, port: int, overrides: list[str]) -> None:
-    from backforth_spark.config import load_config
-    from backforth_spark.session import get_spark
+    from backforth_spark.core.config import load_config
+    from backforth_spark.spark.session import get_spark
 
     server_conf = [f"spark.conf.spark.plugins={PLUGIN}", f"spark.conf.spark.connect.grpc.binding.port={port}"]
     cfg = load_config(config, [*overrides, *server_conf])

@@ -1,5 +1,5 @@
 """A load corpus: many Dolma documents of a few KB, in several gzip files and one big one, with planted
-exact and near copies. The suite's load test (tests/test_load.py) and `make bench-load` build it."""
+exact and near copies. The suite's load test (tests/app/test_load.py) and `make bench-load` build it."""
 
 from __future__ import annotations
 

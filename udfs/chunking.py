@@ -15,9 +15,9 @@ import tiktoken
 from tokenizers import Tokenizer
 from tokenizers.models import BPE
 
-from backforth_spark.chunking import TokenOffsets, chunk_texts, offsets_from_byte_lengths, passage_id
-from backforth_spark.config import ChunkConfig
-from backforth_spark.schemas import PASSAGES_COLUMNS, names
+from backforth_spark.core.chunking import TokenOffsets, chunk_texts, offsets_from_byte_lengths, passage_id
+from backforth_spark.core.config import ChunkConfig
+from backforth_spark.core.schemas import PASSAGES_COLUMNS, names
 
 CHUNK_COLUMNS = names(PASSAGES_COLUMNS)
 

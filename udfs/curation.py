@@ -9,8 +9,8 @@ from pyspark.sql.functions import pandas_udf
 # when a stage asks for them (pyspark binds a UDF to classic or Spark Connect when it is made)
 from pyspark.sql.types import DoubleType, StringType
 
-from backforth_spark.config import CurateConfig
-from backforth_spark.curate import response_issue, source_copy_rate
+from backforth_spark.core.config import CurateConfig
+from backforth_spark.core.curate import response_issue, source_copy_rate
 
 
 def response_issue_udf(cfg: CurateConfig):

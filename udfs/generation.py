@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator
 
 import pandas as pd
 
-from backforth_spark.config import LLMConfig
-from backforth_spark.engine import Engine
-from backforth_spark.generation import ENGINE_ERROR, TOO_LONG, StageSpec, run_batch
-from backforth_spark.openai_engine import OpenAIEngine
-from backforth_spark.vllm_engine import create_vllm_engine
+from backforth_spark.core.config import LLMConfig
+from backforth_spark.core.engines.engine import Engine
+from backforth_spark.core.engines.openai_engine import OpenAIEngine
+from backforth_spark.core.engines.vllm_engine import create_vllm_engine
+from backforth_spark.core.generation import ENGINE_ERROR, TOO_LONG, StageSpec, run_batch
 from udfs.device_claim import DeviceClaim
 
 log = logging.getLogger(__name__)

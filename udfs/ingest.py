@@ -7,9 +7,9 @@ from typing import BinaryIO
 
 import pandas as pd
 
-from backforth_spark.config import IngestConfig
-from backforth_spark.dolma import PARSED_COLUMNS, UNREADABLE_FILE, ParsedLine, parse_file
-from backforth_spark.storage import filesystem
+from backforth_spark.core.config import IngestConfig
+from backforth_spark.core.dolma import PARSED_COLUMNS, UNREADABLE_FILE, ParsedLine, parse_file
+from backforth_spark.core.storage import filesystem
 
 # Flush a batch to Spark after this many rows (or the stage's bytes of text, whichever first), so one
 # huge file never sits in a Python worker as a single DataFrame.

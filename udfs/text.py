@@ -12,10 +12,10 @@ from pyspark.sql.functions import pandas_udf
 # when it is made, and this module is imported before any session exists.
 from pyspark.sql.types import DoubleType, StringType
 
-from backforth_spark import minhash
-from backforth_spark.config import DedupConfig
-from backforth_spark.dedup_local import signature_similarity, text_similarity
-from backforth_spark.text import NormHashing, norm_hash
+from backforth_spark.core import minhash
+from backforth_spark.core.config import DedupConfig
+from backforth_spark.core.dedup_local import signature_similarity, text_similarity
+from backforth_spark.core.text import NormHashing, norm_hash
 
 
 def norm_hash_udf():
