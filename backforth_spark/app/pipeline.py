@@ -20,13 +20,14 @@ from backforth_spark.core.config import Config
 from backforth_spark.core.dataset import CARD, PAIRS_DIR, read_sample
 from backforth_spark.core.engines.engine import Engine
 from backforth_spark.core.failures import memory_shortage
-from backforth_spark.core.generation import check_config
+from backforth_spark.core.generation import check_config, check_executors
 from backforth_spark.core.model import resolve_model
 from backforth_spark.core.prompts import template_source
 from backforth_spark.spark.context import StageContext
 from backforth_spark.spark.session import (
     default_parallelism,
     error_text,
+    executors,
     get_spark,
     is_connect,
     jvm_stopping,
@@ -84,6 +85,10 @@ def context_for(
     preflight(cfg, inputs, stages, pipeline)
     tasks = llm_tasks(pipeline)
     spark = get_spark(cfg.spark)
+    cluster = executors(spark)
+    if cluster is not None:  # before any work: an LLM task no executor can hold would wait for ever
+        llm_stages = [st.llm.name for st in stages if st.llm is not None and st.enabled(cfg)]
+        check_executors(cfg, llm_stages, cluster)
     tables = Tables.from_config(spark, cfg, run_id, tasks)
     tables.check_delta()  # a server without Delta: one line and exit 2, before any work
     return StageContext(spark, cfg, tables, run_id, None, tuple(inputs), tasks, engine_factory)

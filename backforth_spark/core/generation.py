@@ -295,8 +295,67 @@ def check_config(cfg: Config, tasks: Sequence[LLMTask] = LLM_TASKS) -> None:
                     f"llm.{task.name}.sampling.max_tokens ({sampling.max_tokens}) cuts the output budget "
                     f"of a passage of chunk.max_tokens ({need}): raise it, or lower chunk.max_tokens"
                 )
+        problems += _gpu_problems(cfg, task.name)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _engine_key(cfg: Config, stage: str, key: str) -> str:
+    """Where stage `stage` takes engine setting `key` from: its engine_settings, else llm.<key>."""
+    given = getattr(cfg.llm.stage(stage).engine_settings, key) is not None
+    return f"llm.{stage}.engine_settings.{key}" if given else f"llm.{key}"
+
+
+def _gpu_problems(cfg: Config, stage: str) -> list[str]:
+    """A stage's GPU request against its engine: whole GPUs (a worker's engine holds the GPUs its task
+    was assigned, none shared: udfs/device_claim.py), and enough of them for its tensor parallelism."""
+    llm = cfg.llm.for_stage(stage)
+    gpus, gpus_key = llm.gpus_per_task, _engine_key(cfg, stage, "gpus_per_task")
+    if gpus != int(gpus):
+        return [
+            f"{gpus_key} ({gpus}): an engine holds its GPUs whole, one engine per GPU; "
+            "give a whole number, or 0 for CPU executors"
+        ]
+    if llm.engine == "vllm" and gpus >= 1 and llm.tensor_parallel_size > gpus:
+        tp_key = _engine_key(cfg, stage, "tensor_parallel_size")
+        return [
+            f"{tp_key} ({llm.tensor_parallel_size}) is more than {gpus_key} ({int(gpus)}): a task's engine "
+            "spans only the GPUs Spark assigned to that task"
+        ]
+    return []
+
+
+@dataclass(frozen=True)
+class Executors:
+    """What one executor of the cluster offers its tasks, as its Spark conf says (None: not said)."""
+
+    cores: int | None
+    gpus: float | None
+
+
+def check_executors(cfg: Config, stages: Sequence[str], executors: Executors) -> None:
+    """Each of `stages` (LLM stages about to run) asks per task for what an executor has: Spark does not
+    refuse a task no executor can hold, it waits for one (for ever with dynamic allocation off). Raises
+    ConfigError naming both sides."""
+    problems = []
+    for stage in stages:
+        llm = cfg.llm.for_stage(stage)
+        asks = (
+            ("cpus_per_task", llm.cpus_per_task, executors.cores, "spark.executor.cores"),
+            ("gpus_per_task", llm.gpus_per_task, executors.gpus, "spark.executor.resource.gpu.amount"),
+        )
+        for key, wanted, offered, offered_key in asks:
+            if offered is not None and wanted > offered:
+                problems.append(
+                    f"{_engine_key(cfg, stage, key)} ({_number(wanted)}) is more than an executor offers "
+                    f"({offered_key} = {_number(offered)}): no executor can run a {stage} task"
+                )
+    if problems:
+        raise ConfigError("the cluster cannot run this config: " + "; ".join(problems))
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
 
 
 # ---- one batch ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 
 from backforth_spark.core.config import SparkConfig
+from backforth_spark.core.generation import Executors
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,26 @@ MEMORY_SETTINGS = (
     "spark.executor.memoryOverhead",
     "spark.executor.pyspark.memory",
 )
+
+
+def executors(spark) -> Executors | None:
+    """What one executor offers a task, from the session's conf; None in local mode (one JVM, no task
+    profiles). A key the conf does not hold is unknown (Databricks sets no spark.executor.cores)."""
+    if is_local_master(spark):
+        return None
+
+    def read(key: str) -> float | None:
+        try:
+            value = spark.conf.get(key, None)
+        except Exception:  # a Connect server that refuses to show it
+            return None
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+
+    cores = read("spark.executor.cores")
+    return Executors(int(cores) if cores is not None else None, read("spark.executor.resource.gpu.amount"))
 
 
 def memory_settings(spark: SparkSession) -> dict[str, str]:

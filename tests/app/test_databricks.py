@@ -32,7 +32,10 @@ def test_bundle_schedules_the_refresh_on_a_gpu_job_cluster_with_the_wheel():
     assert len(cron) in (6, 7)  # Quartz: seconds first
     [cluster] = job["job_clusters"]
     assert "gpu" in cluster["new_cluster"]["spark_version"]
-    assert cluster["new_cluster"]["spark_conf"]["spark.executor.resource.gpu.amount"] == "1"
+    # GPUs per node, a variable of the bundle: one on its default node type
+    gpus = cluster["new_cluster"]["spark_conf"]["spark.executor.resource.gpu.amount"]
+    assert gpus == "${var.gpus_per_node}"
+    assert bundle["variables"]["gpus_per_node"]["default"] == "1"
     [task] = job["tasks"]
     assert task["job_cluster_key"] == cluster["job_cluster_key"]
     assert {"whl": "./dist/*.whl"} in task["libraries"]

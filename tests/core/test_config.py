@@ -1,7 +1,7 @@
 import pytest
 
 from backforth_spark.core.config import Config, ConfigError, load_config
-from backforth_spark.core.generation import check_config
+from backforth_spark.core.generation import Executors, check_config, check_executors
 from tests.conftest import LOCAL_CONF, REPO
 
 
@@ -247,3 +247,75 @@ def test_a_catalog_schema_that_is_not_two_parts_is_refused(name):
 
     with pytest.raises(ValueError, match="catalog"):
         TablesConfig(catalog_schema=name)
+
+
+# ---- what an LLM task asks for, against its engine and the cluster's executors ----------------------
+
+
+def test_tensor_parallelism_beyond_the_tasks_gpus_is_refused_naming_both_keys():
+    cfg = load_config(LOCAL_CONF, ["llm.rewrite.engine_settings.tensor_parallel_size=4"])
+    with pytest.raises(
+        ConfigError,
+        match=r"llm\.rewrite\.engine_settings\.tensor_parallel_size \(4\) is more than "
+        r"llm\.gpus_per_task \(1\)",
+    ):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("gpus", ["0.5", "1.5"])
+def test_a_fraction_of_a_gpu_per_task_is_refused(gpus):
+    with pytest.raises(ConfigError, match=rf"llm\.score\.engine_settings\.gpus_per_task \({gpus}\)"):
+        check_config(load_config(LOCAL_CONF, [f"llm.score.engine_settings.gpus_per_task={gpus}"]))
+
+
+def test_a_task_no_executor_can_hold_is_refused_naming_both_sides():
+    cfg = load_config(LOCAL_CONF, ["llm.rewrite.engine_settings.gpus_per_task=2", "llm.cpus_per_task=16"])
+    with pytest.raises(ConfigError) as caught:
+        check_executors(cfg, ["backtranslate", "rewrite"], Executors(cores=8, gpus=1))
+    message = str(caught.value)
+    assert "llm.rewrite.engine_settings.gpus_per_task (2) is more than an executor offers " in message
+    assert "(spark.executor.resource.gpu.amount = 1)" in message
+    assert "llm.cpus_per_task (16) is more than an executor offers (spark.executor.cores = 8)" in message
+    assert "no executor can run a backtranslate task" in message and "\n" not in message
+
+
+def test_what_the_conf_does_not_say_about_the_executors_is_not_checked():
+    cfg = load_config(LOCAL_CONF, ["llm.gpus_per_task=8", "llm.cpus_per_task=64"])
+    check_executors(cfg, ["backtranslate", "score", "rewrite"], Executors(cores=None, gpus=None))
+
+
+def _bundle_gpus(variables: dict[str, str]) -> float:
+    """spark.executor.resource.gpu.amount of databricks.yml's job cluster, its variables as given."""
+    import yaml
+
+    bundle = yaml.safe_load((REPO / "databricks.yml").read_text())
+    defaults = {name: str(v["default"]) for name, v in bundle["variables"].items() if "default" in v}
+    values = {**defaults, **variables}
+    (job,) = bundle["resources"]["jobs"].values()
+    (cluster,) = job["job_clusters"]
+    amount = cluster["new_cluster"]["spark_conf"]["spark.executor.resource.gpu.amount"]
+    for name, value in values.items():
+        amount = amount.replace(f"${{var.{name}}}", value)
+    return float(amount)
+
+
+def test_the_shipped_configs_fit_the_executors_they_are_laid_over():
+    stages = ["backtranslate", "score", "rewrite"]
+    # the bundle's default nodes: one GPU (g5.2xlarge, 8 cores)
+    databricks = load_config(REPO / "conf" / "databricks.yaml")
+    check_config(databricks)
+    check_executors(databricks, stages, Executors(cores=8, gpus=_bundle_gpus({})))
+    # the paper's split, on the nodes its header names (p4de.24xlarge: 8 GPUs, 96 cores)
+    example = load_config(
+        [REPO / "conf" / "databricks.yaml", REPO / "conf" / "examples" / "backward_model.yaml"]
+    )
+    check_config(example)
+    check_executors(example, stages, Executors(cores=96, gpus=_bundle_gpus({"gpus_per_node": "8"})))
+    with pytest.raises(ConfigError, match="spark.executor.resource.gpu.amount = 1"):
+        check_executors(example, stages, Executors(cores=96, gpus=_bundle_gpus({})))
+    # conf/cluster.yaml under the README's spark-submit line
+    readme = (REPO / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if "spark.executor.resource.gpu.amount=" in x)
+    cores = int(line.split("--executor-cores ")[1].split()[0])
+    gpus = float(line.split("spark.executor.resource.gpu.amount=")[1].split()[0])
+    check_executors(load_config(REPO / "conf" / "cluster.yaml"), stages, Executors(cores=cores, gpus=gpus))
