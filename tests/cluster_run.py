@@ -28,6 +28,12 @@ _EXECUTOR_OPTIONS = load_config(Path(__file__).resolve().parents[1] / "conf" / "
     "spark.executor.extraJavaOptions", ""
 )
 
+# Tables of a few rows on a cluster of one 2-core worker: Delta rebuilds each new table version's state
+# in 50 partitions by default (50 tasks per version read), and each shuffle writes 200 partitions;
+# settings of the test bed, as a cluster config sizes them for its tables (the product leaves both to
+# the cluster: conf/cluster.yaml)
+SMALL_TABLES = {"spark.databricks.delta.snapshotPartitions": "2", "spark.sql.shuffle.partitions": "4"}
+
 DOCS = 6
 # the documents of the file that lands before the refresh: one commit slice each, so that a kill can
 # land between two of them
@@ -92,7 +98,7 @@ def _run_on_a_cluster(
     store.upload(root / "part-0.jsonl", "in/part-0.jsonl")
     # the nodes know the store (endpoint and keys in their environment, as an instance profile or a
     # cluster's settings would give them); Spark only its path-style addressing and the jars
-    spark_conf = {**spark_conf, **store.spark_conf(repo / ".tools" / "s3a-jars")}
+    spark_conf = {**spark_conf, **SMALL_TABLES, **store.spark_conf(repo / ".tools" / "s3a-jars")}
     with standalone_cluster(root / "cluster", cores=2, memory="8g", gpus=2, env=store.env) as cluster:
         driver_dir = root / "driver"  # the driver's own files: its logs and MLflow store
         settings = _settings(driver_dir, served)
