@@ -190,6 +190,8 @@ class Tables:
     read_log: list[str] = field(default_factory=list, compare=False, repr=False)
     # (phase, seconds) of each Spark action run through this object, in order: the stages' breakdown
     phase_log: list[tuple[str, float]] = field(default_factory=list, compare=False, repr=False)
+    # the tables whose columns this object has checked against their declared schema (_migrate)
+    migrated: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", str(self.root))
@@ -290,7 +292,31 @@ class Tables:
         self.read_log.append(name)
         if not self.exists(name):
             return self.spark.createDataFrame([], self.schemas[name])
+        if version is None:
+            self._migrate(name)
         return self._reader(name, version)
+
+    def _migrate(self, name: str) -> None:
+        """Add to table `name` the declared columns it lacks (a table an earlier layout wrote, before its
+        stage gained a column), once per table and object. Delta adds them nullable: rows written before
+        read null there, and the stages read and MERGE as into a new table. A concurrent writer adding
+        them first is fine; any other failure is the caller's."""
+        if name in self.migrated or name not in self.schemas:
+            return
+        missing = self._missing_columns(name)
+        if missing:
+            columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+            log.warning("table %s lacks declared columns; adding %s", name, columns)
+            try:
+                self.spark.sql(f"ALTER TABLE {self.sql_name(name)} ADD COLUMNS ({columns})")
+            except Exception:
+                if self._missing_columns(name):  # not another writer's doing
+                    raise
+        self.migrated.add(name)
+
+    def _missing_columns(self, name: str) -> list[T.StructField]:
+        have = {f.name.lower() for f in self._reader(name).schema.fields}
+        return [f for f in self.schemas[name].fields if f.name.lower() not in have]
 
     def _reader(self, name: str, version: int | None = None) -> DataFrame:
         if self.catalog_schema:
@@ -389,6 +415,7 @@ class Tables:
         """MERGE `df` into table `name` on `keys` with the SQL `clauses` (WHEN ...); its metrics row."""
         self.read_log.append(name)  # a MERGE reads its target
         self.ensure(name)
+        self._migrate(name)
         view = f"backforth_merge_{uuid.uuid4().hex}"  # the session's views are shared by its threads
         df.createOrReplaceTempView(view)
         try:

@@ -291,3 +291,27 @@ def test_a_writable_catalog_schema_passes_the_check_and_keeps_no_probe(spark, tm
     ctx = _catalog_context(tmp_path, f"spark_catalog.{schema}")
     assert ctx.tables.catalog_schema == f"spark_catalog.{schema}"
     assert spark.sql(f"SHOW TABLES IN spark_catalog.{schema}").count() == 0
+
+
+def test_an_llm_table_an_earlier_layout_wrote_takes_the_column_its_stage_gained(make_ctx):
+    """The instructions table as it was before the stage gained `completion_tokens` (written without the
+    column, one ok row and one engine error): a run reads it, retries the error and MERGEs its new rows;
+    the old ok row stays, with no value in the new column."""
+    from tests.spark.test_generate import _add_passages
+
+    ctx = make_ctx("llm.max_attempts=3")
+    _add_passages(ctx, ["a first passage", "BOOM a second passage"])
+    run_stage(ctx, "backtranslate", lambda: ScriptedEngine(fail_on="BOOM"))
+    earlier = ctx.tables.read(INSTRUCTIONS).drop("completion_tokens").localCheckpoint()
+    where = ctx.tables.location(INSTRUCTIONS)
+    earlier.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(where)
+    assert "completion_tokens" not in ctx.spark.read.format("delta").load(where).columns
+
+    later = replace(ctx, tables=tables.Tables(ctx.spark, ctx.tables.root, "later"))  # a new process
+    counts = run_stage(later, "backtranslate", lambda: ScriptedEngine())
+    assert counts["generated"] == 1  # the engine error alone went back to the engine
+    rows = {r["passage_id"]: r for r in later.tables.read(INSTRUCTIONS).collect()}
+    assert {p: (r["status"], r["attempts"], r["completion_tokens"]) for p, r in rows.items()} == {
+        "p0": ("ok", 1, None),
+        "p1": ("ok", 2, 5),
+    }
