@@ -1,11 +1,17 @@
 """Catalog-based tables (Unity Catalog on Databricks; Spark's session catalog here): the same stages, the
 same contracts, with tables named `catalog.schema.table` instead of paths."""
 
+import sys
+import threading
+import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from pyspark import cloudpickle
 from pyspark.sql import Row
+from pyspark.sql import types as T
 from pyspark.testing import assertDataFrameEqual
 
 from backforth_spark.app.status import status
@@ -16,6 +22,9 @@ from backforth_spark.spark.context import StageContext
 from backforth_spark.spark.stages import chunk, dedup, ingest
 from tests.conftest import DOLMA_SAMPLE, LOCAL_CONF
 from tests.spark.test_generate import INSTRUCTIONS, ScriptedEngine, run_stage
+
+# _waits_for_a_rival runs in Spark's Python workers, which cannot import tests/: shipped by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def test_path_and_catalog_locations(spark, tmp_path):
@@ -315,3 +324,76 @@ def test_an_llm_table_an_earlier_layout_wrote_takes_the_column_its_stage_gained(
         "p0": ("ok", 1, None),
         "p1": ("ok", 2, 5),
     }
+
+
+# ---- a MERGE that provably loses a race to another writer ------------------------------------------
+
+KV = T.StructType([T.StructField("k", T.StringType()), T.StructField("v", T.LongType())])
+
+
+def _waits_for_a_rival(folder: str):
+    """A mapInPandas function that, the first time it runs, says so (a file) and holds its rows until the
+    test has committed a rival write (another file): the MERGE reading it has taken its snapshot by then."""
+
+    def run(batches):
+        started, committed = Path(folder) / "started", Path(folder) / "committed"
+        started.touch()
+        deadline = time.monotonic() + 120
+        while not committed.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield from batches
+
+    return run
+
+
+def _race(spark, kv: tables.Tables, folder: Path):
+    """MERGE b and c into `kv` from a thread while a rival appends z; returns the thread's outcome."""
+    # one partition: the source's task holds one of the two task slots, the rival's write the other
+    rows = spark.createDataFrame([("b", 2), ("c", 3)], KV).coalesce(1)
+    source = rows.mapInPandas(_waits_for_a_rival(str(folder)), KV)
+    outcome = {}
+
+    def merge():
+        try:
+            outcome["metrics"] = kv.merge_insert_new("kv", source, ["k"])
+        except Exception as exc:  # the thread's failure is the test's to read
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=merge)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not (folder / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    spark.createDataFrame([("z", 26)], KV).write.format("delta").mode("append").save(kv.location("kv"))
+    (folder / "committed").touch()
+    thread.join(180)
+    return outcome
+
+
+def _kv_rows(spark, kv) -> list[tuple]:
+    return sorted(tuple(r) for r in spark.read.format("delta").load(kv.location("kv")).collect())
+
+
+def test_a_merge_that_loses_a_race_retries_on_the_new_snapshot_and_duplicates_nothing(
+    spark, tmp_path, caplog
+):
+    kv = tables.Tables(spark, tmp_path / "tables", "r1", merge_retries=2, schemas={"kv": KV})
+    kv.merge_insert_new("kv", spark.createDataFrame([("a", 1)], KV), ["k"])  # creates it: version 0
+    with caplog.at_level("WARNING", logger="backforth_spark.spark.tables"):
+        outcome = _race(spark, kv, tmp_path)
+    assert "error" not in outcome, outcome.get("error")
+    # the conflict happened: Delta refused the first MERGE's commit, and the retry said so
+    assert [r.message for r in caplog.records if "concurrent commit" in r.message] != []
+    history = spark.sql(f"DESCRIBE HISTORY {kv.sql_name('kv')}").orderBy("version").collect()
+    assert [r["operation"] for r in history] == ["WRITE", "WRITE", "MERGE"]  # create, the rival, the retry
+    assert outcome["metrics"] == 2
+    assert _kv_rows(spark, kv) == [("a", 1), ("b", 2), ("c", 3), ("z", 26)]
+
+
+def test_a_merge_out_of_retries_fails_naming_its_table_and_commits_nothing(spark, tmp_path):
+    kv = tables.Tables(spark, tmp_path / "tables", "r1", merge_retries=0, schemas={"kv": KV})
+    kv.merge_insert_new("kv", spark.createDataFrame([("a", 1)], KV), ["k"])
+    outcome = _race(spark, kv, tmp_path)
+    assert isinstance(outcome.get("error"), RuntimeError)
+    assert str(outcome["error"]).startswith("table kv: a concurrent writer kept committing first (1 tries)")
+    assert _kv_rows(spark, kv) == [("a", 1), ("z", 26)]
