@@ -25,9 +25,10 @@ def test_two_old_representatives_in_one_component_the_smaller_wins():
 
 
 def test_an_old_representative_is_no_way_through():
-    # n1 and n2 each touch an old representative, and only through them meet: two components
-    edges = [("n1", NEW, "old-a", OLD), ("old-a", OLD, "n2", NEW), ("n2", NEW, "old-b", OLD)]
-    assert near_labels(edges) == {"n1": (OLD, "old-a"), "n2": (OLD, "old-a")}
+    # n1 and n2 meet only through old-b: n1 is a copy of old-b alone, while n2 also touches old-a, the
+    # smaller key. A union-find through old-b would give n1 old-a, which n1 never came near.
+    edges = [("n1", NEW, "old-b", OLD), ("old-b", OLD, "n2", NEW), ("n2", NEW, "old-a", OLD)]
+    assert near_labels(edges) == {"n1": (OLD, "old-b"), "n2": (OLD, "old-a")}
     edges = [("n1", NEW, "old-b", OLD), ("n2", NEW, "old-a", OLD)]
     assert near_labels(edges) == {"n1": (OLD, "old-b"), "n2": (OLD, "old-a")}
 
