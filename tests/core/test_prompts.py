@@ -295,3 +295,12 @@ def test_a_v3_prompt_draws_a_fence_the_text_does_not_contain():
         assert f"\n{marker}\n{hostile}\n{marker}\n" in msg["content"]
         fences.add(marker)
     assert len(fences) == 20
+
+
+def test_a_drawn_marker_the_text_holds_is_drawn_again(monkeypatch):
+    # the first draw is what the page carries (as if it had guessed it): the renderer must draw again
+    draws = iter(["0123456789abcdef", "fedcba9876543210"])
+    monkeypatch.setattr(prompts.secrets, "token_hex", lambda n: next(draws))
+    page = "A page that carries 0123456789abcdef in its text."
+    [msg] = prompts.load_template("score_v2").render(instruction="Q?", passage=page)
+    assert "<<<fedcba9876543210>>>" in msg["content"] and "<<<0123456789abcdef>>>" not in msg["content"]
