@@ -410,11 +410,15 @@ def pytest_collection_modifyitems(items):
     # the background with the first test (real_run_started, cluster_run_started), the follow-ups when
     # the real run ends, and the tests that need none of them run meanwhile (one run alone leaves about
     # a third of the two cores idle, waiting on Spark's driver and on vLLM's start).
+    # The rest by file name, whatever folder the file is in (tests/core, tests/spark, ...): the CLI's and
+    # the chunker's tests first, the ones that read only the session's tables after, which keeps the
+    # heaviest foreground tests beside the background runs rather than after them.
     items.sort(
         key=lambda item: (
             _reads(item, "cluster_run"),
             _reads_the_real_run(item),
             any(_reads(item, name) for name in FOLLOW_UPS),
+            item.path.name,
         )
     )
 
