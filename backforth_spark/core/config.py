@@ -322,6 +322,9 @@ class CurateConfig(_Strict):
     # not ask for (web text may carry them into a faithful rewrite)
     drop_unrequested_links: bool = True
     drop_text_aimed_at_models: bool = True
+    # A response that describes the rewriting task, the draft or the original text instead of answering
+    # ("Here is the rewritten response:", "This response adheres to the requested format")
+    drop_task_talk: bool = True
     # Optional second judge pass (stage `ground`): keep only rewrites faithful to their passage.
     grounding: bool = False
     min_grounding: int = Field(4, ge=1, le=5)

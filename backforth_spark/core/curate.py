@@ -20,8 +20,9 @@ WEB_RESIDUE = "web_residue"
 UNSUPPORTED = "unsupported_additions"
 LINKS = "unrequested_links"
 AIMED_AT_MODELS = "text_aimed_at_models"
+TASK_TALK = "task_talk"
 # in the order they are checked; a response is counted under the first it fails
-CHECKS = (SHORT, REPEATS, DEGENERATE, WEB_RESIDUE, UNSUPPORTED, LINKS, AIMED_AT_MODELS)
+CHECKS = (SHORT, TASK_TALK, REPEATS, DEGENERATE, WEB_RESIDUE, UNSUPPORTED, LINKS, AIMED_AT_MODELS)
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 # numbers of two digits or more (a single digit is mostly a list marker or a small count) and
@@ -38,6 +39,68 @@ _AIMED_AT_MODELS = re.compile(
     r"^\s*(?:score|rating|grade)\s*[:=]\s*[1-5](?:\s*/\s*5)?\s*$",
     re.IGNORECASE | re.MULTILINE,
 )
+
+# Talk about the rewriting task instead of an answer, in the response's opening sentence:
+# - a preamble: "Here is the rewritten response:", "Sure! Below is a revised version of the answer:";
+# - the response describing itself with the task's words: "This response will be rewritten using the
+#   same words as the original text", "My answer adheres to the requested format";
+# - the input turned into the output: "The original text has been reworked into a response ...".
+# A sentence with only one side is an answer: "The original text was revised by Congress", "In version 3
+# the API was revised", "The answer depends on the version".
+_TASK_VERB = r"(?:re-?written|re-?worked|revised|rephrased|paraphrased|reworded)"
+# a preamble's adjectives: the task's verbs and the praise a model gives its own output
+_PREAMBLE_ADJECTIVE = rf"(?:{_TASK_VERB}|polished|refined|improved|edited|updated|final)"
+_OUTPUT_NOUN = r"(?:response|answer|version|rewrite|text|passage|draft)"
+_PREAMBLE = re.compile(
+    rf"^\W*(?:(?:sure|certainly|of course|okay|ok|absolutely)\b\W*)?"
+    rf"(?:here\s+(?:is|are)|here's|below\s+(?:is|are)|the\s+following\s+(?:is|are))\s+"
+    rf"(?:\w+\s+){{0,3}}?{_PREAMBLE_ADJECTIVE}\s+(?:\w+\s+)?{_OUTPUT_NOUN}\b",
+    re.IGNORECASE,
+)
+_SELF_DESCRIPTION = re.compile(
+    rf"\b(?:this|my|the)\s+(?:response|answer|rewrite)\b.*?(?:\b{_TASK_VERB}\b|\badheres?\s+to\b|"
+    r"\brequested\s+format\b|\b(?:original|given|provided|source)\s+(?:text|passage)\b)",
+    re.IGNORECASE,
+)
+_INPUT_TURNED_INTO_OUTPUT = re.compile(
+    rf"\b(?:original|given|provided|source)\s+(?:text|passage|content)\s+(?:has\s+been|have\s+been|was|"
+    rf"is|will\s+be)\s+(?:\w+\s+)?(?:{_TASK_VERB}|turned|transformed|converted|adapted)\s+(?:into|as)\b",
+    re.IGNORECASE,
+)
+# ... and a note about the draft after the answer ("Note: I kept the original text's steps.")
+_NOTE_ON_THE_TASK = re.compile(
+    r"^\W*notes?\s*:[^\n]*\b(?:re-?writ\w*|revis\w*|rephras\w*|original\s+(?:text|passage)|draft)",
+    re.IGNORECASE | re.MULTILINE,
+)
+# an instruction that asks for a rewrite makes such talk its subject
+_ASKS_FOR_A_REWRITE = re.compile(r"\b(?:re-?writ|revis|rephras|paraphras|reword|edit|draft)", re.I)
+_FIRST_SENTENCE = re.compile(r"^\s*[^\n.!?]*[.!?]?")
+# what a link inside code is: an example the answer shows (`[text](https://...)`), not a pointer
+_CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)
+# an instruction about links, URLs or markup: links are then its subject
+_ABOUT_LINKS = re.compile(
+    r"\b(?:links?|hyperlinks?|urls?|web\s*address(?:es)?|markdown|html|href|anchor\s+tags?)\b", re.IGNORECASE
+)
+
+
+def talks_about_the_task(response: str) -> bool:
+    """Whether the response opens by describing the rewriting task, or adds a note about it."""
+    opening = _FIRST_SENTENCE.match(response)
+    first = opening.group(0) if opening else ""
+    return bool(
+        _PREAMBLE.search(response[:200])
+        or _SELF_DESCRIPTION.search(first)
+        or _INPUT_TURNED_INTO_OUTPUT.search(first)
+        or _NOTE_ON_THE_TASK.search(response)
+    )
+
+
+def unrequested_link(instruction: str, response: str) -> bool:
+    """A link the user did not ask about: outside code, in an answer to an instruction that neither has
+    a link nor is about links or markup."""
+    if _LINK.search(instruction) or _ABOUT_LINKS.search(instruction):
+        return False
+    return bool(_LINK.search(_CODE.sub(" ", response)))
 
 
 def word_trigrams(text: str) -> list[tuple[str, str, str]]:
@@ -81,6 +144,8 @@ def response_issue(instruction: str, response: str, cfg: CurateConfig, passage: 
     """The first check a rewritten response fails, or None."""
     if len(response.split()) < cfg.min_response_words:
         return SHORT
+    if cfg.drop_task_talk and talks_about_the_task(response) and not _ASKS_FOR_A_REWRITE.search(instruction):
+        return TASK_TALK
     answer = set(normalise(response).split())
     asked = set(normalise(instruction).split())
     if answer and len(answer & asked) / len(answer) >= cfg.max_instruction_overlap:
@@ -105,7 +170,7 @@ def response_issue(instruction: str, response: str, cfg: CurateConfig, passage: 
         new, total = unsupported(response, f"{passage}\n{instruction}")
         if new >= cfg.min_unsupported and new / total > cfg.max_unsupported_share:
             return UNSUPPORTED
-    if cfg.drop_unrequested_links and _LINK.search(response) and not _LINK.search(instruction):
+    if cfg.drop_unrequested_links and unrequested_link(instruction, response):
         return LINKS
     if (
         cfg.drop_text_aimed_at_models

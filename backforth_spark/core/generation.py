@@ -31,6 +31,9 @@ from backforth_spark.core.text import stable_hash
 ENGINE_ERROR = "engine_error"
 TOO_LONG = "too_long"
 TRUNCATED = "truncated"  # the output ran into its token budget: never exported as a complete answer
+# the output repeats the random marker that fenced its prompt's untrusted text ("Why 4947e1c720597451 is
+# an excellent answer!"): prompt text leaked into the answer. A retry draws another marker.
+FENCE_MARKER = "fence_marker"
 # failures that the same prompt and sampling give again at temperature 0: not regenerated under the
 # same fingerprint (an engine error may pass; too_long never fits)
 DETERMINISTIC_AT_ZERO = ("parse_error", TRUNCATED, "empty", "refused")
@@ -412,7 +415,14 @@ def run_batch(
     on model output or engine errors (they become statuses). `device` is recorded on every row."""
     n = len(batch)
     records = batch.to_dict("records")
-    convs = [spec.template.render(**{f: str(row[f]) for f in spec.template.data_fields}) for row in records]
+    values = [{f: str(row[f]) for f in spec.template.data_fields} for row in records]
+    # each prompt's fence marker, drawn here so that its output can be checked for it
+    fenced = prompts.FENCE in spec.template.fields
+    fences = [prompts.new_fence(v.values()) if fenced else None for v in values]
+    convs = [
+        spec.template.render(**v, **({prompts.FENCE: f} if f else {}))
+        for v, f in zip(values, fences, strict=True)
+    ]
     prompt_tokens = engine.count_prompt_tokens(convs)
     budgets = [spec.max_tokens(_int_or_none(row.get("passage_tokens"))) for row in records]
     # A prompt that cannot fit with its output is never sent: vLLM would reject the whole batch.
@@ -464,6 +474,12 @@ def run_batch(
                     **dict.fromkeys(parsed),
                     "status": TRUNCATED,
                     "error": f"the output reached its budget of {budgets[i]} tokens before it ended",
+                }
+            if fences[i] and fences[i][3:-3] in c.text:
+                parsed = {
+                    **dict.fromkeys(parsed),
+                    "status": FENCE_MARKER,
+                    "error": "the output repeats the marker that fenced the prompt's text",
                 }
             base.update(
                 raw_output=c.text,

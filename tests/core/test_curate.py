@@ -10,6 +10,7 @@ from backforth_spark.core.curate import (
     AIMED_AT_MODELS,
     DEGENERATE,
     LINKS,
+    TASK_TALK,
     UNSUPPORTED,
     WEB_RESIDUE,
     repeated_line_share,
@@ -58,6 +59,73 @@ def test_a_link_the_instruction_asked_about_is_kept():
     asked = "What is at https://example.org/pasta?"
     answer = GOOD + " The page https://example.org/pasta says the same."
     assert response_issue(asked, answer, CurateConfig(), PASSAGE) is None
+
+
+MARKDOWN_PAGE = (
+    "A link in Markdown is the text in square brackets followed by the address in parentheses: "
+    "[the text](https://example.org/docs) shows the words the text and opens https://example.org/docs."
+)
+
+
+@pytest.mark.parametrize(
+    "asked",
+    ["How do I write a link in Markdown?", "What does a hyperlink look like in a README file?"],
+)
+def test_a_link_that_is_the_answers_subject_is_kept(asked):
+    # a faithful technical answer whose links are its content, not pointers elsewhere
+    assert response_issue(asked, MARKDOWN_PAGE, CurateConfig(), MARKDOWN_PAGE) is None
+
+
+def test_a_link_inside_code_is_kept_and_one_outside_is_not():
+    asked = "How do I show a reference to the docs in my notes?"
+    passage = "Write `[docs](https://example.org/docs)` where the reference goes; the notes show a link."
+    in_code = "Write `[docs](https://example.org/docs)` where the reference goes, and the notes show it."
+    assert response_issue(asked, in_code, CurateConfig(), passage) is None
+    outside = "Write the reference where it goes. See https://example.org/docs for the notes tool."
+    assert response_issue(asked, outside, CurateConfig(), passage) == LINKS
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "This response will be rewritten using the same words as the original text. " + GOOD,
+        "The original text has been reworked into a response that adheres to the requested format. " + GOOD,
+        "Here is the rewritten response:\n\n" + GOOD,
+        "Sure! Here's a revised version of the answer:\n" + GOOD,
+        "Below is the improved text:\n" + GOOD,
+        GOOD + "\n\nNote: I kept every step of the original text and rewrote it as a list.",
+    ],
+)
+def test_a_response_that_talks_about_the_rewriting_task_is_removed(response):
+    assert response_issue(ASKED, response, CurateConfig(), PASSAGE) == TASK_TALK
+
+
+@pytest.mark.parametrize(
+    ("asked", "response"),
+    [
+        # answers that speak of texts, versions and revisions because the user asked about them
+        (
+            "How did the Declaration of Independence change before it was signed?",
+            "The original text was revised by Congress, which cut the clause on the slave trade and about "
+            "a quarter of the words.",
+        ),
+        (
+            "What changed in version 3 of the API?",
+            "In version 3 the API was revised to take keyword arguments, and the old calls were removed.",
+        ),
+        (
+            "Which Python do I need for match statements?",
+            "The answer depends on the version of Python you use: match statements came in 3.10.",
+        ),
+        (
+            "Rewrite this paragraph in plain words.",
+            "Here is the rewritten paragraph: boil the pasta in salted water until it is soft.",
+        ),
+        ("How do I cook dried pasta?", "Here is how: " + GOOD),
+    ],
+)
+def test_an_answer_about_texts_or_revisions_the_user_asked_about_passes(asked, response):
+    assert response_issue(asked, response, CurateConfig(), response) is None
 
 
 def test_code_and_figures_are_not_web_residue():

@@ -1,6 +1,7 @@
 """LLM stages with engine doubles: failure injection only. The real engine runs in test_e2e.py."""
 
 import logging
+import re
 import sys
 from dataclasses import replace
 
@@ -501,3 +502,23 @@ def test_a_task_with_no_rows_reports_nothing():
     from udfs.generation import with_task_metrics
 
     assert list(with_task_metrics(iter([]), started=0.0, loads=[1])) == []
+
+
+class EchoesTheFence(ScriptedEngine):
+    """Answers with the hex of the marker that fences its prompt's text, as a leaking model would."""
+
+    def chat(self, conversations, params):
+        out = []
+        for conversation in conversations:
+            marker = re.search(r"<<<([0-9a-f]{16})>>>", conversation[-1]["content"]).group(1)
+            out.append(Completion(f"Why {marker} is an excellent answer!", "stop", 10, 5))
+        return out
+
+
+def test_an_output_that_repeats_its_prompts_fence_marker_is_rejected_with_its_own_status():
+    out = generation.run_batch(_batch("some text", "other text"), EchoesTheFence(), _spec("backtranslate"))
+    assert list(out["status"]) == ["fence_marker", "fence_marker"]
+    assert out["instruction"].isna().all() and out["raw_output"].str.startswith("Why ").all()
+    # a marker-shaped string that is not this prompt's marker is just text
+    fine = ScriptedEngine(reply="Why 0123456789abcdef is an excellent answer!")
+    assert list(generation.run_batch(_batch("some text"), fine, _spec("backtranslate"))["status"]) == ["ok"]
