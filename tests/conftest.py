@@ -410,9 +410,8 @@ def pytest_collection_modifyitems(items):
     # the background with the first test (real_run_started, cluster_run_started), the follow-ups when
     # the real run ends, and the tests that need none of them run meanwhile (one run alone leaves about
     # a third of the two cores idle, waiting on Spark's driver and on vLLM's start).
-    # The rest by file name, whatever folder the file is in (tests/core, tests/spark, ...): the CLI's and
-    # the chunker's tests first, the ones that read only the session's tables after, which keeps the
-    # heaviest foreground tests beside the background runs rather than after them.
+    # The rest by file name, whatever folder the file is in (tests/core, tests/spark, ...): the order the
+    # suite had when its tests were one folder, and the one its wall time was measured with.
     items.sort(
         key=lambda item: (
             _reads(item, "cluster_run"),
