@@ -275,8 +275,36 @@ class LLMConfig(_Strict):
             return self.extra_stages[name]
         raise ConfigError(f"no settings for LLM stage {name!r}: set llm.extra_stages.{name}.template")
 
+    def stage_names(self) -> list[str]:
+        """Every LLM stage the config has settings for: the schema's sections, then extra_stages."""
+        sections = [n for n, f in type(self).model_fields.items() if f.annotation is StageConfig]
+        return [*sections, *self.extra_stages]
+
     def for_stage(self, name: str) -> LLMConfig:
-        """The LLM settings stage `name` runs with: these, with the stage's model and engine settings."""
+        """The LLM settings stage `name` runs with: these, with the stage's model and engine settings.
+
+        Stages whose engines would differ only in n-gram speculation share one engine with it on (the
+        most draft tokens any of them asks for): a worker then builds one engine for all of them instead
+        of closing the judge's model to load the same weights again for rewrite. vLLM sets speculation
+        per engine, not per request; it changes how fast tokens come, not which (draft tokens are
+        verified against the model's own distribution)."""
+        own = self._own_settings(name)
+        plain = own._identity_without_speculation()
+        drafts = [
+            peer.speculative_ngram_tokens
+            for peer in (self._own_settings(other) for other in self.stage_names())
+            if peer.speculative_ngram_tokens is not None and peer._identity_without_speculation() == plain
+        ]
+        shared = max(drafts) if drafts else None
+        if shared == own.speculative_ngram_tokens:
+            return own
+        return own.model_copy(update={"speculative_ngram_tokens": shared})
+
+    def _identity_without_speculation(self) -> str:
+        return self.model_copy(update={"speculative_ngram_tokens": None}).engine_identity()
+
+    def _own_settings(self, name: str) -> LLMConfig:
+        """These settings with stage `name`'s model and engine settings, before engines are shared."""
         stage = self.stage(name)
         update: dict[str, Any] = {k: v for k, v in stage.engine_settings if v is not None and k != "openai"}
         if stage.model is not None:

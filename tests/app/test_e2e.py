@@ -114,6 +114,15 @@ def test_the_distillation_baseline_answers_the_same_kept_instructions(real_run):
     assert len(rows) == baseline["pairs"] == real_run.summary["stages"]["distill"]["rows_out"] > 0
 
 
+def test_the_worker_loads_each_model_once_and_the_stages_on_it_share_its_engine(real_run):
+    # one LLM task at a time (conf/local.yaml: llm.num_partitions=1), so one Python worker: the backward
+    # stand-in is loaded for backtranslate, the default model for score, and rewrite and ground reuse it;
+    # distill goes to the server (the served engine is a client, built once)
+    stages = real_run.summary["stages"]
+    loads = {name: stages[name]["engine_loads"] for name in ("backtranslate", "score", "rewrite", "ground")}
+    assert loads == {"backtranslate": 1, "score": 1, "rewrite": 0, "ground": 0}
+
+
 def test_each_stage_read_only_the_tables_its_record_declares(real_run):
     declared = {st.name: set(st.reads) for st in STAGES}
     for stage, read in real_run.summary["reads"].items():

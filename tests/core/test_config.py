@@ -173,8 +173,34 @@ def test_a_stage_with_its_own_context_is_checked_against_it():
 def test_rewrite_decodes_with_ngram_speculation_in_production_but_not_on_the_stand_in():
     production = load_config(REPO / "conf" / "databricks.yaml").llm
     assert production.for_stage("rewrite").speculative_ngram_tokens == 4
-    assert production.for_stage("score").speculative_ngram_tokens is None  # the judge's engine is plain
     assert load_config(LOCAL_CONF).llm.for_stage("rewrite").speculative_ngram_tokens is None
+
+
+@pytest.mark.parametrize("conf", [None, REPO / "conf" / "databricks.yaml"], ids=["schema", "databricks"])
+def test_the_default_stages_share_one_engine_which_speculates_for_rewrite(conf):
+    """Rewrite's n-gram speculation would otherwise make its engine differ from the judge's on the same
+    model: a worker would close one to load the same weights again."""
+    llm = load_config(conf).llm
+    stages = ["backtranslate", "score", "rewrite", "ground", "distill"]
+    assert len({llm.for_stage(stage).engine_identity() for stage in stages}) == 1
+    assert {llm.for_stage(stage).speculative_ngram_tokens for stage in stages} == {4}
+
+
+def test_a_stage_on_another_model_keeps_an_engine_of_its_own_settings():
+    llm = load_config(None, ["llm.backtranslate.model=org/backward-8b"]).llm
+    backward, judge = llm.for_stage("backtranslate"), llm.for_stage("score")
+    assert backward.engine_identity() != judge.engine_identity()
+    # no stage on the backward model asks for speculation; the judge shares rewrite's engine
+    assert (backward.speculative_ngram_tokens, judge.speculative_ngram_tokens) == (None, 4)
+
+
+def test_stages_sharing_an_engine_take_the_most_draft_tokens_any_asks_for():
+    llm = load_config(None, ["llm.ground.engine_settings.speculative_ngram_tokens=6"]).llm
+    assert {llm.for_stage(stage).speculative_ngram_tokens for stage in ("score", "rewrite", "ground")} == {6}
+    # a stage with other engine settings (here its own context) is not part of the shared engine
+    llm = load_config(None, ["llm.distill.engine_settings.max_model_len=1024"]).llm
+    drafts = {stage: llm.for_stage(stage).speculative_ngram_tokens for stage in ("distill", "score")}
+    assert drafts == {"distill": None, "score": 4}
 
 
 def test_production_prompts_put_fixed_text_first_and_the_stand_in_keeps_v2():
