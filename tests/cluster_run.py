@@ -188,6 +188,9 @@ def _settings(driver_dir: Path, served: tuple[str, ...]) -> list[str]:
         "llm.gpus_per_task=1", "llm.cpus_per_task=1", "llm.num_partitions=2",
         "llm.cpu_threads=1", "llm.cpu_kvcache_gib=0.25",  # 128-token passages, 2 engines
         "llm.rewrite.sampling.max_tokens=160", "llm.backtranslate.sampling.max_tokens=64",
+        # the stand-in's rewrites mostly describe the task (tests/conftest.py REAL_RUN_SETTINGS): the
+        # export on the store is to hold pairs
+        "curate.drop_task_talk=false",
         # the executors' JVMs as every short-lived JVM of the suite (tests/conftest.py SHORT_LIVED_JVM;
         # spark-submit gives the driver's its SPARK_SUBMIT_OPTS), beside the config's own options
         f"spark.conf.spark.executor.extraJavaOptions={_EXECUTOR_OPTIONS} {SHORT_LIVED_JVM}",

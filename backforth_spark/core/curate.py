@@ -53,7 +53,7 @@ _PREAMBLE_ADJECTIVE = rf"(?:{_TASK_VERB}|polished|refined|improved|edited|update
 _OUTPUT_NOUN = r"(?:response|answer|version|rewrite|text|passage|draft)"
 _PREAMBLE = re.compile(
     rf"^\W*(?:(?:sure|certainly|of course|okay|ok|absolutely)\b\W*)?"
-    rf"(?:here\s+(?:is|are)|here's|below\s+(?:is|are)|the\s+following\s+(?:is|are))\s+"
+    rf"(?:here\s+(?:is|are)|here['’]s|below\s+(?:is|are)|the\s+following\s+(?:is|are))\s+"
     rf"(?:\w+\s+){{0,3}}?{_PREAMBLE_ADJECTIVE}\s+(?:\w+\s+)?{_OUTPUT_NOUN}\b",
     re.IGNORECASE,
 )
@@ -67,6 +67,33 @@ _INPUT_TURNED_INTO_OUTPUT = re.compile(
     rf"is|will\s+be)\s+(?:\w+\s+)?(?:{_TASK_VERB}|turned|transformed|converted|adapted)\s+(?:into|as)\b",
     re.IGNORECASE,
 )
+# - the draft named by the prompt's words: "The original response contains sentences that could be
+#   combined" (skipped when the instruction speaks of an original: a manuscript's, a law's);
+# - the response describing what it will hold: "This response will only include the requested
+#   information" (skipped when the instruction names that noun: "the immune response");
+# - a plan in the first person: "I will rephrase the original text", "I have rewritten it below";
+# - the text improved as a task: "The original text was reworked to make it more concise", "This is a
+#   rewritten version of the original text".
+_NAMES_THE_DRAFT = re.compile(r"\b(?:the|this|your)\s+original\s+(?:response|answer|draft|reply)\b", re.I)
+_DESCRIBES_ITSELF = re.compile(
+    r"^\W*(?:this|my)\s+(response|answer|rewrite)\s+(?:will|shall|contains|includes|has\s+been|"
+    r"is\s+(?:a|an|my)\s+(?:\w+\s+)?(?:version|continuation|copy|rewrite))\b",
+    re.IGNORECASE,
+)
+_THIS_IS_A_REWRITE = re.compile(
+    rf"^\W*this\s+is\s+(?:a|an|the|my)\s+(?:\w+\s+)?{_TASK_VERB}\s+{_OUTPUT_NOUN}\b", re.IGNORECASE
+)
+_FIRST_PERSON_PLAN = re.compile(
+    rf"\bI(?:'ll|’ll|\s+will|'ve|’ve|\s+have|\s+am\s+going\s+to)\s+(?:\w+\s+)?"
+    rf"(?:{_TASK_VERB}|re-?write|re-?work|revise|rephrase|paraphrase|reword)\b",
+    re.IGNORECASE,
+)
+_IMPROVED_AS_A_TASK = re.compile(
+    rf"\b(?:original|given|provided|source)\s+(?:text|passage|content)\s+(?:has\s+been|was|is)\s+"
+    rf"{_TASK_VERB}\s+to\s+make\s+it\s+(?:more\s+)?(?:concise|clear|clearer|readable|professional|shorter|"
+    rf"polished|engaging|coherent)\b",
+    re.IGNORECASE,
+)
 # ... and a note about the draft after the answer ("Note: I kept the original text's steps.")
 _NOTE_ON_THE_TASK = re.compile(
     r"^\W*notes?\s*:[^\n]*\b(?:re-?writ\w*|revis\w*|rephras\w*|original\s+(?:text|passage)|draft)",
@@ -74,7 +101,8 @@ _NOTE_ON_THE_TASK = re.compile(
 )
 # an instruction that asks for a rewrite makes such talk its subject
 _ASKS_FOR_A_REWRITE = re.compile(r"\b(?:re-?writ|revis|rephras|paraphras|reword|edit|draft)", re.I)
-_FIRST_SENTENCE = re.compile(r"^\s*[^\n.!?]*[.!?]?")
+# a sentence ends at . ! ? before a space, or at a line break
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 # what a link inside code is: an example the answer shows (`[text](https://...)`), not a pointer
 _CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)
 # an instruction about links, URLs or markup: links are then its subject
@@ -83,14 +111,21 @@ _ABOUT_LINKS = re.compile(
 )
 
 
-def talks_about_the_task(response: str) -> bool:
-    """Whether the response opens by describing the rewriting task, or adds a note about it."""
-    opening = _FIRST_SENTENCE.match(response)
-    first = opening.group(0) if opening else ""
+def talks_about_the_task(response: str, instruction: str = "") -> bool:
+    """Whether the response opens by describing the rewriting task (its first sentence; a plan in the
+    first person in its first two), or adds a note about it."""
+    sentences = _SENTENCE_END.split(response.lstrip(), maxsplit=2)
+    first, opening = sentences[0], " ".join(sentences[:2])
+    itself = _DESCRIBES_ITSELF.search(first)
     return bool(
         _PREAMBLE.search(response[:200])
         or _SELF_DESCRIPTION.search(first)
         or _INPUT_TURNED_INTO_OUTPUT.search(first)
+        or _IMPROVED_AS_A_TASK.search(first)
+        or _THIS_IS_A_REWRITE.search(first)
+        or (_NAMES_THE_DRAFT.search(first) and not re.search(r"\boriginal\b", instruction, re.I))
+        or (itself and not re.search(rf"\b{itself.group(1)}\b", instruction, re.I))
+        or _FIRST_PERSON_PLAN.search(opening)
         or _NOTE_ON_THE_TASK.search(response)
     )
 
@@ -144,7 +179,11 @@ def response_issue(instruction: str, response: str, cfg: CurateConfig, passage: 
     """The first check a rewritten response fails, or None."""
     if len(response.split()) < cfg.min_response_words:
         return SHORT
-    if cfg.drop_task_talk and talks_about_the_task(response) and not _ASKS_FOR_A_REWRITE.search(instruction):
+    if (
+        cfg.drop_task_talk
+        and talks_about_the_task(response, instruction)
+        and not _ASKS_FOR_A_REWRITE.search(instruction)
+    ):
         return TASK_TALK
     answer = set(normalise(response).split())
     asked = set(normalise(instruction).split())

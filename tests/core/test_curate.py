@@ -94,6 +94,14 @@ def test_a_link_inside_code_is_kept_and_one_outside_is_not():
         "Sure! Here's a revised version of the answer:\n" + GOOD,
         "Below is the improved text:\n" + GOOD,
         GOOD + "\n\nNote: I kept every step of the original text and rewrote it as a list.",
+        # the draft named by the prompt's words, the response announcing its content, a plan
+        "The original response contains sentences that could be combined. " + GOOD,
+        "This response will only include the requested information.\n\n" + GOOD,
+        "To answer clearly, I will rephrase the original text. " + GOOD,
+        "Sure. I have rewritten it below.\n" + GOOD,
+        "The original text was reworked to make it more concise. " + GOOD,
+        "This is a rewritten version of the original text.\n" + GOOD,
+        "Here’s a revised version of the answer:\n" + GOOD,  # a typographic apostrophe
     ],
 )
 def test_a_response_that_talks_about_the_rewriting_task_is_removed(response):
@@ -122,6 +130,20 @@ def test_a_response_that_talks_about_the_rewriting_task_is_removed(response):
             "Here is the rewritten paragraph: boil the pasta in salted water until it is soft.",
         ),
         ("How do I cook dried pasta?", "Here is how: " + GOOD),
+        # the instruction names what the task's words would otherwise describe
+        (
+            "What happens after the fight-or-flight response?",
+            "This response will pass once the threat is gone: the heart slows and breathing calms.",
+        ),
+        (
+            "Who wrote the original answer key of the 1926 exam?",
+            "The original answer key was written by the examiners of the state board in 1925.",
+        ),
+        (
+            "How did the Declaration of Independence change before it was signed?",
+            "The original text was revised to remove the clause on the slave trade, a quarter of its words.",
+        ),
+        ("How do I fix this loop?", "I will show two ways: move the counter out of the loop, or use range."),
     ],
 )
 def test_an_answer_about_texts_or_revisions_the_user_asked_about_passes(asked, response):
