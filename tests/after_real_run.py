@@ -1,6 +1,6 @@
 """Runs on copies of the shared real run that start the moment it finishes (tests/conftest.py), each in
 its own thread: a refresh after a new file lands, through Spark Connect (tests/spark/test_refresh.py). A CLI
-process with the real engine for a minute or two; started early, it runs beside the tests that read the
+process whose LLM stages go to the suite's `vllm serve`, for a minute or two; started early, it runs beside the tests that read the
 real run instead of after them. The tests assert on what it returns. (A generation stage killed
 between its commits and rerun: the cluster run, tests/app/test_cluster.py.)"""
 
@@ -43,14 +43,16 @@ def refresh_after_a_new_file(
     settings: tuple[str, ...],
     procs: list,
     remote: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """`backforth refresh` on `workdir` (a copy of the real run) after NEW_DOC lands in a new file beside
     `corpus` (a copy of the real run's input), with `settings`, then `backforth status --json`; through
     the Spark Connect server at `remote` when given (SPARK_REMOTE, as Databricks' standard access mode
-    and serverless run it). Returns their return codes, the refresh's stderr and summary, the status."""
+    and serverless run it), with `env` added to the environment. Returns their return codes, the
+    refresh's stderr and summary, the status."""
     (corpus / "new.jsonl").write_text(json.dumps(NEW_DOC) + "\n")
     summary = workdir.parent / "refresh.json"
-    env = {**os.environ, "SPARK_REMOTE": remote} if remote else None
+    env = {**os.environ, **(env or {}), **({"SPARK_REMOTE": remote} if remote else {})}
     args = [x for setting in settings for x in ("--set", setting)]
     cmd = _backforth(conf, "refresh", workdir, "--input", str(corpus), "--summary-json", str(summary), *args)
     started = time.perf_counter()

@@ -540,9 +540,14 @@ def _follow_up(started: _Started, name: str, root: Path) -> dict:
     server = ConnectServer(REPO, LOCAL_CONF, root / "connect-server.log")
     try:
         server.wait_ready()
+        # its LLM stages go to the suite's `vllm serve` (the same weights under the same model names, so
+        # the same fingerprints): the Connect server's Python workers would otherwise load two engines
+        # for the one new passage (in-process engines: the real run and the cluster run)
+        llm = [x for stage in ("backtranslate", "score", "rewrite") for x in served(started.server, stage)]
         return after_real_run.refresh_after_a_new_file(
-            work, corpus, REPO, LOCAL_CONF, REFRESH_SETTINGS, procs, remote=server.url
-        )
+            work, corpus, REPO, LOCAL_CONF, (*REFRESH_SETTINGS, *llm), procs, remote=server.url,
+            env={"BACKFORTH_TEST_KEY": API_KEY},
+        )  # fmt: skip
     finally:
         server.stop()
 
