@@ -211,7 +211,7 @@ def _status(
         "--set", f"spark.conf.spark.driver.extraClassPath={classpath}",
         "--set", "spark.conf.spark.hadoop.fs.s3a.path.style.access=true",
         "--set", "spark.class_archive=null",  # the archive's class path is pyspark's and Delta's only
-        # as every Spark process of the suite: a few rows per plan, expressions not compiled
+        # the code generation settings the run had
         *[x for key, value in spark_conf.items() if key.startswith("spark.sql.codegen")
           for x in ("--set", f"spark.conf.{key}={value}")],
         "--set", f"spark.delta_jars={repo / '.tools' / 'delta-jars'}",  # not the cwd's

@@ -439,8 +439,10 @@ def cluster_run_started(request, tmp_path_factory):
     # (Spark stops idle Python workers between stages), most of the run's time
     _, base, model, log = request.getfixturevalue("vllm_server_starting")
     server = VLLMServer(base + "/v1", model, log)
+    # Spark's code generation on, as a user runs (every other Spark process of the suite has it off,
+    # INTERPRETED): every stage and the export run through generated code here
     run = ClusterRun(
-        tmp_path_factory.mktemp("cluster"), REPO, DOLMA_SAMPLE, LOCAL_CONF, INTERPRETED,
+        tmp_path_factory.mktemp("cluster"), REPO, DOLMA_SAMPLE, LOCAL_CONF, {},
         served=(*served(server, "score"), *served(server, "rewrite")),
         served_in_refresh=served(server, "backtranslate"), env={"BACKFORTH_TEST_KEY": API_KEY},
     )  # fmt: skip
