@@ -1,8 +1,8 @@
 """Runs on copies of the shared real run that start the moment it finishes (tests/conftest.py), each in
-its own thread: a refresh after a new file lands, through Spark Connect (tests/spark/test_refresh.py). A CLI
-process whose LLM stages go to the suite's `vllm serve`, for a minute or two; started early, it runs beside the tests that read the
-real run instead of after them. The tests assert on what it returns. (A generation stage killed
-between its commits and rerun: the cluster run, tests/app/test_cluster.py.)"""
+its own thread: a refresh after a new file lands, through Spark Connect (tests/spark/test_refresh.py). A
+CLI process whose LLM stages go to the suite's `vllm serve`, for a minute or two; started early, it runs
+beside the tests that read the real run instead of after them. The tests assert on what it returns. (A
+generation stage killed between its commits and rerun: the cluster run, tests/app/test_cluster.py.)"""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def refresh_after_a_new_file(
     env: dict[str, str] | None = None,
 ) -> dict:
     """`backforth refresh` on `workdir` (a copy of the real run) after NEW_DOC lands in a new file beside
-    `corpus` (a copy of the real run's input), with `settings`, then `backforth status --json`; through
-    the Spark Connect server at `remote` when given (SPARK_REMOTE, as Databricks' standard access mode
-    and serverless run it), with `env` added to the environment. Returns their return codes, the
-    refresh's stderr and summary, the status."""
+    `corpus` (a copy of the real run's input), with `settings`, then `backforth status --json` with
+    neither the config nor the settings; through the Spark Connect server at `remote` when given
+    (SPARK_REMOTE, as Databricks' standard access mode and serverless run it), with `env` added to the
+    environment. Returns their return codes, the refresh's stderr and summary, the status."""
     (corpus / "new.jsonl").write_text(json.dumps(NEW_DOC) + "\n")
     summary = workdir.parent / "refresh.json"
     env = {**os.environ, **(env or {}), **({"SPARK_REMOTE": remote} if remote else {})}
@@ -60,8 +60,9 @@ def refresh_after_a_new_file(
     procs.append(proc)
     _, stderr = proc.communicate(timeout=1500)
     wall_s = time.perf_counter() - started
+    # no config and none of the refresh's settings: judged by what the refresh recorded in the workdir
     status = subprocess.run(
-        _backforth(conf, "status", workdir, "--json", *args),
+        [sys.executable, "-m", "backforth_spark.app.cli", "status", "--workdir", str(workdir), "--json"],
         cwd=repo, capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     return {

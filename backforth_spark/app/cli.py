@@ -25,6 +25,7 @@ from backforth_spark.core.config import Config, ConfigError, load_config
 from backforth_spark.core.model import pull
 from backforth_spark.spark.session import get_spark
 from backforth_spark.spark.stages import STAGES, select
+from backforth_spark.spark.tables import Tables
 
 log = logging.getLogger("backforth_spark")
 
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "status":
-        return _status(cfg, args.json, args.verbose)
+        # without --config: judged by the settings the workdir's last run recorded, --set over them
+        return _status(cfg, args.json, args.verbose, None if args.config else overrides)
     if args.command == "refresh":
         args.input = args.input or cfg.ingest.inputs
         if not args.input:
@@ -261,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         code, runs = _report(summary, args, log_file), runs + 1
         # A refresh that stays up keeps its JVM and Python workers warm: measured at 100,000 documents,
-        # a 1% refresh took 25.8 s in a process that had run before against 51.2 s in a fresh one
-        # (benchmarks/README.md). A failed refresh ends the loop: what restarts it reruns the work.
+        # a 1% refresh took 22.4 s in a process that had run before against 41.5 s in a fresh one
+        # (benchmarks/README.md, refresh.py). A failed refresh ends the loop: what restarts it reruns
+        # the work.
         if code or every is None or (times is not None and runs >= times):
             return code
         try:
@@ -308,15 +311,25 @@ def _report(summary: dict, args: argparse.Namespace, log_file: Path | None) -> i
     return 0
 
 
-def _status(cfg: Config, as_json: bool, verbose: bool) -> int:
+def _status(cfg: Config, as_json: bool, verbose: bool, recorded_overrides: list[str] | None) -> int:
+    """`recorded_overrides`: judge by the settings the workdir's last run recorded, with these
+    overrides over them (None: by `cfg`, the config given)."""
     if cfg.tables.catalog_schema is None and not storage.exists(storage.join(cfg.workdir_uri, "tables")):
         print(f"error: no tables under {cfg.workdir_uri}; run `backforth run` first", file=sys.stderr)
         return 2
     log_file = _quiet_third_parties(cfg, verbose)
     try:
-        preflight(cfg, (), [st for st in STAGES if st.llm is not None])
         _start_spark(cfg, log_file)
-        report = status(context_for(cfg, "status"))
+        judged_by = {"config": "given"}
+        if recorded_overrides is not None:
+            tables = Tables.from_config(get_spark(cfg.spark), cfg, "status")
+            last = tables.last_recorded_run()
+            if last is not None:
+                run_id, settings = last
+                cfg = load_config(None, recorded_overrides, recorded=settings)
+                judged_by = {"config": "recorded", "run_id": run_id}
+        preflight(cfg, (), [st for st in STAGES if st.llm is not None])
+        report = status(context_for(cfg, "status"), judged_by)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

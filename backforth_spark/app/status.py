@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pyspark.sql import functions as F
 
 from backforth_spark.spark.context import StageContext
+from backforth_spark.spark.stages import STAGES, Stage
 from backforth_spark.spark.stages.generate import current_specs, pending, stage_inputs
 
 
-def status(ctx: StageContext) -> dict[str, Any]:
-    """Row count and Delta version per table; per LLM stage (current fingerprints): done, pending (owed,
-    with attempts left), failed rows by status, and failures out of attempts; the last run seen."""
+def status(
+    ctx: StageContext, judged_by: dict[str, Any] | None = None, pipeline: Sequence[Stage] = STAGES
+) -> dict[str, Any]:
+    """Row count and Delta version per table; per LLM stage (the fingerprints of ctx's config, which
+    `judged_by` names): done, pending (owed, with attempts left), failed rows by status, and failures
+    out of attempts, or `enabled: false` for a stage the config leaves off; the last run seen."""
     out: dict[str, Any] = {
         "workdir": ctx.cfg.workdir_uri,
+        "judged_by": judged_by or {"config": "given"},
         "tables": {},
         "llm_stages": {},
         "last_run": None,
     }
+    enabled = {st.llm.name: st.enabled(ctx.cfg) for st in pipeline if st.llm is not None}
     last: tuple | None = None
     for name in ctx.tables.schemas:
         if not ctx.tables.exists(name):
@@ -41,8 +48,11 @@ def status(ctx: StageContext) -> dict[str, Any]:
         exhausted = rows.where(
             (F.col("status") != "ok") & (F.col("attempts") >= ctx.cfg.llm.max_attempts)
         ).count()
-        owed = pending(ctx, task, stage_inputs(ctx, task, specs), spec).count()
+        on = enabled.get(task.name, True)
+        # a stage the config leaves off owes nothing, whatever its inputs hold
+        owed = pending(ctx, task, stage_inputs(ctx, task, specs), spec).count() if on else 0
         out["llm_stages"][task.name] = {
+            "enabled": on,
             "fingerprint": spec.fingerprint,
             "done": by_status.get("ok", 0),
             "pending": owed,
@@ -53,7 +63,12 @@ def status(ctx: StageContext) -> dict[str, Any]:
 
 
 def format_status(s: dict[str, Any]) -> str:
-    lines = [f"workdir {s['workdir']}"]
+    judged = s["judged_by"]
+    if judged["config"] == "recorded":
+        by = f"the settings run {judged['run_id']} recorded in the workdir"
+    else:
+        by = "the config given (--config and --set)"
+    lines = [f"workdir {s['workdir']}", f"judged by {by}"]
     if s["last_run"]:
         lines.append(f"last run {s['last_run']['run_id']} at {s['last_run']['written_at']}")
     lines.append("")
@@ -67,5 +82,6 @@ def format_status(s: dict[str, Any]) -> str:
         failed = ", ".join(f"{k}={v}" for k, v in info["failed"].items()) or "-"
         if info["out_of_attempts"]:
             failed += f" ({info['out_of_attempts']} out of attempts)"
-        lines.append(f"{stage:<14} {info['done']:>7} {info['pending']:>8}  {failed}")
+        owed = info["pending"] if info["enabled"] else "off"
+        lines.append(f"{stage:<14} {info['done']:>7} {owed:>8}  {failed}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ Every tunable of the pipeline lives here; stages receive the sub-model they need
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -548,12 +549,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# The sections that decide what each stage owes. A run records them in its workdir (table `runs`), so that
+# `status` judges a workdir by the config that wrote it. Not spark, tables, tracking or the workdir: those
+# say where and how a process runs (and spark.conf may carry a store's credentials).
+RECORDED_SECTIONS = ("ingest", "dedup", "chunk", "llm", "curate", "export")
+
+
+def recorded_settings(cfg: Config) -> str:
+    """The config's RECORDED_SECTIONS as JSON, for the workdir's record of a run."""
+    return json.dumps(cfg.model_dump(mode="json", include=set(RECORDED_SECTIONS)), sort_keys=True)
+
+
 def load_config(
-    path: str | os.PathLike | Sequence[str | os.PathLike] | None = None, overrides: list[str] | None = None
+    path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    overrides: list[str] | None = None,
+    recorded: str | None = None,
 ) -> Config:
     """Load YAML config files (later files over earlier ones) over the schema defaults and apply dotted
-    overrides. A section given in part (e.g. only `llm.score.sampling`) keeps the keys it leaves out."""
+    overrides. A section given in part (e.g. only `llm.score.sampling`) keeps the keys it leaves out.
+    `recorded`: a run's recorded settings (recorded_settings), laid over the defaults before the files."""
     data: dict[str, Any] = Config().model_dump()
+    if recorded is not None:
+        _deep_update(data, {k: v for k, v in json.loads(recorded).items() if k in RECORDED_SECTIONS})
     paths = [path] if isinstance(path, str | os.PathLike) else list(path or [])
     for one in paths:
         loaded = yaml.safe_load(Path(one).read_text()) or {}

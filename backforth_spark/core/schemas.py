@@ -14,6 +14,7 @@ DEDUP = "dedup_decisions"
 MINHASH = "minhash_signatures"
 PASSAGES = "passages"
 INPUT_FILES = "input_files"
+RUNS = "runs"
 
 # Lineage columns carried by every row a stage writes.
 LINEAGE: tuple[Column, ...] = (("run_id", "string", False), ("written_at", "timestamp", False))
@@ -74,6 +75,10 @@ PASSAGES_COLUMNS: tuple[Column, ...] = (
     ("quality_filter", "string", True),  # the filter a low_quality passage failed
 )
 
+# One row per run that ran an LLM stage or the export: the settings that decide what each stage owes
+# (config.recorded_settings, JSON), so that `backforth status` judges the workdir by them.
+RUNS_COLUMNS: tuple[Column, ...] = (("settings", "string", False),)
+
 # Shared by every LLM stage's table; each adds its pass-through and parsed value columns.
 GENERATION_COLUMNS: tuple[Column, ...] = (
     ("passage_id", "string", False),
@@ -101,6 +106,7 @@ CORE_TABLES: dict[str, tuple[Column, ...]] = {
     DEDUP: DEDUP_COLUMNS,
     MINHASH: MINHASH_COLUMNS,
     PASSAGES: PASSAGES_COLUMNS,
+    RUNS: RUNS_COLUMNS,
 }
 
 

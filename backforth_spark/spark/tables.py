@@ -25,7 +25,7 @@ from pyspark.sql import types as T
 from backforth_spark.core import storage
 from backforth_spark.core.config import byte_size, quote_name
 from backforth_spark.core.generation import LLM_TASKS, LLMTask
-from backforth_spark.core.schemas import CORE_TABLES, LINEAGE, LINEAGE_NAMES, Column
+from backforth_spark.core.schemas import CORE_TABLES, LINEAGE, LINEAGE_NAMES, RUNS, Column
 from backforth_spark.spark.session import spark_thread
 
 log = logging.getLogger(__name__)
@@ -492,6 +492,18 @@ class Tables:
                 log.warning("table %s: concurrent commit, retrying the MERGE (%s)", name, type(exc).__name__)
                 time.sleep(0.5 * 2**attempt + random.random())
         raise AssertionError("unreachable")
+
+    def record_run(self, settings: str) -> None:
+        """Record this run's settings (config.recorded_settings) in table `runs`, once per run id."""
+        row = self.spark.createDataFrame([(settings, self.run_id)], "settings string, run_id string")
+        self.merge_insert_new(RUNS, row.withColumn("written_at", F.current_timestamp()), ["run_id"])
+
+    def last_recorded_run(self) -> tuple[str, str] | None:
+        """(run id, settings) of the run recorded last in table `runs`, or None when none is."""
+        if not self.exists(RUNS):
+            return None
+        last = self.read(RUNS).orderBy(F.col("written_at").desc(), F.col("run_id").desc()).first()
+        return None if last is None else (last["run_id"], last["settings"])
 
     def merge_insert_new(self, name: str, df: DataFrame, keys: list[str]) -> int:
         """Insert rows whose key is not in the table yet (idempotent append); returns how many."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from pyspark.sql import functions as F
 
 from backforth_spark.app.cli import main
 from backforth_spark.core import schemas as s
@@ -237,10 +238,29 @@ def test_status_reports_tables_and_llm_stages_as_json(real_run, spark, capsys):
     bt = report["llm_stages"]["backtranslate"]
     assert bt["done"] == real_run.summary["stages"]["backtranslate"]["rows_out"]
     assert report["last_run"]["run_id"] == real_run.summary["run_id"]
+    assert report["judged_by"] == {"config": "given"}
+
+
+def test_status_without_a_config_judges_by_the_settings_the_run_recorded(real_run, capsys):
+    # the run's backward model and its grounding and baseline stages are not the schema's defaults:
+    # judged by those, backtranslate would owe every passage and ground and distill would be off
+    assert main(["-v", "status", "--workdir", str(real_run.workdir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["judged_by"] == {"config": "recorded", "run_id": real_run.summary["run_id"]}
+    stages = report["llm_stages"]
+    assert [name for name, info in stages.items() if info["enabled"]] == [task.name for task in LLM_TASKS]
+    assert stages["backtranslate"]["done"] == real_run.summary["stages"]["backtranslate"]["rows_out"] > 0
 
 
 def test_a_dry_run_plans_and_changes_nothing(real_run, spark, tmp_path, capsys):
     work = copy_run(real_run, tmp_path / "work")
+    # two instructions lost from the copy: owed again, whatever the real run's failures were
+    instructions = work / "tables" / TABLE["backtranslate"]
+    lost = [
+        r[0]
+        for r in spark.read.format("delta").load(str(instructions)).select("passage_id").limit(2).collect()
+    ]
+    spark.sql(f"DELETE FROM delta.`{instructions}` WHERE passage_id IN ({', '.join(repr(k) for k in lost)})")
     before = sorted(p.name for p in (work / "tables" / s.DOCUMENTS / "_delta_log").iterdir())
     args = ["-v", "run", "--config", str(LOCAL_CONF), "--workdir", str(work), "--input", str(real_run.corpus),
             *[x for st in REAL_RUN_SETTINGS for x in ("--set", st)]]  # fmt: skip
@@ -248,9 +268,12 @@ def test_a_dry_run_plans_and_changes_nothing(real_run, spark, tmp_path, capsys):
     out = capsys.readouterr().out
     plan = json.loads(out[out.index("{") :])
     assert plan["input_files"]["files"] == 3 and plan["tables"][s.DOCUMENTS] == 11
-    # what is still owed: the failed rows, which have attempts left (counted from the table itself)
-    failed = real_run.table(spark, TABLE["backtranslate"]).where("status <> 'ok' AND attempts < 3").count()
-    assert plan["would_generate"]["backtranslate"] == failed
+    # what is still owed: the lost rows and the failed ones with attempts left (counted from the table)
+    failed = real_run.table(spark, TABLE["backtranslate"]).where("status <> 'ok' AND attempts < 3")
+    assert (
+        plan["would_generate"]["backtranslate"]
+        == len(lost) + failed.where(~F.col("passage_id").isin(lost)).count()
+    )
     assert sorted(p.name for p in (work / "tables" / s.DOCUMENTS / "_delta_log").iterdir()) == before
 
 

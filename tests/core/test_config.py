@@ -345,3 +345,21 @@ def test_the_shipped_configs_fit_the_executors_they_are_laid_over():
     cores = int(line.split("--executor-cores ")[1].split()[0])
     gpus = float(line.split("spark.executor.resource.gpu.amount=")[1].split()[0])
     check_executors(load_config(REPO / "conf" / "cluster.yaml"), stages, Executors(cores=cores, gpus=gpus))
+
+
+def test_a_runs_recorded_settings_come_back_under_the_overrides_without_spark():
+    import json
+
+    from backforth_spark.core.config import recorded_settings
+
+    secret = "spark.conf.spark.hadoop.fs.s3a.secret.key=do-not-record"
+    chosen = ["llm.backtranslate.model=org/backward-8b", "curate.grounding=true", secret]
+    ran = load_config(LOCAL_CONF, chosen)
+    recorded = recorded_settings(ran)
+    assert "do-not-record" not in recorded
+    assert sorted(json.loads(recorded)) == ["chunk", "curate", "dedup", "export", "ingest", "llm"]
+    back = load_config(None, ["chunk.max_tokens=100"], recorded=recorded)
+    assert back.llm.stage("backtranslate").model == "org/backward-8b" and back.curate.grounding
+    assert back.llm.stage("rewrite").template == "rewrite_v2"  # conf/local.yaml's, not the schema's
+    assert back.chunk.max_tokens == 100  # an override wins over the record
+    assert back.spark == Config().spark  # where a process runs is its own

@@ -140,7 +140,12 @@ def test_rerun_retries_only_failed_rows_and_never_duplicates(make_ctx):
     assert (bt["done"], bt["pending"], bt["failed"], bt["out_of_attempts"]) == (3, 0, {"engine_error": 1}, 1)
     assert report["llm_stages"]["score"]["pending"] == 3  # the three instructions wait for their judge
     assert report["tables"][INSTRUCTIONS]["rows"] == 4 and report["last_run"]["run_id"] == ctx.run_id
-    assert "backtranslate" in format_status(report)
+    # grounding and the distillation baseline are off in this config: they owe nothing, and say so
+    off = {name: info["pending"] for name, info in report["llm_stages"].items() if not info["enabled"]}
+    assert off == {"ground": 0, "distill": 0}
+    table = {line.split()[0]: line.split()[1:3] for line in format_status(report).splitlines() if line}
+    assert table["backtranslate"] == ["3", "0"] and table["ground"] == ["0", "off"]
+    assert "judged by the config given" in format_status(report)
 
     from backforth_spark.app.pipeline import plan
     from backforth_spark.spark.stages import select

@@ -102,6 +102,28 @@ def test_a_refresh_runs_through_spark_connect_and_status_reads_its_tables(refres
 
 
 @pytest.mark.e2e
+def test_status_without_a_config_judges_by_the_settings_the_last_run_recorded(refresh_after_new_file, spark):
+    """The follow-up's `status` is given neither the config nor the refresh's settings (its backward
+    model, its stages left off): it reads them from the workdir, says so, and marks the stages they
+    leave off."""
+    refresh = refresh_after_new_file
+    report = refresh["status"]
+    assert report["judged_by"] == {"config": "recorded", "run_id": refresh["summary"]["run_id"]}
+    stages = report["llm_stages"]
+    assert [name for name, info in stages.items() if not info["enabled"]] == ["ground", "distill"]
+    assert stages["ground"]["pending"] == stages["distill"]["pending"] == 0
+    # the fingerprints are the refresh's own (the schema's defaults would name other templates and
+    # another backward model): the new document's instruction is done under them
+    tables = Tables(spark, refresh["workdir"] / "tables")
+    new = tables.read(t.PASSAGES).where("doc_key = 'web/new-1'").select("passage_id")
+    written = {
+        r[0] for r in tables.read("instructions").join(new, "passage_id").select("fingerprint").collect()
+    }
+    assert written == {stages["backtranslate"]["fingerprint"]}
+    assert stages["backtranslate"]["done"] > 0 and stages["rewrite"]["enabled"]
+
+
+@pytest.mark.e2e
 def test_a_refresh_after_a_new_file_generates_only_for_it(refresh_after_new_file, real_run, spark):
     """A scheduled refresh on a copy of the real run after a new file lands (tests/after_real_run.py):
     only the new document flows through the LLM stages, old successes are untouched; its threshold (2)

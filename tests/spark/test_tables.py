@@ -397,3 +397,14 @@ def test_a_merge_out_of_retries_fails_naming_its_table_and_commits_nothing(spark
     assert isinstance(outcome.get("error"), RuntimeError)
     assert str(outcome["error"]).startswith("table kv: a concurrent writer kept committing first (1 tries)")
     assert _kv_rows(spark, kv) == [("a", 1), ("z", 26)]
+
+
+def test_the_last_recorded_run_is_the_one_recorded_last_and_a_run_records_once(spark, tmp_path):
+    first = tables.Tables(spark, tmp_path / "tables", "run-a")
+    assert first.last_recorded_run() is None
+    first.record_run('{"llm": {"model": "a"}}')
+    first.record_run('{"llm": {"model": "a"}}')  # the same run again (a retried start): one row
+    second = tables.Tables(spark, tmp_path / "tables", "run-b")
+    second.record_run('{"llm": {"model": "b"}}')
+    assert second.last_recorded_run() == ("run-b", '{"llm": {"model": "b"}}')
+    assert second.read(t.RUNS).count() == 2
