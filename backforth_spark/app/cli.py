@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from backforth_spark.app.pipeline import context_for, plan, preflight, run_pipeline
+from backforth_spark.app.pipeline import context_for, error_line, plan, preflight, run_pipeline
 from backforth_spark.app.status import format_status, status
 from backforth_spark.core import storage
 from backforth_spark.core.config import Config, ConfigError, load_config
@@ -107,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--workdir", default=None)
     _set_arg(st)
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    upkeep = sub.add_parser(
+        "maintain", help="compact each table's files (OPTIMIZE) and delete the replaced ones (VACUUM)"
+    )
+    _config_arg(upkeep)
+    upkeep.add_argument("--workdir", default=None)
+    _set_arg(upkeep)
 
     model = sub.add_parser("model", help="manage the embedded default model")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -225,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         # without --config: judged by the settings the workdir's last run recorded, --set over them
         return _status(cfg, args.json, args.verbose, None if args.config else overrides)
+    if args.command == "maintain":
+        return _maintain(cfg, args.verbose)
     if args.command == "refresh":
         args.input = args.input or cfg.ingest.inputs
         if not args.input:
@@ -268,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         # the work.
         if code or every is None or (times is not None and runs >= times):
             return code
+        if cfg.tables.maintain_every and runs % cfg.tables.maintain_every == 0:
+            code = _maintain_tables(cfg)
+            if code:
+                return code
         try:
             _wait(max(0.0, started + every - time.monotonic()))
         except KeyboardInterrupt:
@@ -334,6 +347,30 @@ def _status(cfg: Config, as_json: bool, verbose: bool, recorded_overrides: list[
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if as_json else format_status(report))
+    return 0
+
+
+def _maintain(cfg: Config, verbose: bool) -> int:
+    """`backforth maintain`: OPTIMIZE and VACUUM every table; one line per table."""
+    if cfg.tables.catalog_schema is None and not storage.exists(storage.join(cfg.workdir_uri, "tables")):
+        print(f"error: no tables under {cfg.workdir_uri}; run `backforth run` first", file=sys.stderr)
+        return 2
+    _start_spark(cfg, _quiet_third_parties(cfg, verbose))
+    return _maintain_tables(cfg)
+
+
+def _maintain_tables(cfg: Config) -> int:
+    """The upkeep of every table, in the running Spark session; its exit code."""
+    try:
+        tables = Tables.from_config(get_spark(cfg.spark), cfg, "maintain")
+        done = tables.maintain(cfg.tables.vacuum_retention_hours)
+    except Exception as exc:  # noqa: BLE001 (a refused OPTIMIZE or VACUUM: one line, the rest in the log)
+        log.exception("maintain failed")
+        print(f"error: maintain failed: {error_line(exc)}", file=sys.stderr)
+        return 1
+    for name, files in done.items():
+        print(f"{name:<20} files {files['files_before']} -> {files['files_after']}")
+    print(f"vacuumed: files replaced more than {cfg.tables.vacuum_retention_hours} hours ago are deleted")
     return 0
 
 

@@ -418,6 +418,13 @@ class TablesConfig(_Strict):
     # most of a small refresh's staging) but is safe only where a rename is atomic (a local disk, HDFS;
     # not an object store without a committer for it), so only for path-based tables.
     staging_format: Literal["delta", "parquet"] = "delta"
+    # Upkeep (`backforth maintain`): OPTIMIZE compacts each table's small files (every commit of a run
+    # adds some; the upsert MERGEs rewrite them), then VACUUM deletes the files no version younger than
+    # this still needs. Delta's own default is 7 days, and it refuses a shorter VACUUM unless a table says
+    # so: a reader or writer that started before the files were replaced must still find them.
+    vacuum_retention_hours: int = Field(168, ge=0, description="VACUUM keeps files younger than this")
+    # `refresh --every`: run the upkeep after every N refreshes (None: never; run `maintain` on a schedule)
+    maintain_every: int | None = Field(None, ge=1, description="refreshes between two upkeeps")
 
     @field_validator("catalog_schema")
     @classmethod

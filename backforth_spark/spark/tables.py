@@ -493,6 +493,38 @@ class Tables:
                 time.sleep(0.5 * 2**attempt + random.random())
         raise AssertionError("unreachable")
 
+    def maintain(self, retention_hours: int) -> dict[str, dict[str, int]]:
+        """OPTIMIZE, then VACUUM, each existing table (scratch tables aside); per table the live files
+        before and after. The retention becomes the table's `delta.deletedFileRetentionDuration`, which
+        Delta's VACUUM keeps to and checks a shorter request against, so a reader or a MERGE that began
+        before the compaction still finds its files. Safe beside a running refresh: OPTIMIZE is a
+        commit like any other (a MERGE that loses to it is retried: Tables._commit)."""
+        out = {}
+        for name in self.schemas:
+            if not self.exists(name):
+                continue
+            table = self.sql_name(name)
+            before = self.spark.sql(f"DESCRIBE DETAIL {table}").first()["numFiles"]
+            for attempt in range(self.merge_retries + 1):
+                try:
+                    with self.timed(f"optimize {name}"):
+                        self.spark.sql(f"OPTIMIZE {table}").collect()
+                    break
+                except Exception as exc:
+                    # a writer that committed over the files OPTIMIZE was compacting: compact again
+                    if not is_conflict(exc) or attempt == self.merge_retries:
+                        raise
+                    log.warning("table %s: concurrent commit, compacting again", name)
+            key, retention = "delta.deletedFileRetentionDuration", f"interval {retention_hours} hours"
+            props = {r["key"]: r["value"] for r in self.spark.sql(f"SHOW TBLPROPERTIES {table}").collect()}
+            if props.get(key) != retention:  # a commit, so only when it changes
+                self.spark.sql(f"ALTER TABLE {table} SET TBLPROPERTIES ('{key}' = '{retention}')")
+            with self.timed(f"vacuum {name}"):
+                self.spark.sql(f"VACUUM {table}").collect()
+            after = self.spark.sql(f"DESCRIBE DETAIL {table}").first()["numFiles"]
+            out[name] = {"files_before": int(before), "files_after": int(after)}
+        return out
+
     def record_run(self, settings: str) -> None:
         """Record this run's settings (config.recorded_settings) in table `runs`, once per run id."""
         row = self.spark.createDataFrame([(settings, self.run_id)], "settings string, run_id string")

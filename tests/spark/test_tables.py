@@ -408,3 +408,18 @@ def test_the_last_recorded_run_is_the_one_recorded_last_and_a_run_records_once(s
     second.record_run('{"llm": {"model": "b"}}')
     assert second.last_recorded_run() == ("run-b", '{"llm": {"model": "b"}}')
     assert second.read(t.RUNS).count() == 2
+
+
+def test_maintain_compacts_each_table_and_deletes_the_files_it_replaced(spark, tmp_path):
+    root = tmp_path / "tables"
+    for i in range(3):  # three runs, three commits: three files
+        tables.Tables(spark, root, f"run-{i}").record_run(f'{{"n": {i}}}')
+    upkeep = tables.Tables(spark, root, "upkeep")
+    rows = upkeep.read(t.RUNS).collect()
+    assert upkeep.maintain(retention_hours=0) == {t.RUNS: {"files_before": 3, "files_after": 1}}
+    assertDataFrameEqual(upkeep.read(t.RUNS), rows)
+    assert len(list((root / t.RUNS).glob("*.parquet"))) == 1  # the three replaced files are gone
+    # compacted already: the next upkeep changes nothing, the retention setting included
+    version = upkeep.version(t.RUNS)
+    assert upkeep.maintain(retention_hours=0) == {t.RUNS: {"files_before": 1, "files_after": 1}}
+    assert upkeep.version(t.RUNS) == version
