@@ -316,6 +316,9 @@ def link_stand_in_backward() -> Path:
 
 # the key `vllm_server` requires; the real run sends it and tests search for it in all it left
 API_KEY = "sk-test-do-not-log-0123456789"
+# a Hub token in the real run's environment (llm.hub_token_env's default, HF_TOKEN): the driver reads it
+# and ships it to the workers; tests search for it as for the key
+HUB_TOKEN = "hf_test-do-not-log-9876543210"
 
 
 @dataclass(frozen=True)
@@ -496,7 +499,8 @@ def real_run_started(request, tmp_path_factory):
             [sys.executable, "-m", "backforth_spark.app.cli", "run", "--config", str(LOCAL_CONF),
              "--workdir", str(root / "work"), "--input", str(root / "in"),
              "--summary-json", str(root / "summary.json"), *[x for s in chosen for x in ("--set", s)]],
-            cwd=REPO, stdout=out, stderr=err, text=True, env={**os.environ, "BACKFORTH_TEST_KEY": API_KEY},
+            cwd=REPO, stdout=out, stderr=err, text=True,
+            env={**os.environ, "BACKFORTH_TEST_KEY": API_KEY, "HF_TOKEN": HUB_TOKEN},
         )  # fmt: skip
     started = _Started(root, run, n_lines, mlflow_url, server, server_proc, {}, [])
     for name in FOLLOW_UPS:

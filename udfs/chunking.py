@@ -17,6 +17,7 @@ from tokenizers.models import BPE
 
 from backforth_spark.core.chunking import TokenOffsets, chunk_texts, offsets_from_byte_lengths, passage_id
 from backforth_spark.core.config import ChunkConfig
+from backforth_spark.core.model import Hub
 from backforth_spark.core.schemas import PASSAGES_COLUMNS, names
 
 CHUNK_COLUMNS = names(PASSAGES_COLUMNS)
@@ -261,17 +262,19 @@ class HFTokenizer:
 _TOKENIZERS: dict[str, HFTokenizer] = {}
 
 
-def tokenizer_for(model: str) -> HFTokenizer:
+def tokenizer_for(model: str, hub: Hub | None = None) -> HFTokenizer:
+    """The tokenizer of `model` (a folder or a Hub id, fetched through `hub`: its tokenizer files only),
+    built once per process."""
     if model not in _TOKENIZERS:
-        _TOKENIZERS[model] = HFTokenizer(model)
+        _TOKENIZERS[model] = HFTokenizer(hub.fetch(model, weights=False) if hub else model)
     return _TOKENIZERS[model]
 
 
 def chunk_documents(
-    model: str, cfg: ChunkConfig
+    model: str, cfg: ChunkConfig, hub: Hub | None = None
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        tokenizer = tokenizer_for(model)
+        tokenizer = tokenizer_for(model, hub)
         for batch in batches:
             rows = []
             chunked = chunk_texts(batch["text"].tolist(), tokenizer, cfg)

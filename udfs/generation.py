@@ -28,6 +28,7 @@ from backforth_spark.core.engines.engine import Engine
 from backforth_spark.core.engines.openai_engine import OpenAIEngine
 from backforth_spark.core.engines.vllm_engine import create_vllm_engine
 from backforth_spark.core.generation import ENGINE_ERROR, TOO_LONG, StageSpec, run_batch
+from backforth_spark.core.model import Hub
 from udfs.device_claim import DeviceClaim
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,14 @@ def pin_gpus(addresses: list[str]) -> str | None:
     return os.environ.get("CUDA_VISIBLE_DEVICES", label)
 
 
-def create_engine(cfg: LLMConfig, model: str, api_key: str | None = None) -> Engine:
+def create_engine(cfg: LLMConfig, model: str, api_key: str | None = None, hub: Hub | None = None) -> Engine:
     """The engine the config asks for: in-process vLLM, or a client of an OpenAI-compatible server
-    (`api_key` is for the latter, resolved on the driver)."""
+    (`api_key` is for the latter, resolved on the driver). A Hub model is fetched through `hub` first
+    (its tokenizer alone for a server's client)."""
+    hub = hub or Hub()
     if cfg.engine == "openai":
-        return OpenAIEngine.from_config(cfg, model, api_key)
-    return create_vllm_engine(cfg, model)
+        return OpenAIEngine.from_config(cfg, model, api_key, hub.fetch(model, weights=False))
+    return create_vllm_engine(cfg, model, hub.fetch(model))
 
 
 def held_engine(
@@ -80,6 +83,7 @@ def held_engine(
     api_key: str | None,
     devices: list[str] | None = None,
     on_load: Callable[[], None] | None = None,
+    hub: Hub | None = None,
 ) -> Engine:
     """The engine for (model, engine settings, key): the one this worker holds, or a new one built after
     the held one is released. `devices`: the GPUs this worker is pinned to, claimed before an in-process
@@ -95,7 +99,7 @@ def held_engine(
             # read by OpenMP when torch loads, which happens inside create_engine
             os.environ["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
         try:
-            _HELD[key] = create_engine(cfg, model, api_key)
+            _HELD[key] = create_engine(cfg, model, api_key, hub)
         except BaseException:
             release_engine()
             raise
@@ -164,6 +168,7 @@ def generate(
     cfg: LLMConfig,
     engine_factory: Callable[[], Engine] | None = None,
     api_key: str | None = None,
+    hub: Hub | None = None,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The mapInPandas function for one stage. `engine_factory` replaces vLLM (failure injection).
     Its rows are the stage's columns (without lineage), TASK_SECONDS and TASK_ENGINE_LOADS: the
@@ -184,7 +189,7 @@ def generate(
             return engine_factory()
         if fresh:
             release_engine()
-        return held_engine(cfg, spec.model, api_key, devices, on_load=loaded)
+        return held_engine(cfg, spec.model, api_key, devices, on_load=loaded, hub=hub)
 
     def generate_all(batches: Iterator[pd.DataFrame], loaded: Callable[[], None]) -> Iterator[pd.DataFrame]:
         gpus = assigned_gpus()

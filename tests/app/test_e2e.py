@@ -16,7 +16,15 @@ from backforth_spark.core import schemas as s
 from backforth_spark.core.dataset import current_files
 from backforth_spark.core.generation import LLM_TASKS
 from backforth_spark.spark.stages import STAGES
-from tests.conftest import API_KEY, LOCAL_CONF, REAL_RUN_SETTINGS, STAND_IN_BACKWARD, copy_run, exported_rows
+from tests.conftest import (
+    API_KEY,
+    HUB_TOKEN,
+    LOCAL_CONF,
+    REAL_RUN_SETTINGS,
+    STAND_IN_BACKWARD,
+    copy_run,
+    exported_rows,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -197,24 +205,26 @@ def _files_holding(root: Path, needle: bytes) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
-def test_the_api_key_is_nowhere_the_run_left(real_run, spark, tmp_path):
-    """The key the served stage sent: not on the console, in the logs, the tables (files and rows), the
-    export, the summary, Spark's event log, or the MLflow run's params, tags and artifacts."""
-    needle = API_KEY.encode()
-    assert API_KEY not in real_run.stdout + real_run.stderr
+@pytest.mark.parametrize("secret", [API_KEY, HUB_TOKEN], ids=["api_key", "hub_token"])
+def test_a_secret_is_nowhere_the_run_left(real_run, spark, tmp_path, secret):
+    """The key the served stage sent, and the Hub token the driver read from its environment and
+    shipped to the workers: not on the console, in the logs, the tables (files and rows), the export,
+    the summary, Spark's event log, or the MLflow run's params, tags and artifacts."""
+    needle = secret.encode()
+    assert secret not in real_run.stdout + real_run.stderr
     assert (real_run.workdir / "logs" / "backforth.log").exists() and list(real_run.events.iterdir())
     assert _files_holding(real_run.workdir, needle) == [] and _files_holding(real_run.events, needle) == []
-    assert API_KEY not in json.dumps(real_run.summary)
+    assert secret not in json.dumps(real_run.summary)
     for table in real_run.summary["tables"].values():
         # file bytes may be compressed: the rows themselves, as text
-        assert all(API_KEY not in str(r.asDict()) for r in spark.read.format("delta").load(table).collect())
+        assert all(secret not in str(r.asDict()) for r in spark.read.format("delta").load(table).collect())
     client = MlflowClient(tracking_uri=real_run.tracking_uri)
     parent = client.get_run(real_run.summary["mlflow_run_id"])
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     for run in (parent, *children):
-        assert API_KEY not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+        assert secret not in json.dumps(run.data.params) + json.dumps(run.data.tags)
     artifacts = Path(client.download_artifacts(parent.info.run_id, "", str(tmp_path)))
     assert list(artifacts.rglob("*.md")) and _files_holding(artifacts, needle) == []
 

@@ -6,9 +6,10 @@ import pytest
 
 from backforth_spark.core import chunking as chunk
 from backforth_spark.core import schemas as t
-from backforth_spark.core.config import ChunkConfig
+from backforth_spark.core.config import ChunkConfig, load_config
+from backforth_spark.core.model import resolve_model
 from backforth_spark.spark.stages import chunk as chunk_stage
-from tests.conftest import DOLMA_SAMPLE, REPO, add_documents
+from tests.conftest import DOLMA_SAMPLE, LOCAL_CONF, REPO, add_documents
 
 
 class WordTokenizer:
@@ -570,3 +571,28 @@ def test_tiktoken_is_refused_where_its_merges_would_differ_from_the_library(tmp_
         for text in ["abc", "x abcc ab  <x>cab"]:
             expected = library.encode(text, add_special_tokens=False).offsets
             assert list(zip(*ours.token_offsets(text), strict=True)) == expected, folder.name
+
+
+def test_the_chunkers_python_workers_fetch_a_gated_hub_tokenizer_once_with_the_drivers_token(
+    make_ctx, tmp_path, monkeypatch
+):
+    """llm.model a Hub id: each Python worker fetches its tokenizer through the cache folder, with the
+    token read from the driver's environment (the workers' environment never had it)."""
+    from tests.core.test_model import REPO, TOKEN, TOKENIZER_FILES
+    from tests.hub_stand_in import HubStandIn
+
+    monkeypatch.setenv("BACKFORTH_TEST_HUB_TOKEN", TOKEN)
+    folder = Path(resolve_model(load_config(LOCAL_CONF).llm))
+    with HubStandIn(folder, REPO, TOKEN) as hub:
+        ctx = make_ctx(
+            f"llm.model={REPO}", f"llm.hub_cache_dir={tmp_path / 'hub'}", f"llm.hub_endpoint={hub.endpoint}",
+            "llm.hub_token_env=BACKFORTH_TEST_HUB_TOKEN",
+        )  # fmt: skip
+        add_documents(ctx, _MIXED_DOCS, representatives={k for k, _ in _MIXED_DOCS})
+        counts = chunk_stage.run(ctx)
+        downloads = dict(hub.downloads)
+    assert counts["rows_in"] == len(_MIXED_DOCS) and counts["passages_ok"] > 0
+    # the tokenizer's files once each (the Python workers shared the folder), never the weights
+    assert downloads == dict.fromkeys(TOKENIZER_FILES, 1)
+    rows = ctx.tables.read(t.PASSAGES).collect()
+    assert all(TOKEN not in str(r.asDict()) for r in rows)

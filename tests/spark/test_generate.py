@@ -425,7 +425,7 @@ def test_each_stage_runs_its_own_model_and_the_fingerprints_follow():
 class Closable:
     built: list = []
 
-    def __init__(self, cfg, model, api_key=None):
+    def __init__(self, cfg, model, api_key=None, hub=None):
         self.model, self.closed = model, False
         Closable.built.append(self)
 

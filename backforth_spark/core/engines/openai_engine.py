@@ -52,11 +52,14 @@ class OpenAIEngine:
     model: str  # the local model (for its tokenizer) and, unless served_model is set, the name sent
     max_model_len: int
     api_key: str | None = field(default=None, repr=False)
+    tokenizer_path: str | None = None  # where the tokenizer is read from; None: `model`
     _tokenizer: object = field(default=None, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: LLMConfig, model: str, api_key: str | None = None) -> OpenAIEngine:
-        return cls(cfg.openai, model, cfg.max_model_len, api_key)
+    def from_config(
+        cls, cfg: LLMConfig, model: str, api_key: str | None = None, tokenizer_path: str | None = None
+    ) -> OpenAIEngine:
+        return cls(cfg.openai, model, cfg.max_model_len, api_key, tokenizer_path)
 
     # -- token counting ---------------------------------------------------------------------------
 
@@ -64,7 +67,7 @@ class OpenAIEngine:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or self.model)
         return count_tokens(self._tokenizer, prompts)
 
     # -- generation -------------------------------------------------------------------------------

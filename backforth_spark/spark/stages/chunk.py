@@ -11,6 +11,7 @@ from backforth_spark.core import schemas as s
 from backforth_spark.core.chunking import LOW_QUALITY, OK, QUALITY_FILTERS, STATUSES
 from backforth_spark.core.model import resolve_model
 from backforth_spark.spark.context import StageContext
+from backforth_spark.spark.stages.generate import hub_for
 from backforth_spark.spark.tables import struct
 from udfs.chunking import chunk_documents
 
@@ -53,7 +54,7 @@ def run(ctx: StageContext) -> dict[str, int]:
     seen_docs, seen_passages = Observation(), Observation()
     todo = todo.observe(seen_docs, F.count(F.lit(1)).alias("documents"))
     chunks = (
-        todo.mapInPandas(chunk_documents(model, ctx.cfg.chunk), CHUNK_SCHEMA)
+        todo.mapInPandas(chunk_documents(model, ctx.cfg.chunk, hub_for(ctx.cfg.llm)), CHUNK_SCHEMA)
         .observe(seen_passages, *_passage_metrics())
         .select(
             *CHUNK_SCHEMA.fieldNames(),

@@ -30,7 +30,7 @@ from backforth_spark.core.dataset import (
 )
 from backforth_spark.core.generation import DISTILL, GROUND, REWRITE, SCORE
 from backforth_spark.spark.context import StageContext
-from backforth_spark.spark.stages.generate import current_specs
+from backforth_spark.spark.stages.generate import current_specs, hub_for
 from udfs.chunking import tokenizer_for
 from udfs.curation import response_issue_udf, source_copy_udf
 
@@ -196,7 +196,7 @@ def run(ctx: StageContext) -> dict[str, int | str]:
     out_dir = storage.join(ctx.cfg.workdir_uri, "export")
     path = storage.join(out_dir, PAIRS_DIR)
     stats = _stats(pairs, counts, pairs.count(), exp)
-    count_tokens = tokenizer_for(specs[REWRITE.name].model).count
+    count_tokens = tokenizer_for(specs[REWRITE.name].model, hub_for(ctx.cfg.llm)).count
     stats["analysis"], sample = _analysis(pairs, count_tokens)
     counts["rows_out"] = stats["rows"]
     judged_ok = counts["rows_in"] + counts["removed_low_score"]

@@ -19,6 +19,7 @@ from pyspark.sql import types as T
 from backforth_spark.core import schemas as s
 from backforth_spark.core.config import LLMConfig, OpenAIConfig
 from backforth_spark.core.generation import DETERMINISTIC_AT_ZERO, TOO_LONG, LLMTask, StageSpec, fingerprints
+from backforth_spark.core.model import Hub
 from backforth_spark.spark.context import StageContext
 from backforth_spark.spark.session import default_parallelism, is_local_master
 from backforth_spark.spark.tables import require_columns, struct, without_lineage
@@ -37,6 +38,13 @@ def resolve_api_key(cfg: OpenAIConfig, spark=None) -> str | None:
     if cfg.api_key_env:
         return os.environ.get(cfg.api_key_env) or None
     return None
+
+
+def hub_for(llm: LLMConfig) -> Hub:
+    """Where the workers fetch Hub models (llm.hub_*), with the token read from the driver's
+    environment: shipped inside the stage's function, never set in a worker's environment or logged."""
+    token = os.environ.get(llm.hub_token_env) if llm.hub_token_env else None
+    return Hub(llm.hub_cache_dir, llm.hub_endpoint, token or None)
 
 
 def databricks_secret(scope: str, key: str) -> str:
@@ -165,7 +173,7 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     task_seconds, engine_loads, generated = 0.0, 0, 0
     if n_todo:
         api_key = resolve_api_key(llm.openai, ctx.spark) if llm.engine == "openai" else None
-        worker = generate(spec, llm, ctx.engine_factory, api_key)
+        worker = generate(spec, llm, ctx.engine_factory, api_key, hub_for(llm))
         profile = llm_resource_profile(ctx, llm)
         parts = llm.num_partitions or _task_slots(ctx, llm) * llm.partitions_per_slot
         columns = without_lineage(struct(task.columns))
