@@ -578,6 +578,8 @@ def test_the_chunkers_python_workers_fetch_a_gated_hub_tokenizer_once_with_the_d
 ):
     """llm.model a Hub id: each Python worker fetches its tokenizer through the cache folder, with the
     token read from the driver's environment (the workers' environment never had it)."""
+    from tokenizers import Tokenizer
+
     from tests.core.test_model import REPO, TOKEN, TOKENIZER_FILES
     from tests.hub_stand_in import HubStandIn
 
@@ -586,13 +588,19 @@ def test_the_chunkers_python_workers_fetch_a_gated_hub_tokenizer_once_with_the_d
     with HubStandIn(folder, REPO, TOKEN) as hub:
         ctx = make_ctx(
             f"llm.model={REPO}", f"llm.hub_cache_dir={tmp_path / 'hub'}", f"llm.hub_endpoint={hub.endpoint}",
-            "llm.hub_token_env=BACKFORTH_TEST_HUB_TOKEN",
+            "llm.hub_token_env=BACKFORTH_TEST_HUB_TOKEN", "chunk.min_tokens=4", "chunk.min_words=null",
         )  # fmt: skip
-        add_documents(ctx, _MIXED_DOCS, representatives={k for k, _ in _MIXED_DOCS})
+        docs = [(f"cc/river-{i}", f"River {i} carries stones and sand down to the sea.") for i in range(4)]
+        add_documents(ctx, docs, representatives={k for k, _ in docs})
         counts = chunk_stage.run(ctx)
         downloads = dict(hub.downloads)
-    assert counts["rows_in"] == len(_MIXED_DOCS) and counts["passages_ok"] > 0
+    assert (counts["rows_in"], counts.get("passages_ok")) == (4, 4), counts
+    # the model's own tokenizer, read by the tokenizers library from the folder the stand-in serves
+    tokens = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    rows = ctx.tables.read(t.PASSAGES).collect()
+    assert {r["n_tokens"] for r in rows} == {
+        len(tokens.encode(text, add_special_tokens=False).ids) for _, text in docs
+    }
     # the tokenizer's files once each (the Python workers shared the folder), never the weights
     assert downloads == dict.fromkeys(TOKENIZER_FILES, 1)
-    rows = ctx.tables.read(t.PASSAGES).collect()
     assert all(TOKEN not in str(r.asDict()) for r in rows)
