@@ -476,20 +476,30 @@ class Tables:
         created = self._create_with(name, df)
         if created is not None:
             return {"num_inserted_rows": created, "num_updated_rows": 0}
+        metrics = self._retrying_conflicts(name, "merge", build)
+        return metrics.asDict() if metrics is not None else {}
+
+    def _retrying_conflicts(self, name: str, what: str, action):
+        """`action()`, timed as "<what> <name>", run again (with backoff) while a concurrent writer's
+        commit makes Delta refuse it; RuntimeError naming the table when the retries run out."""
         for attempt in range(self.merge_retries + 1):
             try:
-                with self.timed(f"merge {name}"):
-                    metrics = build()
-                return metrics.asDict() if metrics is not None else {}
+                with self.timed(f"{what} {name}"):
+                    return action()
             except Exception as exc:
                 if not is_conflict(exc):
                     raise
                 if attempt == self.merge_retries:
                     raise RuntimeError(
                         f"table {name}: a concurrent writer kept committing first ({attempt + 1} tries); "
-                        "nothing of this MERGE was committed; rerun to resume"
+                        f"nothing of this {what.upper()} was committed; rerun to resume"
                     ) from exc
-                log.warning("table %s: concurrent commit, retrying the MERGE (%s)", name, type(exc).__name__)
+                log.warning(
+                    "table %s: concurrent commit, retrying the %s (%s)",
+                    name,
+                    what.upper(),
+                    type(exc).__name__,
+                )
                 time.sleep(0.5 * 2**attempt + random.random())
         raise AssertionError("unreachable")
 
@@ -504,25 +514,22 @@ class Tables:
             if not self.exists(name):
                 continue
             table = self.sql_name(name)
-            before = self.spark.sql(f"DESCRIBE DETAIL {table}").first()["numFiles"]
-            for attempt in range(self.merge_retries + 1):
-                try:
-                    with self.timed(f"optimize {name}"):
-                        self.spark.sql(f"OPTIMIZE {table}").collect()
-                    break
-                except Exception as exc:
-                    # a writer that committed over the files OPTIMIZE was compacting: compact again
-                    if not is_conflict(exc) or attempt == self.merge_retries:
-                        raise
-                    log.warning("table %s: concurrent commit, compacting again", name)
+            before = int(self.spark.sql(f"DESCRIBE DETAIL {table}").first()["numFiles"])
+            # a writer that commits over the files being compacted: compact again on its snapshot
+            done = self._retrying_conflicts(
+                name, "optimize", lambda t=table: self.spark.sql(f"OPTIMIZE {t}").first()
+            )
+            compacted = done["metrics"] if done is not None else None
+            after = (
+                before + compacted["numFilesAdded"] - compacted["numFilesRemoved"] if compacted else before
+            )
             key, retention = "delta.deletedFileRetentionDuration", f"interval {retention_hours} hours"
             props = {r["key"]: r["value"] for r in self.spark.sql(f"SHOW TBLPROPERTIES {table}").collect()}
             if props.get(key) != retention:  # a commit, so only when it changes
                 self.spark.sql(f"ALTER TABLE {table} SET TBLPROPERTIES ('{key}' = '{retention}')")
-            with self.timed(f"vacuum {name}"):
+            with self.timed(f"vacuum {name}"):  # live files stay as they are: only replaced ones go
                 self.spark.sql(f"VACUUM {table}").collect()
-            after = self.spark.sql(f"DESCRIBE DETAIL {table}").first()["numFiles"]
-            out[name] = {"files_before": int(before), "files_after": int(after)}
+            out[name] = {"files_before": before, "files_after": int(after)}
         return out
 
     def record_run(self, settings: str) -> None:
