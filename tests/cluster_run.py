@@ -224,19 +224,23 @@ def _status(
 
 def _engine_workers(under: int) -> dict[int, int]:
     """pid -> resident KiB of each forked PySpark worker (a pyspark.daemon process whose parent is one)
-    that descends from process `under`, the cluster's worker, and has torch loaded: it is running an LLM
-    task (only the engine imports torch). Idle workers kept for reuse hold no task, so killing one fails
-    nothing; other Spark applications on this machine (the shared real run, which runs beside this test)
-    are not this test's to kill."""
-    parents, daemons = {}, {}
+    that descends from process `under`, the cluster's worker, and started an engine host
+    (udfs/engine_host.py) that is still its child: it is running an LLM task, waiting for that host to
+    load. Idle workers kept for reuse hold no task, so killing one fails nothing; other Spark
+    applications on this machine (the shared real run, which runs beside this test) are not this
+    test's to kill."""
+    parents, daemons, hosts = {}, {}, set()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if b"pyspark.daemon" in (d / "cmdline").read_bytes():
+            cmdline = (d / "cmdline").read_bytes()
+            if b"pyspark.daemon" in cmdline:
                 rss = re.search(r"VmRSS:\s+(\d+)", (d / "status").read_text())
                 daemons[int(d.name)] = int(rss.group(1)) if rss else 0
+            elif b"udfs.engine_host" in cmdline:
+                hosts.add(int(d.name))
         except OSError:
             continue
 
@@ -247,16 +251,11 @@ def _engine_workers(under: int) -> dict[int, int]:
                 return True
         return False
 
-    def has_torch(pid: int) -> bool:
-        try:
-            return b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes()
-        except OSError:
-            return False
-
+    starters = {parents.get(host) for host in hosts}
     return {
         pid: rss
         for pid, rss in daemons.items()
-        if parents.get(pid) in daemons and descends(pid) and has_torch(pid)
+        if parents.get(pid) in daemons and descends(pid) and pid in starters
     }
 
 
@@ -273,8 +272,9 @@ def _versions(store, table: str) -> list[int]:
 
 
 class _kill_a_worker_then_the_driver:  # noqa: N801 (a callable, named for what it does)
-    """Once the backtranslate stage has frozen its inputs and one of its tasks is loading the engine,
-    SIGKILL the busiest such Python worker (the task fails, Spark retries it); then, once `table` has
+    """Once the backtranslate stage has frozen its inputs and one of its tasks waits for the engine host
+    it started to load, SIGKILL that Python worker (the task fails, Spark retries it; the host keeps
+    loading for the retry); then, once `table` has
     its first commit, SIGKILL the submitted driver's process group (spark-submit's JVM and the Python
     driver; the master then ends its executors). `worker`: the pid killed; `killed_at`: the table's
     last version at the driver's kill."""

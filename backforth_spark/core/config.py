@@ -234,9 +234,18 @@ class LLMConfig(_Strict):
         None, gt=0, description="MERGE results every this many prompts (bounds work lost to a crash)"
     )
     batch_size: int = Field(512, gt=0, description="prompts handed to the engine per call")
-    # a task whose GPU another Python worker's engine holds waits this long for that worker to go idle
-    # and close it (udfs/device_claim.py), then fails (Spark retries it)
-    device_wait_s: float = Field(1800, gt=0)
+    # A task that Spark assigned GPUs talks to the engine host of those GPUs (udfs/engine_host.py): a
+    # process of the node that loads the model once and serves every Python worker of the executor.
+    # It waits this long for the host to load (a 70B model takes minutes, its download longer), or for
+    # a host of other settings on those GPUs to stop, then fails (Spark retries it).
+    engine_wait_s: float = Field(3600, gt=0)
+    # A host with no request for this long stops and frees its GPUs (it also stops with its executor).
+    # Longer than any gap between an executor's LLM tasks within a run: a stage's MERGE, the next stage's
+    # planning, a straggler of another executor.
+    engine_idle_s: float = Field(900, gt=0)
+    engine_host_dir: str | None = Field(
+        None, description="the engine hosts' sockets, locks and logs; None: a folder in the node's temp"
+    )
     max_attempts: int = Field(3, ge=1)
     backtranslate: StageConfig = Field(
         default_factory=lambda: StageConfig(
@@ -329,7 +338,8 @@ class LLMConfig(_Strict):
         two stages with equal identities share a worker's engine."""
         stage_sections = {n for n, f in type(self).model_fields.items() if f.annotation is StageConfig}
         per_run = {"extra_stages", "batch_size", "max_attempts", "commit_rows", "num_partitions"}
-        per_run |= {"device_wait_s", "hub_cache_dir", "hub_endpoint", "hub_token_env"}
+        per_run |= {"engine_wait_s", "engine_idle_s", "engine_host_dir"}
+        per_run |= {"hub_cache_dir", "hub_endpoint", "hub_token_env"}
         skip = stage_sections | per_run
         return self.model_dump_json(exclude=skip)
 

@@ -310,8 +310,8 @@ def _engine_key(cfg: Config, stage: str, key: str) -> str:
 
 
 def _gpu_problems(cfg: Config, stage: str) -> list[str]:
-    """A stage's GPU request against its engine: whole GPUs (a worker's engine holds the GPUs its task
-    was assigned, none shared: udfs/device_claim.py), and enough of them for its tensor parallelism."""
+    """A stage's GPU request against its engine: whole GPUs (an engine host holds the GPUs its tasks
+    are assigned, none shared: udfs/engine_host.py), and enough of them for its tensor parallelism."""
     llm = cfg.llm.for_stage(stage)
     gpus, gpus_key = llm.gpus_per_task, _engine_key(cfg, stage, "gpus_per_task")
     if gpus != int(gpus):

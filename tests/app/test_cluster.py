@@ -1,13 +1,13 @@
 """One real Spark standalone cluster with no disk shared with its driver's work: the workdir and the inputs
 are on an S3-compatible store (moto's server, through Spark's s3a connector and Arrow's S3 filesystem),
 the worker offers two `gpu` addresses through a discovery script. On it, submitted with
-`spark-submit --py-files` from a folder outside the repo, the real vLLM CPU engine in the executors for
-backtranslate and the suite's `vllm serve` for score and rewrite (its key from the driver's environment):
-the whole pipeline, with a Python worker killed in backtranslate (Spark retries its task) and then the
-driver and its JVM SIGKILLed between two of the stage's commits; then a new file lands and a refresh
-reads it and finishes what the killed run left, to the export; then `backforth status` on the store's
-tables. (A refresh with nothing new: tests/app/test_cli.py; every jobs/ wrapper:
-tests/app/test_entry_points.py.)"""
+`spark-submit --py-files` from a folder outside the repo, the real vLLM CPU engine in the executor's
+engine hosts (one per GPU address) for backtranslate and the suite's `vllm serve` for score and rewrite
+(its key from the driver's environment): the whole pipeline, with a Python worker killed in backtranslate
+(Spark retries its task) and then the driver and its JVM SIGKILLed between two of the stage's commits;
+then a new file lands and a refresh reads it and finishes what the killed run left, to the export; then
+`backforth status` on the store's tables. (A refresh with nothing new: tests/app/test_cli.py; every
+jobs/ wrapper: tests/app/test_entry_points.py.)"""
 
 from __future__ import annotations
 
@@ -100,8 +100,24 @@ def test_each_llm_stage_reports_its_accelerator_seconds(cluster_run):
 def test_llm_tasks_each_saw_their_own_gpu(cluster_run, spark, tmp_path):
     rows = _table(cluster_run, LLM_TASKS[0].table, spark, tmp_path)
     devices = {r["device"]: r["count"] for r in rows.groupBy("device").count().collect()}
-    # two tasks ran at once, each pinned (CUDA_VISIBLE_DEVICES) to the address Spark gave it
+    # two tasks ran at once, each on the engine host of the address Spark gave it
     assert set(devices) == {"0", "1"}, devices
+
+
+def test_no_engine_host_outlives_its_executor(cluster_run):
+    """The killed run's executor started engine hosts (udfs/engine_host.py) in sessions of their own;
+    its end ended them."""
+    orphans = []
+    for d in Path("/proc").iterdir():
+        try:
+            args = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"udfs.engine_host" in args:
+            owner = int(args[args.index(b"--owner") + 1])
+            if not Path(f"/proc/{owner}").exists():
+                orphans.append((d.name, owner))
+    assert orphans == []
 
 
 def test_the_llm_tables_hold_one_row_per_key_from_the_real_model(cluster_run, spark, tmp_path):
