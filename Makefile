@@ -5,7 +5,7 @@ WORKDIR ?= .backforth
 
 N ?= 25000
 
-.PHONY: lowest-spark setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-llm-local bench-components \
+.PHONY: lowest-spark setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-llm-local bench-llm-commits bench-components \
 	bench-big-docs bench-big-file bench-injection bench-refresh bench-load bench-export bench-object-store pack-env cluster-packed clean
 
 setup:
@@ -67,6 +67,10 @@ bench-injection: setup
 bench-dedup: setup
 	.tools/venv/bin/uv sync --frozen --extra local --extra cpu --extra convert --group bench --compile-bytecode --quiet
 	$(PY) benchmarks/dedup.py --docs $(N)
+
+# commit slices of an LLM stage against targets of 10^4, 10^5 and 10^6 rows, a scripted engine (table work)
+bench-llm-commits: setup
+	$(PY) benchmarks/llm_commits.py
 
 bench-refresh: setup
 	$(PY) benchmarks/refresh.py --docs $(N)

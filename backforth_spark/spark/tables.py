@@ -98,6 +98,30 @@ class Background:
         return self._outcome["value"]
 
 
+# the key the passage tables and the LLM tables are clustered by (Tables.maintain)
+CLUSTER_KEY = "passage_id"
+# Properties of every pipeline table, set when it is created (`backforth maintain` sets them on tables
+# created before). Deletion vectors: a MERGE that replaces a retried row marks the old one deleted and
+# writes only the new row, where it would otherwise rewrite the whole file that held it (measured on
+# a slice MERGE: 0 files rewritten, against one per file holding a retry); old files also keep only
+# their own run's rows. Readers need Delta 2.3 or later (Databricks Runtime 12.2 or later).
+TABLE_PROPERTIES = {"delta.enableDeletionVectors": "true"}
+
+
+def sql_string(value: str) -> str:
+    """`value` as a Spark SQL string literal (backslash escapes, Spark's default)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """The closed range [lowest, highest] of a table column that a MERGE's source keys all lie in."""
+
+    column: str
+    lowest: str
+    highest: str
+
+
 @dataclass(frozen=True)
 class Pending:
     """Rows a stage still owes: the runs that wrote them and, when few enough to collect, their keys
@@ -327,8 +351,16 @@ class Tables:
             reader = reader.option("versionAsOf", version)
         return reader.load(self.location(name))
 
-    def _save(self, df: DataFrame, where: str, mode: str) -> None:
-        writer = df.write.format("delta").mode(mode)
+    def _save(
+        self,
+        df: DataFrame,
+        where: str,
+        mode: str,
+        partition_by: Sequence[str] = (),
+        properties: Mapping[str, str] | None = None,
+    ) -> None:
+        """Write `df` as a Delta table at `where`; `properties` become the table's when this creates it."""
+        writer = df.write.format("delta").mode(mode).partitionBy(*partition_by).options(**(properties or {}))
         if mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
         if self.catalog_schema:
@@ -339,7 +371,8 @@ class Tables:
     def ensure(self, name: str) -> None:
         """Create the table empty with its declared schema if it does not exist yet."""
         if not self.exists(name):
-            self._save(self.spark.createDataFrame([], self.schemas[name]), self.location(name), "ignore")
+            empty = self.spark.createDataFrame([], self.schemas[name])
+            self._save(empty, self.location(name), "ignore", properties=TABLE_PROPERTIES)
 
     def staging_path(self, name: str) -> str:
         """A folder of this run's staging area (path-based tables), removed with it."""
@@ -396,23 +429,27 @@ class Tables:
                     return Pending(sorted({r["run_id"] for r in found}), keys, len(found))
             return Pending(sorted(r["run_id"] for r in rows.select("run_id").distinct().collect()))
 
-    def stage(self, name: str, df: DataFrame) -> DataFrame:
+    def stage(self, name: str, df: DataFrame, partition_by: Sequence[str] = ()) -> DataFrame:
         """Materialise `df` in a staging table (Delta, or Parquet by `staging_format`; overwritten each
-        time) and read it back. Timed as `stage <name>`: everything lazy upstream of `df` runs here."""
+        time) and read it back. Timed as `stage <name>`: everything lazy upstream of `df` runs here.
+        `partition_by`: columns laying the table out in folders, so a filter on them reads only theirs."""
         where = self._staging_location(name)
         with self.timed(f"stage {name}"):
             if self.staging_format == "parquet":
-                df.write.mode("overwrite").parquet(where)
+                df.write.mode("overwrite").partitionBy(*partition_by).parquet(where)
             else:
-                self._save(df, where, "overwrite")
+                self._save(df, where, "overwrite", partition_by)
         if self.staging_format == "parquet":
             return self.spark.read.schema(df.schema).parquet(where)  # the schema: an empty result has no file
         if self.catalog_schema:
             return self.spark.table(quote_name(where))
         return self.spark.read.format("delta").load(where)
 
-    def _merge(self, name: str, df: DataFrame, keys: list[str], clauses: str) -> Row | None:
-        """MERGE `df` into table `name` on `keys` with the SQL `clauses` (WHEN ...); its metrics row."""
+    def _merge(
+        self, name: str, df: DataFrame, keys: list[str], clauses: str, within: KeyRange | None = None
+    ) -> Row | None:
+        """MERGE `df` into table `name` on `keys` with the SQL `clauses` (WHEN ...); its metrics row.
+        `within`: the range (column, lowest, highest) that every key of `df` lies in."""
         self.read_log.append(name)  # a MERGE reads its target
         self.ensure(name)
         self._migrate(name)
@@ -420,6 +457,13 @@ class Tables:
         df.createOrReplaceTempView(view)
         try:
             cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+            if within is not None:
+                # A condition on the target alone: Delta skips every file whose min/max of the column
+                # lies outside it (file statistics), so the MERGE scans, and may rewrite, only files
+                # of the source's key range. It changes no match: every source key is inside. (Literals:
+                # Delta's MERGE does not bind spark.sql's parameters.)
+                lowest, highest = sql_string(within.lowest), sql_string(within.highest)
+                cond += f" AND t.`{within.column}` BETWEEN {lowest} AND {highest}"
             return self.spark.sql(
                 f"MERGE INTO {self.sql_name(name)} AS t USING `{view}` AS s ON {cond} {clauses}"
             ).first()
@@ -456,7 +500,7 @@ class Tables:
             with self.timed(f"create {name}"):
                 # "error": fails if the table appeared since; two creators racing for version 0 make
                 # Delta refuse the second commit
-                self._save(rows, self.location(name), "error")
+                self._save(rows, self.location(name), "error", properties=TABLE_PROPERTIES)
         except Exception as exc:
             if is_conflict(exc):
                 return None  # in mode "error" the only conflict is another writer creating the table
@@ -505,16 +549,25 @@ class Tables:
 
     def maintain(self, retention_hours: int) -> dict[str, dict[str, int]]:
         """OPTIMIZE, then VACUUM, each existing table (scratch tables aside); per table the live files
-        before and after. The retention becomes the table's `delta.deletedFileRetentionDuration`, which
-        Delta's VACUUM keeps to and checks a shorter request against, so a reader or a MERGE that began
-        before the compaction still finds its files. Safe beside a running refresh: OPTIMIZE is a
-        commit like any other (a MERGE that loses to it is retried: Tables._commit)."""
+        before and after. A table keyed by passage_id is liquid-clustered by it first (once). The
+        retention becomes the table's `delta.deletedFileRetentionDuration`, which Delta's VACUUM keeps
+        to and checks a shorter request against, so a reader or a MERGE that began before the compaction
+        still finds its files. Safe beside a running refresh: OPTIMIZE is a commit like any other (a
+        MERGE that loses to it is retried: Tables._commit)."""
         out = {}
         for name in self.schemas:
             if not self.exists(name):
                 continue
             table = self.sql_name(name)
-            before = int(self.spark.sql(f"DESCRIBE DETAIL {table}").first()["numFiles"])
+            detail = self.spark.sql(f"DESCRIBE DETAIL {table}").first()
+            before = int(detail["numFiles"])
+            if CLUSTER_KEY in self.schemas[name].fieldNames() and not detail["clusteringColumns"]:
+                # Liquid clustering by the key: OPTIMIZE then lays files out by key range (and only
+                # re-clusters what is new on later runs), so a commit slice's MERGE, confined to its
+                # key range (merge_upsert_unless_ok's `within`), still skips the other files after a
+                # compaction, where a plain OPTIMIZE would mix every range into each file.
+                log.info("table %s: clustering by %s", name, CLUSTER_KEY)
+                self.spark.sql(f"ALTER TABLE {table} CLUSTER BY ({CLUSTER_KEY})")
             # a writer that commits over the files being compacted: compact again on its snapshot
             done = self._retrying_conflicts(
                 name, "optimize", lambda t=table: self.spark.sql(f"OPTIMIZE {t}").first()
@@ -523,10 +576,15 @@ class Tables:
             after = (
                 before + compacted["numFilesAdded"] - compacted["numFilesRemoved"] if compacted else before
             )
-            key, retention = "delta.deletedFileRetentionDuration", f"interval {retention_hours} hours"
+            wanted = {
+                **TABLE_PROPERTIES,
+                "delta.deletedFileRetentionDuration": f"interval {retention_hours} hours",
+            }
             props = {r["key"]: r["value"] for r in self.spark.sql(f"SHOW TBLPROPERTIES {table}").collect()}
-            if props.get(key) != retention:  # a commit, so only when it changes
-                self.spark.sql(f"ALTER TABLE {table} SET TBLPROPERTIES ('{key}' = '{retention}')")
+            changed = {k: v for k, v in wanted.items() if props.get(k) != v}
+            if changed:  # a commit, so only when one changes
+                given = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in changed.items())
+                self.spark.sql(f"ALTER TABLE {table} SET TBLPROPERTIES ({given})")
             with self.timed(f"vacuum {name}"):  # live files stay as they are: only replaced ones go
                 self.spark.sql(f"VACUUM {table}").collect()
             out[name] = {"files_before": before, "files_after": int(after)}
@@ -551,9 +609,12 @@ class Tables:
         )
         return int(metrics.get("num_inserted_rows", 0))
 
-    def merge_upsert_unless_ok(self, name: str, df: DataFrame, keys: list[str]) -> dict[str, int]:
-        """Insert new keys; replace an existing row only if it is not `ok` (a retry)."""
-        self._commit(
+    def merge_upsert_unless_ok(
+        self, name: str, df: DataFrame, keys: list[str], within: KeyRange | None = None
+    ) -> dict[str, int]:
+        """Insert new keys; replace an existing row only if it is not `ok` (a retry). `within`: the key
+        range `df` lies in, which bounds the files the MERGE reads (see _merge)."""
+        return self._commit(
             name,
             df,
             lambda: self._merge(
@@ -561,5 +622,6 @@ class Tables:
                 df,
                 keys,
                 "WHEN MATCHED AND t.status <> 'ok' THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *",
+                within,
             ),
         )

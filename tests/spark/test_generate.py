@@ -174,6 +174,28 @@ def test_a_stage_cut_into_slices_logs_its_progress_and_counts_tokens(make_ctx, c
     assert counts["engine_loads"] == 3
 
 
+def test_commit_slices_are_key_ranges_each_read_from_its_own_folder_and_merged_within_it(make_ctx):
+    ctx = make_ctx("llm.commit_rows=2")
+    _add_passages(ctx, [f"passage number {i}" for i in range(7)])
+    assert run_stage(ctx, "backtranslate", lambda: ScriptedEngine())["commits"] == 4
+    laid = ctx.spark.read.format("delta").load(ctx.tables.staging_path("backtranslate_slices"))
+    by_slice = laid.groupBy("_slice").agg(F.min("passage_id"), F.max("passage_id"), F.count("*"))
+    ranges = sorted((r[0], r[1], r[2], r[3]) for r in by_slice.collect())
+    assert [r[0] for r in ranges] == [0, 1, 2, 3] and sum(r[3] for r in ranges) == 7
+    for before, after in zip(ranges, ranges[1:], strict=False):  # contiguous key ranges, one a slice
+        assert before[2] < after[1]
+    for k, *_ in ranges:  # a slice's rows are in its own folder, and its filter reads that one only
+        files = laid.where(F.col("_slice") == k).inputFiles()
+        assert files and all(f"/_slice={k}/" in f for f in files), files
+    # the first slice created the table; each later slice's MERGE was confined to its own key range
+    history = ctx.spark.sql(f"DESCRIBE HISTORY {ctx.tables.sql_name(INSTRUCTIONS)}")
+    merges = [r["operationParameters"]["predicate"] for r in history.where("operation = 'MERGE'").collect()]
+    confined = {tuple(re.search(r">= (\w+)\) AND .*<= (\w+)\)", m).groups()) for m in merges}
+    assert confined == {(lo, hi) for _, lo, hi, _ in ranges[1:]}
+    rows = ctx.tables.read(INSTRUCTIONS)
+    assert rows.count() == rows.select("passage_id").distinct().count() == 7
+
+
 def test_score_stage_reads_only_ok_instructions_of_the_current_fingerprint(make_ctx):
     ctx = make_ctx()
     _add_passages(ctx, ["alpha text", "beta text"])

@@ -425,3 +425,25 @@ def test_maintain_compacts_each_table_and_deletes_the_files_it_replaced(spark, t
     assert upkeep.maintain(retention_hours=0) == {t.RUNS: {"files_before": 1, "files_after": 1}}
     history = spark.sql(f"DESCRIBE HISTORY {upkeep.sql_name(t.RUNS)}").where(f"version > {version}")
     assert {r["operation"] for r in history.collect()} <= {"VACUUM START", "VACUUM END"}
+
+
+def test_maintain_clusters_a_table_keyed_by_passage_once_and_keeps_its_rows(spark, tmp_path):
+    root = tmp_path / "tables"
+    for i in range(2):  # two runs' commits, each of its own passages
+        run = tables.Tables(spark, root, f"run-{i}")
+        rows = [(f"p{i}{j}", f"cc/{i}", j, "text", 5, "ok", False, None) for j in range(3)]
+        df = spark.createDataFrame(rows, tables.struct(t.PASSAGES_COLUMNS))
+        run.merge_insert_new(
+            t.PASSAGES, df.selectExpr("*", f"'run-{i}' AS run_id", "now() AS written_at"), ["passage_id"]
+        )
+    upkeep = tables.Tables(spark, root, "upkeep")
+    before = upkeep.read(t.PASSAGES).collect()
+    assert upkeep.maintain(retention_hours=0)[t.PASSAGES]["files_after"] == 1
+    detail = spark.sql(f"DESCRIBE DETAIL {upkeep.sql_name(t.PASSAGES)}").first()
+    assert detail["clusteringColumns"] == ["passage_id"]
+    assertDataFrameEqual(upkeep.read(t.PASSAGES), before)
+    version = upkeep.version(t.PASSAGES)
+    upkeep.maintain(retention_hours=0)  # clustered already: no second ALTER
+    history = spark.sql(f"DESCRIBE HISTORY {upkeep.sql_name(t.PASSAGES)}").where(f"version > {version}")
+    assert "CLUSTER BY" not in {r["operation"] for r in history.collect()}
+    # (the table without a passage_id, `runs`, is not clustered: test above)

@@ -7,6 +7,7 @@ and MERGEs one row per (passage_id, fingerprint) into its table, slice by slice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ from backforth_spark.core.generation import DETERMINISTIC_AT_ZERO, TOO_LONG, LLM
 from backforth_spark.core.model import Hub
 from backforth_spark.spark.context import StageContext
 from backforth_spark.spark.session import default_parallelism, is_local_master
-from backforth_spark.spark.tables import require_columns, struct, without_lineage
+from backforth_spark.spark.tables import KeyRange, require_columns, struct, without_lineage
 from udfs.generation import TASK_ENGINE_LOADS, TASK_SECONDS, generate
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,54 @@ def _ok_rows(ctx: StageContext, task: LLMTask, spec: StageSpec) -> DataFrame:
     rows = ctx.tables.read(task.table)
     require_columns(rows, ["passage_id", "fingerprint", "status"], task.table)
     return rows.where((F.col("fingerprint") == spec.fingerprint) & (F.col("status") == "ok"))
+
+
+SLICE = "_slice"  # the commit slice of an owed row, in the laid-out staging table
+
+
+def _laid_out_by_slice(
+    ctx: StageContext, task: LLMTask, todo: DataFrame, slices: int
+) -> tuple[DataFrame, dict[int, int]]:
+    """The owed rows staged once more, in a folder per commit slice, and each slice's rows: a slice then
+    reads its own files only (a filter on `slice` prunes the folders), where a filter on a hash of every
+    row would read the whole staging table once per slice, O(owed x slices) for the stage. Slices are
+    contiguous passage_id ranges (Spark samples the keys for the bounds), so each slice's MERGE reads
+    only the target files of its range (Tables.merge_upsert_unless_ok's `within`)."""
+    laid = todo.repartitionByRange(slices, "passage_id").withColumn(SLICE, F.spark_partition_id())
+    laid = ctx.tables.stage(f"{task.name}_slices", laid, partition_by=[SLICE])
+    # the partition column alone: Parquet answers from its footers, no data is read
+    sizes = {r[0]: r[1] for r in laid.groupBy(SLICE).count().collect()}
+    return laid, sizes
+
+
+def _one_slice(ctx, task, part, n, parts, worker, schema, profile) -> tuple[dict[str, float], list]:
+    """Generate slice `part` (`n` rows), stage what the tasks produced, MERGE it into the stage's table
+    within the slice's key range. Returns its seconds and what its tasks reported (task seconds, engine
+    loads, output tokens, rows)."""
+    clock = time.perf_counter()
+    results = part.repartition(min(parts, n)).mapInPandas(worker, schema, profile=profile)
+    results = results.select(
+        *schema.fieldNames(),
+        F.lit(ctx.run_id).alias("run_id"),
+        F.current_timestamp().alias("written_at"),
+    )
+    # Stage the generations in Delta before the MERGE: a MERGE may scan its source more than
+    # once, and a recomputed source would pay for every generation again.
+    staged = ctx.tables.stage(task.table, results)
+    generate_s, clock = time.perf_counter() - clock, time.perf_counter()
+    # what the tasks reported of themselves, the slice's rows, tokens and key range: one small job
+    spent = staged.agg(
+        F.sum(TASK_SECONDS),
+        F.sum(TASK_ENGINE_LOADS),
+        F.sum("completion_tokens"),
+        F.count(F.lit(1)),
+        F.min("passage_id"),
+        F.max("passage_id"),
+    ).first()
+    staged = staged.drop(TASK_SECONDS, TASK_ENGINE_LOADS)
+    within = KeyRange("passage_id", spent[4], spent[5]) if spent[3] else None
+    ctx.tables.merge_upsert_unless_ok(task.table, staged, KEYS, within)
+    return {"generate_s": generate_s, "merge_s": time.perf_counter() - clock}, list(spent)
 
 
 def stage_inputs(ctx: StageContext, task: LLMTask, specs: dict[str, StageSpec]) -> DataFrame:
@@ -155,20 +204,21 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
     candidates = stage_inputs(ctx, task, specs)
     n_candidates = candidates.count()
     todo = pending(ctx, task, candidates, spec).select(*task.input_columns, "previous")
-    # Freeze what this run owes before any generation starts; `h` spreads it over commit slices.
-    todo = ctx.tables.stage(f"{task.name}_todo", todo.withColumn("h", F.abs(F.xxhash64("passage_id"))))
+    # Freeze what this run owes before any generation starts
+    todo = ctx.tables.stage(f"{task.name}_todo", todo)
     # one job for both: what is owed, and what of it is a retry (by the last try's status)
     owed = {r[0]: r[1] for r in todo.groupBy("previous").count().collect()}
     retried = {status: n for status, n in owed.items() if status is not None}
     todo = todo.drop("previous")
     n_todo = sum(owed.values())
     slices = -(-n_todo // llm.commit_rows) if llm.commit_rows and n_todo > llm.commit_rows else 1
+    todo, sizes = _laid_out_by_slice(ctx, task, todo, slices) if slices > 1 else (todo, {0: n_todo})
     # `owed`: what the plan froze; `generated`: the rows the slices' tasks produced and this run
     # committed, fewer when the run dies between slices
     counts: dict[str, int | float] = {"rows_in": n_candidates, "owed": n_todo, "commits": 0}
     # what this run generates again, by the status of the last try (see final_statuses for what is not)
     counts |= {f"retried_{status}": n for status, n in sorted(retried.items())}
-    counts["plan_s"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
+    counts["plan_s"] = round(time.perf_counter() - clock, 2)
     gen_s = merge_s = 0.0
     task_seconds, engine_loads, generated = 0.0, 0, 0
     if n_todo:
@@ -183,29 +233,20 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
         ]
         schema = T.StructType([*columns.fields, *metrics])
         for k in range(slices):
-            part = todo.where(F.col("h") % slices == k).drop("h")
-            n = n_todo if slices == 1 else part.count()
+            n = sizes.get(k, 0)
             if n == 0:
                 continue
-            results = part.repartition(min(parts, n)).mapInPandas(worker, schema, profile=profile)
-            results = results.select(
-                *schema.fieldNames(),
-                F.lit(ctx.run_id).alias("run_id"),
-                F.current_timestamp().alias("written_at"),
-            )
-            # Stage the generations in Delta before the MERGE: a MERGE may scan its source more than
-            # once, and a recomputed source would pay for every generation again.
-            staged = ctx.tables.stage(task.table, results)
-            gen_s, clock = gen_s + time.perf_counter() - clock, time.perf_counter()
-            # what the tasks reported of themselves, the slice's rows and tokens: one small job
-            spent = staged.agg(
-                F.sum(TASK_SECONDS), F.sum(TASK_ENGINE_LOADS), F.sum("completion_tokens"), F.count(F.lit(1))
-            ).first()
+            part = todo if slices == 1 else todo.where(F.col(SLICE) == k).drop(SLICE)
+            tag = f"backforth-{task.name}-slice-{k}"  # the slice's Spark jobs (UI, event log)
+            ctx.spark.addTag(tag)
+            try:
+                merged, spent = _one_slice(ctx, task, part, n, parts, worker, schema, profile)
+            finally:
+                with contextlib.suppress(Exception):  # a JVM that died under the slice cannot be told
+                    ctx.spark.removeTag(tag)
             task_seconds += spent[0] or 0.0
             engine_loads += spent[1] or 0
-            staged = staged.drop(TASK_SECONDS, TASK_ENGINE_LOADS)
-            ctx.tables.merge_upsert_unless_ok(task.table, staged, KEYS)
-            merge_s, clock = merge_s + time.perf_counter() - clock, time.perf_counter()
+            gen_s, merge_s = gen_s + merged["generate_s"], merge_s + merged["merge_s"]
             counts["commits"] += 1
             generated += spent[3]  # (a retried task's rows are staged once: its failed try's never are)
             if slices > 1:  # progress of a long stage, one line per committed slice
@@ -215,7 +256,7 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
                     task.name,
                     generated,
                     n_todo,
-                    tokens / gen_s,
+                    tokens / merged["generate_s"] if merged["generate_s"] else 0.0,
                 )
     counts["generate_s"], counts["merge_s"] = round(gen_s, 2), round(merge_s, 2)
     current = ctx.tables.read(task.table).where(F.col("fingerprint") == spec.fingerprint)
