@@ -25,7 +25,7 @@ from pyspark.sql import types as T
 from backforth_spark.core import storage
 from backforth_spark.core.config import byte_size, quote_name
 from backforth_spark.core.generation import LLM_TASKS, LLMTask
-from backforth_spark.core.schemas import CORE_TABLES, LINEAGE, LINEAGE_NAMES, RUNS, Column
+from backforth_spark.core.schemas import CORE_TABLES, DOCUMENTS, LINEAGE, LINEAGE_NAMES, RUNS, Column
 from backforth_spark.spark.session import spark_thread
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,12 @@ class Background:
         return self._outcome["value"]
 
 
-# the key the passage tables and the LLM tables are clustered by (Tables.maintain)
+# What `backforth maintain` liquid-clusters a table by, so that a compaction keeps the files a read skips
+# by its statistics: passage_id where the table has one (a commit slice's MERGE reads one key range of
+# an LLM table), run_id for the documents (dedup and chunk find a refresh's new documents by the runs
+# that wrote them: run ids sort by time, so a run's rows stay in files of their own).
 CLUSTER_KEY = "passage_id"
+DOCUMENTS_CLUSTER_KEY = "run_id"
 # Properties of every pipeline table, set when it is created (`backforth maintain` sets them on tables
 # created before). Deletion vectors: a MERGE that replaces a retried row marks the old one deleted and
 # writes only the new row, where it would otherwise rewrite the whole file that held it (measured on
@@ -549,7 +553,7 @@ class Tables:
 
     def maintain(self, retention_hours: int) -> dict[str, dict[str, int]]:
         """OPTIMIZE, then VACUUM, each existing table (scratch tables aside); per table the live files
-        before and after. A table keyed by passage_id is liquid-clustered by it first (once). The
+        before and after. A table is liquid-clustered by its `clustering_key` first (once). The
         retention becomes the table's `delta.deletedFileRetentionDuration`, which Delta's VACUUM keeps
         to and checks a shorter request against, so a reader or a MERGE that began before the compaction
         still finds its files. Safe beside a running refresh: OPTIMIZE is a commit like any other (a
@@ -561,13 +565,13 @@ class Tables:
             table = self.sql_name(name)
             detail = self.spark.sql(f"DESCRIBE DETAIL {table}").first()
             before = int(detail["numFiles"])
-            if CLUSTER_KEY in self.schemas[name].fieldNames() and not detail["clusteringColumns"]:
-                # Liquid clustering by the key: OPTIMIZE then lays files out by key range (and only
-                # re-clusters what is new on later runs), so a commit slice's MERGE, confined to its
-                # key range (merge_upsert_unless_ok's `within`), still skips the other files after a
-                # compaction, where a plain OPTIMIZE would mix every range into each file.
-                log.info("table %s: clustering by %s", name, CLUSTER_KEY)
-                self.spark.sql(f"ALTER TABLE {table} CLUSTER BY ({CLUSTER_KEY})")
+            key = self.clustering_key(name)
+            if key is not None and not detail["clusteringColumns"]:
+                # Liquid clustering: OPTIMIZE then lays files out by ranges of the key (and on later
+                # runs clusters only what is new), where a plain OPTIMIZE would mix every range, and
+                # every run, into each file
+                log.info("table %s: clustering by %s", name, key)
+                self.spark.sql(f"ALTER TABLE {table} CLUSTER BY ({key})")
             # a writer that commits over the files being compacted: compact again on its snapshot
             done = self._retrying_conflicts(
                 name, "optimize", lambda t=table: self.spark.sql(f"OPTIMIZE {t}").first()
@@ -589,6 +593,12 @@ class Tables:
                 self.spark.sql(f"VACUUM {table}").collect()
             out[name] = {"files_before": before, "files_after": int(after)}
         return out
+
+    def clustering_key(self, name: str) -> str | None:
+        """The column `maintain` clusters table `name` by (CLUSTER_KEY, DOCUMENTS_CLUSTER_KEY), if any."""
+        if CLUSTER_KEY in self.schemas[name].fieldNames():
+            return CLUSTER_KEY
+        return DOCUMENTS_CLUSTER_KEY if name == DOCUMENTS else None
 
     def record_run(self, settings: str) -> None:
         """Record this run's settings (config.recorded_settings) in table `runs`, once per run id."""

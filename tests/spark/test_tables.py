@@ -20,7 +20,7 @@ from backforth_spark.core.config import load_config
 from backforth_spark.spark import tables
 from backforth_spark.spark.context import StageContext
 from backforth_spark.spark.stages import chunk, dedup, ingest
-from tests.conftest import DOLMA_SAMPLE, LOCAL_CONF
+from tests.conftest import DOC_COLUMNS, DOLMA_SAMPLE, LOCAL_CONF
 from tests.spark.test_generate import INSTRUCTIONS, ScriptedEngine, run_stage
 
 # _waits_for_a_rival runs in Spark's Python workers, which cannot import tests/: shipped by value
@@ -410,40 +410,38 @@ def test_the_last_recorded_run_is_the_one_recorded_last_and_a_run_records_once(s
     assert second.read(t.RUNS).count() == 2
 
 
-def test_maintain_compacts_each_table_and_deletes_the_files_it_replaced(spark, tmp_path):
+def test_maintain_compacts_each_table_clusters_it_by_its_key_once_and_deletes_what_it_replaced(
+    spark, tmp_path
+):
     root = tmp_path / "tables"
-    for i in range(3):  # three runs, three commits: three files
+    for i in range(3):  # three runs, a commit of each in every table
         tables.Tables(spark, root, f"run-{i}").record_run(f'{{"n": {i}}}')
-    upkeep = tables.Tables(spark, root, "upkeep")
-    rows = upkeep.read(t.RUNS).collect()
-    assert upkeep.maintain(retention_hours=0) == {t.RUNS: {"files_before": 3, "files_after": 1}}
-    assertDataFrameEqual(upkeep.read(t.RUNS), rows)
-    assert len(list((root / t.RUNS).glob("*.parquet"))) == 1  # the three replaced files are gone
-    # compacted already: the next upkeep neither compacts nor sets the retention again (its VACUUM
-    # logs its start and end in the history)
-    version = upkeep.version(t.RUNS)
-    assert upkeep.maintain(retention_hours=0) == {t.RUNS: {"files_before": 1, "files_after": 1}}
-    history = spark.sql(f"DESCRIBE HISTORY {upkeep.sql_name(t.RUNS)}").where(f"version > {version}")
-    assert {r["operation"] for r in history.collect()} <= {"VACUUM START", "VACUUM END"}
-
-
-def test_maintain_clusters_a_table_keyed_by_passage_once_and_keeps_its_rows(spark, tmp_path):
-    root = tmp_path / "tables"
-    for i in range(2):  # two runs' commits, each of its own passages
-        run = tables.Tables(spark, root, f"run-{i}")
+        lineage = (f"'run-{i}' AS run_id", "now() AS written_at")
         rows = [(f"p{i}{j}", f"cc/{i}", j, "text", 5, "ok", False, None) for j in range(3)]
-        df = spark.createDataFrame(rows, tables.struct(t.PASSAGES_COLUMNS))
-        run.merge_insert_new(
-            t.PASSAGES, df.selectExpr("*", f"'run-{i}' AS run_id", "now() AS written_at"), ["passage_id"]
-        )
+        passages = spark.createDataFrame(rows, tables.struct(t.PASSAGES_COLUMNS)).selectExpr("*", *lineage)
+        docs = [(f"cc/{i}{j}", "cc", f"{j}", "text", None, None, "{}", None, "f", j) for j in range(3)]
+        docs = spark.createDataFrame(docs, DOC_COLUMNS).selectExpr("*", *lineage)
+        for name, df in ((t.PASSAGES, passages), (t.DOCUMENTS, docs)):  # appends: the layout, not the MERGE
+            df.coalesce(1).write.format("delta").mode("append").save(str(root / name))
     upkeep = tables.Tables(spark, root, "upkeep")
-    before = upkeep.read(t.PASSAGES).collect()
-    assert upkeep.maintain(retention_hours=0)[t.PASSAGES]["files_after"] == 1
-    detail = spark.sql(f"DESCRIBE DETAIL {upkeep.sql_name(t.PASSAGES)}").first()
-    assert detail["clusteringColumns"] == ["passage_id"]
-    assertDataFrameEqual(upkeep.read(t.PASSAGES), before)
-    version = upkeep.version(t.PASSAGES)
-    upkeep.maintain(retention_hours=0)  # clustered already: no second ALTER
-    history = spark.sql(f"DESCRIBE HISTORY {upkeep.sql_name(t.PASSAGES)}").where(f"version > {version}")
-    assert "CLUSTER BY" not in {r["operation"] for r in history.collect()}
-    # (the table without a passage_id, `runs`, is not clustered: test above)
+    names = (t.RUNS, t.PASSAGES, t.DOCUMENTS)
+    before = {name: upkeep.read(name).collect() for name in names}
+    detail = lambda name: spark.sql(f"DESCRIBE DETAIL {upkeep.sql_name(name)}").first()  # noqa: E731
+    files = {name: detail(name)["numFiles"] for name in names}  # three commits: three files or more
+    assert min(files.values()) >= 3
+    assert upkeep.maintain(retention_hours=0) == {
+        n: {"files_before": files[n], "files_after": 1} for n in names
+    }
+    for name in names:
+        assertDataFrameEqual(upkeep.read(name), before[name])
+        assert len(list((root / name).glob("*.parquet"))) == 1, name  # the replaced files are gone
+    # the passages by their key, the documents by their run (what reads skip files by); `runs` by neither
+    for name, key in ((t.PASSAGES, ["passage_id"]), (t.DOCUMENTS, ["run_id"]), (t.RUNS, [])):
+        assert detail(name)["clusteringColumns"] == key
+    # done already: the next upkeep neither compacts, clusters, nor sets a property again (its VACUUM
+    # logs its start and end in the history)
+    versions = {name: upkeep.version(name) for name in names}
+    assert upkeep.maintain(retention_hours=0) == dict.fromkeys(names, {"files_before": 1, "files_after": 1})
+    for name in names:
+        history = spark.sql(f"DESCRIBE HISTORY {upkeep.sql_name(name)}").where(f"version > {versions[name]}")
+        assert {r["operation"] for r in history.collect()} <= {"VACUUM START", "VACUUM END"}, name
