@@ -1,8 +1,8 @@
 """An engine double built inside an engine host (udfs/engine_host.py, `host_factory`): it records the
 process and the GPUs it was given, and answers every prompt with one line naming them.
 
-The model name steers it: "slow-<s>" loads for s seconds; "broken" fails to load. A prompt holding
-"BOOM" fails; one holding "FATAL" fails fatally."""
+The model name steers it: "slow-<s>" loads for s seconds; "broken" fails to load; one ending in
+"closes-slowly" takes 2 s to close. A prompt holding "BOOM" fails; one holding "FATAL" fails fatally."""
 
 from __future__ import annotations
 
@@ -67,4 +67,5 @@ class RecordingEngine:
         return self._answer(prompts)
 
     def close(self) -> None:
-        pass
+        if self.model.endswith("closes-slowly"):  # as a large model's engine takes time to shut down
+            time.sleep(2)

@@ -94,7 +94,8 @@ def test_each_gpu_set_gets_its_own_host_with_only_its_gpus_visible(hosts):
 
 def test_other_engine_settings_stop_the_old_host_before_the_new_one_loads(hosts):
     llm = _llm(hosts)
-    _ask(_connect(llm, ["0", "1"], model="judge"))  # a tensor-parallel host on two GPUs
+    # a tensor-parallel host on two GPUs, whose engine takes a while to shut down
+    _ask(_connect(llm, ["0", "1"], model="judge closes-slowly"))
     old = records(hosts)[0]["pid"]
     _ask(_connect(llm, ["1"], model="rewriter"))  # another model on one of them
     new = records(hosts)[-1]
