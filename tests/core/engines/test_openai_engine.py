@@ -17,6 +17,7 @@ from backforth_spark.core import generation
 from backforth_spark.core.config import OpenAIConfig, load_config
 from backforth_spark.core.engines.engine import GenerationParams
 from backforth_spark.core.engines.openai_engine import CredentialsRefused, OpenAIEngine
+from backforth_spark.core.generation import DETERMINISTIC_AT_ZERO, FENCE_MARKER
 from backforth_spark.spark.stages import select
 from backforth_spark.spark.stages.generate import resolve_api_key
 from tests.conftest import API_KEY, LOCAL_CONF, REAL_RUN_SETTINGS, copy_run, served
@@ -164,12 +165,15 @@ def test_stages_run_against_a_real_vllm_server(vllm_server, make_ctx, monkeypatc
     ]
     batch = pd.DataFrame({"passage_id": ["a", "b", "c"], "passage": passages})
     out = generation.run_batch(batch, engine, specs["backtranslate"])
-    assert list(out["status"])[:2] == ["ok", "ok"] and out.loc[2, "status"] == "too_long"
+    # the server answered both (backtranslate samples at temperature 1: the stand-in now and then
+    # writes a refusal, which is a parsed answer, not a failed request); the third was never sent
+    answered = {"ok", FENCE_MARKER, *DETERMINISTIC_AT_ZERO}
+    assert set(out.loc[:1, "status"]) <= answered and out.loc[2, "status"] == "too_long"
     assert (out.loc[:1, "completion_tokens"] > 0).all() and (out.loc[:1, "prompt_tokens"] > 50).all()
 
-    scored = generation.run_batch(
-        batch.iloc[:2].assign(instruction=list(out.loc[:1, "instruction"])), engine, specs["score"]
-    )
+    instructions = out.loc[:1, "instruction"].fillna("How is this done?")
+    pairs = batch.iloc[:2].assign(instruction=list(instructions))
+    scored = generation.run_batch(pairs, engine, specs["score"])
     # json mode goes through the server's structured outputs, so every grade parses
     assert list(scored["status"]) == ["ok", "ok"] and scored["score"].between(1, 5).all()
     assert all(json.loads(r)["score"] in range(1, 6) for r in scored["raw_output"])
