@@ -19,6 +19,7 @@ DRIVER_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
 # settings of conf/local.yaml that suit one small machine only: left out on any other master
 LOCAL_ONLY = {
     "spark.databricks.delta.snapshotPartitions",  # one partition rebuilds a small table's state fastest
+    "spark.sql.sources.parallelPartitionDiscovery.parallelism",  # few tasks list (and VACUUM) few files
 }
 
 

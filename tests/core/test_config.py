@@ -2,6 +2,7 @@ import pytest
 
 from backforth_spark.core.config import Config, ConfigError, load_config
 from backforth_spark.core.generation import Executors, check_config, check_executors
+from backforth_spark.spark.session import LOCAL_ONLY
 from tests.conftest import LOCAL_CONF, REPO
 
 
@@ -248,7 +249,7 @@ def test_every_shipped_config_loads_and_passes_the_checks_before_work(name):
     check_config(cfg)
     if name != "local.yaml":  # nothing that suits one machine only
         assert cfg.spark.master is None and cfg.tables.staging_format == "delta"
-        assert "spark.databricks.delta.snapshotPartitions" not in cfg.spark.conf
+        assert not LOCAL_ONLY & cfg.spark.conf.keys()
 
 
 @pytest.mark.parametrize(
