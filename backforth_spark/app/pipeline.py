@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import time
@@ -34,6 +33,7 @@ from backforth_spark.spark.session import (
     launched_jvm_exit,
     memory_settings,
     spark_thread,
+    tagged,
 )
 from backforth_spark.spark.stages import STAGES, Stage, llm_tasks
 from backforth_spark.spark.stages.generate import current_specs
@@ -149,15 +149,9 @@ def run_pipeline(
             if tracker.active:
                 reads = {name: (tables.dataset_source(name), tables.version(name)) for name in stage.reads}
             started, mark, phase_mark = time.perf_counter(), len(tables.read_log), len(tables.phase_log)
-            # the stage's Spark jobs carry its name as a tag (Spark UI, event log: what each stage read);
-            # tags, not job groups, because Spark Connect has no SparkContext to set a group on
-            tag = f"backforth-{stage.name}"
-            ctx.spark.addTag(tag)
-            try:
+            # the stage's Spark jobs carry its name as a tag (event log: what each stage read)
+            with tagged(ctx.spark, f"backforth-{stage.name}"):
                 counts = stage.run(ctx)
-            finally:
-                with contextlib.suppress(Exception):  # a JVM that died under the stage cannot be told
-                    ctx.spark.removeTag(tag)
             summary["reads"][stage.name] = sorted(set(tables.read_log[mark:]))
             summary["phases"][stage.name] = phase_seconds(tables.phase_log[phase_mark:])
             counts["wall_s"] = round(time.perf_counter() - started, 2)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -320,3 +322,15 @@ def launched_jvm_exit(wait_s: float = 10.0) -> int | None:
         return proc.wait(timeout=wait_s)
     except subprocess.TimeoutExpired:
         return None
+
+
+@contextlib.contextmanager
+def tagged(spark, tag: str) -> Iterator[None]:
+    """The Spark jobs started inside carry `tag` (Spark UI, event log). Tags, not job groups: Spark
+    Connect has no SparkContext to set a group on."""
+    spark.addTag(tag)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a JVM that died under the work cannot be told
+            spark.removeTag(tag)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from backforth_spark.core.engines.engine import Completion, FatalEngineError
+from udfs.engine_host import _alive
 
 
 def records(folder: Path) -> list[dict]:
@@ -34,14 +35,6 @@ def build(cfg, model: str):
     }  # fmt: skip
     (folder / f"built-{os.getpid()}.json").write_text(json.dumps(record))
     return RecordingEngine(model, record["devices"], cfg.max_model_len)
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs: not gone, and not a zombie its parent has yet to reap."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class RecordingEngine:

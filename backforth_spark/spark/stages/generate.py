@@ -7,7 +7,6 @@ and MERGEs one row per (passage_id, fingerprint) into its table, slice by slice.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ from backforth_spark.core.config import LLMConfig, OpenAIConfig
 from backforth_spark.core.generation import DETERMINISTIC_AT_ZERO, TOO_LONG, LLMTask, StageSpec, fingerprints
 from backforth_spark.core.model import Hub
 from backforth_spark.spark.context import StageContext
-from backforth_spark.spark.session import default_parallelism, is_local_master
+from backforth_spark.spark.session import default_parallelism, is_local_master, tagged
 from backforth_spark.spark.tables import KeyRange, require_columns, struct, without_lineage
 from udfs.generation import TASK_ENGINE_LOADS, TASK_SECONDS, generate
 
@@ -237,13 +236,8 @@ def run(ctx: StageContext, task: LLMTask) -> dict[str, int | float]:
             if n == 0:
                 continue
             part = todo if slices == 1 else todo.where(F.col(SLICE) == k).drop(SLICE)
-            tag = f"backforth-{task.name}-slice-{k}"  # the slice's Spark jobs (UI, event log)
-            ctx.spark.addTag(tag)
-            try:
+            with tagged(ctx.spark, f"backforth-{task.name}-slice-{k}"):
                 merged, spent = _one_slice(ctx, task, part, n, parts, worker, schema, profile)
-            finally:
-                with contextlib.suppress(Exception):  # a JVM that died under the slice cannot be told
-                    ctx.spark.removeTag(tag)
             task_seconds += spent[0] or 0.0
             engine_loads += spent[1] or 0
             gen_s, merge_s = gen_s + merged["generate_s"], merge_s + merged["merge_s"]
