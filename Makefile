@@ -5,7 +5,7 @@ WORKDIR ?= .backforth
 
 N ?= 25000
 
-.PHONY: lowest-spark setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-llm-local bench-llm-commits bench-components \
+.PHONY: lowest-spark setup demo test test-fast lint format pyfiles bench-chunk bench-dedup bench-llm bench-llm-local bench-llm-commits bench-components bench-lsh-layouts \
 	bench-big-docs bench-big-file bench-injection bench-refresh bench-load bench-export bench-object-store pack-env cluster-packed clean
 
 setup:
@@ -54,6 +54,10 @@ bench-llm-local: setup
 
 bench-components: setup
 	$(PY) benchmarks/components.py
+
+# the dedup stage with the default band layout against FineWeb's 14 x 8 on the dedup corpus (Spark path)
+bench-lsh-layouts: setup
+	$(PY) benchmarks/lsh_layouts.py $(if $(filter command line,$(origin N)),--docs $(N))
 
 bench-big-docs: setup
 	$(PY) benchmarks/big_documents.py --sizes-mb 10 50

@@ -4,9 +4,9 @@
 
 Builds N Dolma documents of several KB from the sentences of the real sample (a share of them
 near-duplicates: copies with 2% of their words edited), then times
-  ours:      `backforth run --stages ingest,dedup,chunk` (local[2], exact + MinHash LSH 14x8, n-gram 5,
+  ours:      `backforth run --stages ingest,dedup,chunk` (local[2], exact + MinHash LSH 25x8, n-gram 5,
              exact-Jaccard verification, chunking with the model tokenizer), tracking off;
-  datatrove: MinhashDedupSignature -> Buckets -> Cluster -> Filter, 14 buckets x 8 hashes, 5-grams,
+  datatrove: MinhashDedupSignature -> Buckets -> Cluster -> Filter, 25 buckets x 8 hashes, 5-grams,
              2 local workers.
 Ours runs on a Spark standalone cluster started on this machine (one worker, 2 cores), so the driver is
 a process of its own, as on a real cluster, and in local[2], where one JVM is both driver and executor
@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backforth_spark.app.standalone import standalone_cluster  # noqa: E402
+from backforth_spark.core.config import DedupConfig  # noqa: E402
 
 DUP_SHARE = 0.1
 FILES = 16
@@ -138,7 +139,8 @@ def run_datatrove(input_dir: Path, workdir: Path) -> tuple[float, int]:
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
+    ours = DedupConfig()  # the same layout as ours
+    cfg = MinhashConfig(n_grams=ours.ngram, num_buckets=ours.bands, hashes_per_bucket=ours.rows)
     sigs, buckets, clusters = (str(workdir / p) for p in ("sigs", "buckets", "clusters"))
 
     def reader() -> JsonlReader:
@@ -220,7 +222,8 @@ def measure_floors(input_dir: Path, n_docs: int) -> dict[str, float]:
     def sign() -> None:
         for t in texts:
             hashing = NormHashing()
-            minhash.band_hashes(minhash.text_signature(hashing.pieces(t), cfg.dedup.ngram, a, b), 14, 8)
+            signature = minhash.text_signature(hashing.pieces(t), cfg.dedup.ngram, a, b)
+            minhash.band_hashes(signature, cfg.dedup.bands, cfg.dedup.rows)
             hashing.hexdigest()
 
     timed("normalise, hash, MinHash (our core, no Spark)", sign, len(texts))

@@ -14,7 +14,7 @@ from pyspark.sql.types import DoubleType, StringType
 
 from backforth_spark.core import minhash
 from backforth_spark.core.config import DedupConfig
-from backforth_spark.core.dedup_local import signature_similarity, text_similarity
+from backforth_spark.core.dedup_local import signature_similarity, spanning_tree_edges, text_similarity
 from backforth_spark.core.text import NormHashing, norm_hash
 
 
@@ -72,3 +72,16 @@ def exact_jaccard(ngram: int):
         return pd.Series([text_similarity(x, y, ngram) for x, y in zip(text_a, text_b, strict=True)])
 
     return run
+
+
+# the pairs a bucket's spanning tree gives (`bucket_tree_edges`): the columns of the stage's candidate pairs
+TREE_EDGES_SCHEMA = "src string, src_prio int, dst string, dst_prio int"
+
+
+def bucket_tree_edges(members: pd.DataFrame) -> pd.DataFrame:
+    """applyInPandas per LSH bucket: (doc_key, prio, signature) of its members -> the candidate pairs of
+    their spanning tree (backforth_spark/core/dedup_local.py). The stage sends only buckets of at most
+    dedup.max_bucket_size members here: a group is held whole in the worker."""
+    rows = zip(members["doc_key"], members["prio"].astype(int), members["signature"], strict=True)
+    edges = spanning_tree_edges([(k, p, bytes(sig)) for k, p, sig in rows])
+    return pd.DataFrame(edges, columns=["src", "src_prio", "dst", "dst_prio"])

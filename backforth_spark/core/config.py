@@ -75,8 +75,11 @@ class DedupConfig(_Strict):
     url: bool = Field(False, description="also drop documents whose metadata.url was already seen")
     near: bool = Field(True, description="MinHash LSH near-duplicate removal after exact dedup")
     ngram: int = Field(5, ge=1, description="word n-gram shingle size")
-    # 14 bands x 8 rows (112 permutations) as in FineWeb: candidates from Jaccard about 0.75-0.8 up
-    bands: int = Field(14, ge=1)
+    # 25 bands x 8 rows (200 permutations): a pair at Jaccard 0.9 shares no band with probability
+    # (1 - 0.9^8)^25 = 7.7e-7, so a chain of drifting near copies (a page edited version after version)
+    # stays linked at any length; FineWeb's 14 x 8 misses such a link with probability 3.8e-4 (a chain
+    # of 10,000 breaks about 4 times). Half the pairs at Jaccard 0.64 become candidates (0.69 with 14 x 8).
+    bands: int = Field(25, ge=1)
     rows: int = Field(8, ge=1)
     seed: int = 1
     threshold: float = Field(0.8, gt=0, le=1, description="minimum Jaccard for a near duplicate")
@@ -92,7 +95,7 @@ class DedupConfig(_Strict):
     driver_components_max_edges: int = Field(
         500_000, ge=0, description="verified pairs up to which components are found on the driver; 0: never"
     )
-    # A refresh's few new documents are decided on the driver with the old rows they touch (about 1 KB
+    # A refresh's few new documents are decided on the driver with the old rows they touch (about 2 KB
     # each there): a handful of Spark jobs instead of about a hundred. More, and the whole stage runs in
     # Spark. 0: always in Spark.
     driver_max_new_docs: int = Field(

@@ -378,6 +378,25 @@ class Tables:
             empty = self.spark.createDataFrame([], self.schemas[name])
             self._save(empty, self.location(name), "ignore", properties=TABLE_PROPERTIES)
 
+    def properties(self, name: str) -> dict[str, str]:
+        """The table properties of table `name` (it exists)."""
+        listing = self.spark.sql(f"SHOW TBLPROPERTIES {self.sql_name(name)}").collect()
+        return {r["key"]: r["value"] for r in listing}
+
+    def set_properties(self, name: str, properties: Mapping[str, str]) -> None:
+        """Set those of `properties` that table `name` lacks or holds otherwise (a commit, so only then;
+        asked again after a concurrent writer's commit). Any key: a writer option sets only `delta.`
+        keys Delta knows."""
+
+        def alter() -> None:
+            held = self.properties(name)
+            changed = {k: v for k, v in properties.items() if held.get(k) != v}
+            if changed:
+                given = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in changed.items())
+                self.spark.sql(f"ALTER TABLE {self.sql_name(name)} SET TBLPROPERTIES ({given})")
+
+        self._retrying_conflicts(name, "alter", alter)
+
     def staging_path(self, name: str) -> str:
         """A folder of this run's staging area (path-based tables), removed with it."""
         return storage.join(self.root, "_staging", self.run_id, name)
@@ -580,15 +599,8 @@ class Tables:
             after = (
                 before + compacted["numFilesAdded"] - compacted["numFilesRemoved"] if compacted else before
             )
-            wanted = {
-                **TABLE_PROPERTIES,
-                "delta.deletedFileRetentionDuration": f"interval {retention_hours} hours",
-            }
-            props = {r["key"]: r["value"] for r in self.spark.sql(f"SHOW TBLPROPERTIES {table}").collect()}
-            changed = {k: v for k, v in wanted.items() if props.get(k) != v}
-            if changed:  # a commit, so only when one changes
-                given = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in changed.items())
-                self.spark.sql(f"ALTER TABLE {table} SET TBLPROPERTIES ({given})")
+            retention = {"delta.deletedFileRetentionDuration": f"interval {retention_hours} hours"}
+            self.set_properties(name, {**TABLE_PROPERTIES, **retention})
             with self.timed(f"vacuum {name}"):  # live files stay as they are: only replaced ones go
                 self.spark.sql(f"VACUUM {table}").collect()
             out[name] = {"files_before": before, "files_after": int(after)}

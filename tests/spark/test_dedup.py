@@ -80,8 +80,16 @@ def drifting_chain(n: int, words: int = 200, step: int = 2, seed: int = 3) -> li
 
 
 def test_a_long_chain_of_drifting_near_copies_ends_in_one_cluster(make_ctx):
-    # the whole stage in Spark, label propagation included
-    ctx = make_ctx("dedup.driver_max_new_docs=0", "dedup.driver_components_max_edges=0")
+    # the whole stage in Spark, label propagation included; every bucket of three or more members over
+    # the pairwise cap, so links come from spanning trees. FineWeb's 14 bands, not the default's 25: with
+    # fewer buckets to stand in for a link a star from each bucket's centre loses, stars cut this chain
+    # in 5 (`make bench-components`)
+    ctx = make_ctx(
+        "dedup.driver_max_new_docs=0",
+        "dedup.driver_components_max_edges=0",
+        "dedup.pairwise_bucket_size=2",
+        "dedup.bands=14",
+    )
     docs = drifting_chain(400)
     first, last = set(docs[0][1].split()), set(docs[-1][1].split())
     assert len(first & last) < 40  # the ends are not near duplicates of each other
@@ -93,6 +101,32 @@ def test_a_long_chain_of_drifting_near_copies_ends_in_one_cluster(make_ctx):
     clusters = {r["doc_key"]: r["cluster_id"] for r in ctx.tables.read(t.DEDUP).collect()}
     assert {clusters[k] for k, _ in docs} == {"cc/chain00000"}  # the smallest key represents the chain
     assert clusters["cc/zz-other"] == "cc/zz-other"
+
+
+def test_a_chain_of_a_thousand_drifting_copies_with_every_bucket_over_the_pairwise_cap_ends_in_one_cluster(
+    make_ctx,
+):
+    # decided on the driver (a thousand new documents); with 14 bands of 8 rows this chain broke in two
+    # by LSH chance, and with stars from each bucket's centre in many more pieces
+    ctx = make_ctx("dedup.pairwise_bucket_size=2")
+    docs = drifting_chain(1000)
+    add_documents(ctx, docs)
+    counts = dedup.run(ctx)
+    assert (counts["near_duplicates"], counts["rows_out"]) == (999, 1)
+    clusters = {r["cluster_id"] for r in ctx.tables.read(t.DEDUP).collect()}
+    assert clusters == {"cc/chain00000"}
+
+
+def test_signatures_of_another_layout_are_refused_before_any_work(make_ctx):
+    ctx = make_ctx()
+    add_documents(ctx, [("cc/m", _words(300))])
+    dedup.run(ctx)
+    assert ctx.tables.properties(t.MINHASH)[dedup.LAYOUT_PROPERTY] == "ngram=5 bands=25 rows=8 seed=1"
+    changed = make_ctx("dedup.bands=20")
+    add_documents(changed, [("cc/n", _words(300).replace("word7 ", "seven "))])
+    with pytest.raises(ValueError, match=r"another layout \(ngram=5 bands=25 rows=8 seed=1\).*bands=20"):
+        dedup.run(changed)
+    assert changed.tables.read(t.DEDUP).count() == 1  # the new document waits, undecided
 
 
 def _planted_rounds() -> tuple[list, list, dict[str, str]]:
@@ -119,8 +153,9 @@ def _decide(spark, root, run_id, docs, urls, *overrides) -> dict:
 
 
 def test_a_refresh_decided_on_the_driver_matches_the_spark_path(spark, tmp_path):
-    # small buckets give pairs, larger ones stars and some count as oversized: every rule on both paths
-    buckets = ("dedup.pairwise_bucket_size=3", "dedup.max_bucket_size=3")
+    # buckets of 2 give pairs, of 3 spanning trees, larger ones stars and count as oversized: every
+    # rule on both paths
+    buckets = ("dedup.pairwise_bucket_size=2", "dedup.max_bucket_size=3")
     first, second, urls = _planted_rounds()
     _decide(spark, tmp_path / "first", "r0", first, urls, *buckets)
     # the same refresh over copies of the first run's tables, on each path

@@ -26,7 +26,14 @@ from backforth_spark.core.components import near_labels
 from backforth_spark.spark.context import StageContext
 from backforth_spark.spark.session import is_local_master
 from backforth_spark.spark.tables import Background, require_columns, struct
-from udfs.text import estimated_jaccard_udf, exact_jaccard, hashes_and_signatures, norm_hash_udf
+from udfs.text import (
+    TREE_EDGES_SCHEMA,
+    bucket_tree_edges,
+    estimated_jaccard_udf,
+    exact_jaccard,
+    hashes_and_signatures,
+    norm_hash_udf,
+)
 
 # the new documents with their exact hash and MinHash signature (computed together, before any dedup)
 NEW_SCHEMA = struct(
@@ -41,9 +48,15 @@ BROADCAST_BAND_ROWS = 2_000_000
 REPRESENTATIVE, EXACT, URL, NEAR = local.REPRESENTATIVE, local.EXACT, local.URL, local.NEAR
 
 
+# the table property of `minhash_signatures` that records the layout its signatures were made with
+LAYOUT_PROPERTY = "backforth.minhash.layout"
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     """Decide every document that has no decision yet: representative, or a duplicate of which."""
     cfg = ctx.cfg.dedup
+    if cfg.near:
+        check_signature_layout(ctx)
     docs = ctx.tables.read(s.DOCUMENTS)
     require_columns(docs, ["doc_key", "text", "url"], s.DOCUMENTS)
     decided = ctx.tables.read(s.DEDUP)
@@ -72,7 +85,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         with ctx.tables.timed("collect new documents"):
             few = new.collect()
         return _on_driver(ctx, few, decided.where("is_representative"), docs)
-    # hashes and signatures of every new document (about 700 bytes each), computed once and read by
+    # hashes and signatures of every new document (about 1.1 KB each), computed once and read by
     # each step below: written to a staging table, not cached, so memory follows a partition
     new = ctx.tables.stage("dedup_new", new)
     counts: dict[str, Any] = {}
@@ -136,6 +149,38 @@ def run(ctx: StageContext) -> dict[str, Any]:
     with ctx.tables.timed("count decisions"):
         by_reason = {r["reason"]: r["count"] for r in staged.groupBy("reason").count().collect()}
     return counts | decision_counts(by_reason)
+
+
+def signature_layout(cfg) -> str:
+    """What fixes a MinHash signature and its band hashes: documents share a bucket only when both were
+    signed alike."""
+    return f"ngram={cfg.ngram} bands={cfg.bands} rows={cfg.rows} seed={cfg.seed}"
+
+
+def check_signature_layout(ctx: StageContext) -> None:
+    """Refuse to sign new documents in a layout other than the stored signatures': a new document would
+    never share a bucket with an old one, and every near copy of an old page would pass unnoticed.
+    Records the layout on a new table (and on one written before layouts were recorded, when its
+    signatures have the configured length)."""
+    cfg = ctx.cfg.dedup
+    wanted = signature_layout(cfg)
+    if not ctx.tables.exists(s.MINHASH):
+        ctx.tables.ensure(s.MINHASH)
+        ctx.tables.set_properties(s.MINHASH, {LAYOUT_PROPERTY: wanted})
+        return
+    held = ctx.tables.properties(s.MINHASH).get(LAYOUT_PROPERTY)
+    if held is None:
+        first = ctx.tables.read(s.MINHASH).select(F.length("signature").alias("n")).first()
+        if first is None or first["n"] == 4 * cfg.bands * cfg.rows:
+            ctx.tables.set_properties(s.MINHASH, {LAYOUT_PROPERTY: wanted})
+            return
+        held = f"{first['n'] // 4} values per signature"
+    if held != wanted:
+        raise ValueError(
+            f"{s.MINHASH} holds MinHash signatures of another layout ({held}) than this config's "
+            f"({wanted}): new documents would never share an LSH bucket with the old ones. Set "
+            "dedup.ngram, dedup.bands, dedup.rows and dedup.seed to the stored layout, or use a new workdir."
+        )
 
 
 def decision_counts(by_reason: dict[str, int]) -> dict[str, Any]:
@@ -243,10 +288,11 @@ def _near_pairs_on_driver(ctx: StageContext, survivors: list[local.NewDoc], old_
             .agg(
                 F.count("*").alias("size"),
                 F.min("doc_key").alias("smallest"),
-                # every key only where the bucket can give every pair (a hot bucket can hold millions)
-                F.when(
-                    F.count("*") <= cfg.pairwise_bucket_size, F.sort_array(F.collect_list("doc_key"))
-                ).alias("keys"),
+                # every key only where the bucket is checked member by member (a hot bucket can hold
+                # millions)
+                F.when(F.count("*") <= cfg.max_bucket_size, F.sort_array(F.collect_list("doc_key"))).alias(
+                    "keys"
+                ),
             )
         )
         old_buckets = {
@@ -255,17 +301,21 @@ def _near_pairs_on_driver(ctx: StageContext, survivors: list[local.NewDoc], old_
             )
             for r in old.collect()
         }
-    edges, counts["oversized_buckets"] = local.candidate_edges(
-        new_buckets, old_buckets, cfg.pairwise_bucket_size, cfg.max_bucket_size
-    )
+    # the signatures of every old member a pair can name, in one look-up: each member of a bucket checked
+    # member by member (every pair, or a spanning tree built from all members' signatures), and the
+    # centre of a larger one
     signature = {d.doc_key: d.signature for d in survivors}
-    ends = {e[0] for e in edges} | {e[2] for e in edges}
-    if ends - signature.keys():
+    old_ends = {k for bucket in old_buckets.values() for k in (bucket.keys or (bucket.smallest,))}
+    if old_ends:
         with ctx.tables.timed("find old signatures"):
             old_sigs = stored.select("doc_key", "signature").join(
-                _keys(ctx, "doc_key", ends - signature.keys()), "doc_key", "left_semi"
+                _keys(ctx, "doc_key", old_ends), "doc_key", "left_semi"
             )
             signature |= {r["doc_key"]: bytes(r["signature"]) for r in old_sigs.collect()}
+    edges, counts["oversized_buckets"] = local.candidate_edges(
+        new_buckets, old_buckets, cfg.pairwise_bucket_size, cfg.max_bucket_size, signature
+    )
+    ends = {e[0] for e in edges} | {e[2] for e in edges}
 
     def similarity(a: str, b: str) -> float:
         return local.signature_similarity(signature[a], signature[b])
@@ -366,8 +416,10 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         counts["oversized_buckets"] = oversized.count()
     # A bucket up to dedup.pairwise_bucket_size gives every pair with a new member: verification may
     # drop a pair, and the others must still connect what is similar (a chain of drifting copies shares
-    # buckets with members that are not each other's near duplicates). A larger bucket gives star edges
-    # (its centre -> each new member), linear however large it is; verification can cut a few links there.
+    # buckets with members that are not each other's near duplicates). A larger one, up to
+    # dedup.max_bucket_size, gives the pairs of a spanning tree of its members' signatures (n-1 pairs
+    # that keep every connection all pairs would: core/dedup_local.py); a larger one still (a hot
+    # bucket of boilerplate) star edges from its centre to each new member, linear however large it is.
     small = members.where(F.col("size") <= cfg.pairwise_bucket_size)
     a, b = small.alias("a"), small.alias("b")
     pairs = (
@@ -380,8 +432,17 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
             F.col("b.prio").alias("dst_prio"),
         )
     )
+    large = members.where(
+        (F.col("size") > cfg.pairwise_bucket_size) & (F.col("size") <= cfg.max_bucket_size)
+    ).select("band", "h", "doc_key", "prio")
+    signatures = ctx.tables.read(s.MINHASH).select("doc_key", "signature")
+    trees = (
+        large.join(signatures, "doc_key")
+        .groupBy("band", "h")
+        .applyInPandas(bucket_tree_edges, TREE_EDGES_SCHEMA)
+    )
     stars = members.where(
-        (F.col("size") > cfg.pairwise_bucket_size)
+        (F.col("size") > cfg.max_bucket_size)
         & (F.col("prio") == 1)
         & (F.col("doc_key") != F.col("center.doc_key"))
     ).select(
@@ -392,7 +453,7 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
     )
     # staged: the verification below reads back only the documents these pairs name; each end carries
     # its priority, which the components need
-    edges = ctx.tables.stage("dedup_candidates", pairs.unionByName(stars).distinct())
+    edges = ctx.tables.stage("dedup_candidates", pairs.unionByName(trees).unionByName(stars).distinct())
     ends = edges.select(F.col("src").alias("doc_key")).union(edges.select(F.col("dst").alias("doc_key")))
     ends = ends.distinct()
     # the signatures of the documents the pairs name, read once (every label below names one of them)
