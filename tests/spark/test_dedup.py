@@ -3,6 +3,7 @@ import shutil
 from itertools import combinations
 
 import pytest
+from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from backforth_spark.core import schemas as t
@@ -127,6 +128,26 @@ def test_signatures_of_another_layout_are_refused_before_any_work(make_ctx):
     with pytest.raises(ValueError, match=r"another layout \(ngram=5 bands=25 rows=8 seed=1\).*bands=20"):
         dedup.run(changed)
     assert changed.tables.read(t.DEDUP).count() == 1  # the new document waits, undecided
+
+
+def test_signatures_written_before_layouts_were_recorded_are_judged_by_their_length(make_ctx, spark):
+    ctx = make_ctx()
+    # a table of FineWeb's 14 x 8 (112 values a signature), as written before the layout was recorded
+    old = spark.createDataFrame(
+        [("cc/m", bytes(4 * 112), [0] * 14)], "doc_key string, signature binary, bands array<bigint>"
+    )
+    ctx.tables.merge_insert_new(
+        t.MINHASH,
+        old.select("*", F.lit("r0").alias("run_id"), F.current_timestamp().alias("written_at")),
+        ["doc_key"],
+    )
+    add_documents(ctx, [("cc/n", _words(300))])
+    with pytest.raises(ValueError, match=r"another layout \(112 values per signature\)"):
+        dedup.run(ctx)
+    # the same table with the layout that made it: recorded, and the new document decided
+    again = make_ctx("dedup.bands=14")
+    assert dedup.run(again)["rows_in"] == 1
+    assert again.tables.properties(t.MINHASH)[dedup.LAYOUT_PROPERTY] == "ngram=5 bands=14 rows=8 seed=1"
 
 
 def _planted_rounds() -> tuple[list, list, dict[str, str]]:
