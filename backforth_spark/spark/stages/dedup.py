@@ -432,15 +432,6 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
             F.col("b.prio").alias("dst_prio"),
         )
     )
-    large = members.where(
-        (F.col("size") > cfg.pairwise_bucket_size) & (F.col("size") <= cfg.max_bucket_size)
-    ).select("band", "h", "doc_key", "prio")
-    signatures = ctx.tables.read(s.MINHASH).select("doc_key", "signature")
-    trees = (
-        large.join(signatures, "doc_key")
-        .groupBy("band", "h")
-        .applyInPandas(bucket_tree_edges, TREE_EDGES_SCHEMA)
-    )
     stars = members.where(
         (F.col("size") > cfg.max_bucket_size)
         & (F.col("prio") == 1)
@@ -451,16 +442,29 @@ def _near_duplicates(ctx: StageContext, survivors, new, decided):
         F.col("doc_key").alias("dst"),
         F.col("prio").alias("dst_prio"),
     )
+    # The signatures of every document a pair can name, read once from minhash_signatures (its largest
+    # column): each member of a bucket checked member by member (every pair, or a spanning tree built
+    # from all members' signatures) and both ends of each star. The trees, the scores and the final
+    # similarities below read only these.
+    named = members.where(F.col("size") <= cfg.max_bucket_size).select("doc_key")
+    named = named.union(stars.select(F.col("src").alias("doc_key"))).union(stars.select(F.col("dst")))
+    sig = ctx.tables.stage(
+        "dedup_signatures",
+        ctx.tables.read(s.MINHASH)
+        .select("doc_key", "signature")
+        .join(named.distinct(), "doc_key", "left_semi"),
+    )
+    large = members.where(
+        (F.col("size") > cfg.pairwise_bucket_size) & (F.col("size") <= cfg.max_bucket_size)
+    ).select("band", "h", "doc_key", "prio")
+    trees = (
+        large.join(sig, "doc_key").groupBy("band", "h").applyInPandas(bucket_tree_edges, TREE_EDGES_SCHEMA)
+    )
     # staged: the verification below reads back only the documents these pairs name; each end carries
     # its priority, which the components need
     edges = ctx.tables.stage("dedup_candidates", pairs.unionByName(trees).unionByName(stars).distinct())
     ends = edges.select(F.col("src").alias("doc_key")).union(edges.select(F.col("dst").alias("doc_key")))
     ends = ends.distinct()
-    # the signatures of the documents the pairs name, read once (every label below names one of them)
-    sig = ctx.tables.stage(
-        "dedup_signatures",
-        ctx.tables.read(s.MINHASH).select("doc_key", "signature").join(ends, "doc_key", "left_semi"),
-    )
     scored = (
         edges.join(sig.withColumnRenamed("doc_key", "src").withColumnRenamed("signature", "sig_src"), "src")
         .join(sig.withColumnRenamed("doc_key", "dst").withColumnRenamed("signature", "sig_dst"), "dst")
